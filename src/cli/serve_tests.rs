@@ -1,0 +1,188 @@
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use super::super::{parse_args, CliItem, Command, Invocation, OptionValue};
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn run(list: &[&str]) -> Invocation {
+    match parse_args(args(list)) {
+        Ok(Command::Run(inv)) => inv,
+        other => panic!("{list:?} gave {other:?}"),
+    }
+}
+
+fn err(list: &[&str]) -> String {
+    match parse_args(args(list)) {
+        Err(e) => e.to_string(),
+        Ok(c) => panic!("{list:?} gave {c:?}"),
+    }
+}
+
+fn keyval(v: serde_json::Value) -> OptionValue {
+    OptionValue::Keyval(v)
+}
+
+#[test]
+fn minimal_defaults_to_raw_and_writable() {
+    let inv = run(&["serve", "disk.img", "--socket", "/run/vm.sock"]);
+    assert_eq!(
+        inv.items,
+        [
+            CliItem::Blockdev(keyval(json!({
+                "driver": "file", "node-name": "disk0-file", "filename": "disk.img"
+            }))),
+            CliItem::Blockdev(keyval(json!({
+                "driver": "raw", "node-name": "disk0", "file": "disk0-file"
+            }))),
+            CliItem::Export(keyval(json!({
+                "type": "vhost-user-blk", "id": "disk0", "node-name": "disk0",
+                "addr": {"type": "unix", "path": "/run/vm.sock"}, "writable": "on"
+            }))),
+        ]
+    );
+    assert_eq!(inv.pidfile, None);
+    assert!(!inv.daemonize);
+}
+
+#[test]
+fn equals_the_long_form() {
+    let short = run(&[
+        "serve",
+        "--format=qcow2",
+        "a.qcow2",
+        "--socket=/s",
+        "--num-queues",
+        "4",
+        "--monitor-socket",
+        "/m",
+        "--pidfile",
+        "/p",
+        "--daemonize",
+    ]);
+    let long = run(&[
+        "--blockdev",
+        "driver=file,node-name=disk0-file,filename=a.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=disk0,file=disk0-file",
+        "--export",
+        "type=vhost-user-blk,id=disk0,node-name=disk0,addr.type=unix,addr.path=/s,writable=on,num-queues=4",
+        "--chardev",
+        "socket,id=monitor0,path=/m,server=on,wait=off",
+        "--monitor",
+        "chardev=monitor0",
+        "--pidfile",
+        "/p",
+        "--daemonize",
+    ]);
+    assert_eq!(short, long);
+}
+
+#[test]
+fn readonly_opens_read_only_and_exports_unwritable() {
+    let inv = run(&["serve", "x.img", "--readonly", "--socket", "/s"]);
+    let values: Vec<&serde_json::Value> = inv
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            CliItem::Blockdev(v) | CliItem::Export(v) => Some(v.value()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values[0]["read-only"], "on");
+    assert_eq!(values[1]["read-only"], "on");
+    assert_eq!(values[2]["writable"], "off");
+}
+
+#[test]
+fn escapes_commas_in_paths() {
+    let inv = run(&[
+        "serve",
+        "a,b.img",
+        "--socket",
+        "/s,t",
+        "--monitor-socket",
+        "/m,n",
+    ]);
+    let CliItem::Blockdev(file) = &inv.items[0] else {
+        panic!()
+    };
+    assert_eq!(file.value()["filename"], "a,b.img");
+    let CliItem::Export(export) = &inv.items[2] else {
+        panic!()
+    };
+    assert_eq!(export.value()["addr"]["path"], "/s,t");
+    let CliItem::Chardev(chardev) = &inv.items[3] else {
+        panic!()
+    };
+    assert_eq!(chardev.path, PathBuf::from("/m,n"));
+}
+
+#[test]
+fn help() {
+    assert_eq!(parse_args(args(&["serve", "--help"])), Ok(Command::Help));
+    assert_eq!(parse_args(args(&["serve", "x", "-h"])), Ok(Command::Help));
+}
+
+#[test]
+fn errors() {
+    assert_eq!(err(&["serve"]), "serve: missing IMAGE argument");
+    assert_eq!(
+        err(&["serve", "x"]),
+        "serve: option '--socket PATH' is required"
+    );
+    assert_eq!(
+        err(&["serve", "x", "y", "--socket", "/s"]),
+        "serve: unexpected argument 'y'"
+    );
+    assert_eq!(
+        err(&["serve", "x", "--socket", "/s", "--format", "vmdk"]),
+        "serve: unsupported format 'vmdk' (expected raw or qcow2)"
+    );
+    for bad in ["0", "-1", "x", "65536"] {
+        assert_eq!(
+            err(&["serve", "x", "--socket", "/s", "--num-queues", bad]),
+            format!("serve: --num-queues expects an integer from 1 to 65535, got '{bad}'")
+        );
+    }
+    assert_eq!(
+        err(&["serve", "x", "--socket"]),
+        "serve: option '--socket' requires an argument"
+    );
+    assert_eq!(
+        err(&["serve", "x", "--socket", "/a", "--socket", "/b"]),
+        "serve: option '--socket' given more than once"
+    );
+    assert_eq!(
+        err(&["serve", "x", "--socket="]),
+        "serve: option '--socket' needs a non-empty value"
+    );
+    assert_eq!(
+        err(&["serve", "x", "--readonly=yes", "--socket", "/s"]),
+        "serve: option '--readonly' doesn't allow an argument"
+    );
+    assert_eq!(
+        err(&["serve", "x", "--blockdev", "y"]),
+        "serve: unrecognized option '--blockdev'"
+    );
+}
+
+#[test]
+fn image_may_follow_double_dash() {
+    let inv = run(&["serve", "--socket", "/s", "--", "-odd.img"]);
+    let CliItem::Blockdev(file) = &inv.items[0] else {
+        panic!()
+    };
+    assert_eq!(file.value()["filename"], "-odd.img");
+}
+
+#[test]
+fn only_counts_as_first_argument() {
+    assert_eq!(
+        err(&["--daemonize", "serve"]),
+        "unexpected argument 'serve'"
+    );
+}
