@@ -221,7 +221,7 @@ fn check_alternate(
     for b in branches {
         known(schema, &b.ty, &b.pos)?;
         let shape = json_shape(schema, &b.ty);
-        if matches!(shape, "any" | "alternate" | "array") {
+        if matches!(shape, "any" | "alternate") {
             return Err(Error::new(
                 b.pos.clone(),
                 format!(
