@@ -1,4 +1,12 @@
-//! The block graph: nodes, their drivers, and the permissions on edges.
+//! The block graph: nodes, their drivers, the permissions on edges, and
+//! the way changes reach the data plane.
 
+pub mod drain;
+pub mod driver;
+pub mod error;
 pub mod file_lock;
+pub mod graph;
+pub mod io;
+pub mod open;
 pub mod perm;
+pub mod query;

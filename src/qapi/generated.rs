@@ -3681,6 +3681,54 @@ impl Serialize for BlockdevOptionsGenericFormat {
 }
 rt::deserialize_via_qapi!(BlockdevOptionsGenericFormat);
 
+/// Options of the raw format: the node shows a window of its child.
+/// Since: 2.9
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptionsRaw {
+    /// the child node holding the data, by reference or inline
+    pub file: Box<BlockdevRef>,
+    /// where the window starts in the child, in bytes (default 0)
+    pub offset: Option<i64>,
+    /// how long the window is, in bytes (default: up to the end of the child)
+    pub size: Option<i64>,
+}
+
+impl BlockdevOptionsRaw {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let file = obj.req("file", |v, at| <BlockdevRef as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
+        let offset = obj.opt("offset", <i64 as rt::FromQapi>::from_qapi)?;
+        let size = obj.opt("size", <i64 as rt::FromQapi>::from_qapi)?;
+        Ok(Self { file, offset, size })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("file", &self.file)?;
+        if let Some(v) = &self.offset { map.serialize_entry("offset", v)?; }
+        if let Some(v) = &self.size { map.serialize_entry("size", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for BlockdevOptionsRaw {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for BlockdevOptionsRaw {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(BlockdevOptionsRaw);
+
 /// Options of the luks driver.
 /// Since: 2.6
 #[derive(Debug, Clone, PartialEq)]
@@ -4934,7 +4982,7 @@ pub enum BlockdevOptionsBranch {
     Qcow2(Box<BlockdevOptionsQcow2>),
     Qed(Box<BlockdevOptionsGenericCOWFormat>),
     Quorum(BlockdevOptionsQuorum),
-    Raw(Box<BlockdevOptionsGenericFormat>),
+    Raw(Box<BlockdevOptionsRaw>),
     Replication(Box<BlockdevOptionsReplication>),
     Tftp(BlockdevOptionsCurl),
     Throttle(Box<BlockdevOptionsThrottle>),
@@ -5023,7 +5071,7 @@ impl BlockdevOptions {
             BlockdevDriver::Qcow2 => BlockdevOptionsBranch::Qcow2(Box::new(BlockdevOptionsQcow2::read_members(obj)?)),
             BlockdevDriver::Qed => BlockdevOptionsBranch::Qed(Box::new(BlockdevOptionsGenericCOWFormat::read_members(obj)?)),
             BlockdevDriver::Quorum => BlockdevOptionsBranch::Quorum(BlockdevOptionsQuorum::read_members(obj)?),
-            BlockdevDriver::Raw => BlockdevOptionsBranch::Raw(Box::new(BlockdevOptionsGenericFormat::read_members(obj)?)),
+            BlockdevDriver::Raw => BlockdevOptionsBranch::Raw(Box::new(BlockdevOptionsRaw::read_members(obj)?)),
             BlockdevDriver::Replication => BlockdevOptionsBranch::Replication(Box::new(BlockdevOptionsReplication::read_members(obj)?)),
             BlockdevDriver::Tftp => BlockdevOptionsBranch::Tftp(BlockdevOptionsCurl::read_members(obj)?),
             BlockdevDriver::Throttle => BlockdevOptionsBranch::Throttle(Box::new(BlockdevOptionsThrottle::read_members(obj)?)),
@@ -7610,7 +7658,7 @@ impl Event {
 pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del"];
 
 /// The commands vubd implements (the schema's `vubd-implemented-commands` pragma).
-pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit"];
+pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize"];
 
 /// One method per implemented command. Arguments arrive already checked
 /// against the schema; the return value is serialized for the reply.
@@ -7636,6 +7684,38 @@ pub trait Commands {
     /// close.
     /// Since: 0.14
     fn quit(&mut self) -> Result<(), Self::Error>;
+
+    /// Open a new block node.  The arguments are the node's options
+    /// themselves (BlockdevOptions); at the top level @node-name is required.
+    /// Since: 1.7
+    fn blockdev_add(&mut self, arg: BlockdevOptions) -> Result<(), Self::Error>;
+
+    /// Close a node that was opened with blockdev-add.  Fails while the node
+    /// is still in use, for instance by a device, an export or another node.
+    /// Since: 2.9
+    fn blockdev_del(&mut self, arg: BlockdevDelArg) -> Result<(), Self::Error>;
+
+    /// Old experimental name of blockdev-del, kept for 2.8 clients.
+    /// Since: 2.5
+    fn x_blockdev_del(&mut self, arg: XBlockdevDelArg) -> Result<(), Self::Error>;
+
+    /// Describe every block node that has a node name.
+    /// Since: 2.0
+    fn query_named_block_nodes(&mut self) -> Result<Vec<BlockDeviceInfo>, Self::Error>;
+
+    /// Describe every block device.
+    /// Since: 0.14
+    fn query_block(&mut self) -> Result<Vec<BlockInfo>, Self::Error>;
+
+    /// Return I/O counters.
+    /// Since: 0.14
+    fn query_blockstats(&mut self, arg: QueryBlockstatsArg) -> Result<Vec<BlockStats>, Self::Error>;
+
+    /// Change the size of an image while it is in use.  Exactly one of the
+    /// members @device and @node-name must be given.  Fails with DeviceNotFound
+    /// if the device does not exist.
+    /// Since: 0.14
+    fn block_resize(&mut self, arg: BlockResizeArg) -> Result<(), Self::Error>;
 }
 
 /// Runs command `name` with `args` (the `arguments` member, `{}` when
@@ -7643,10 +7723,17 @@ pub trait Commands {
 pub fn dispatch<C: Commands + ?Sized>(c: &mut C, name: &str, args: &Value) -> Option<Result<Value, C::Error>> {
     let at = rt::At::root(rt::Syntax::Json);
     Some(match name {
-        "qmp_capabilities" => <QmpCapabilitiesArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.qmp_capabilities(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "qmp_capabilities" => <QmpCapabilitiesArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.qmp_capabilities(a)).map(|()| Value::Object(Default::default())),
         "query-version" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_version()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "query-commands" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_commands()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
-        "quit" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.quit()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "quit" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.quit()).map(|()| Value::Object(Default::default())),
+        "blockdev-add" => <BlockdevOptions as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_add(a)).map(|()| Value::Object(Default::default())),
+        "blockdev-del" => <BlockdevDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_del(a)).map(|()| Value::Object(Default::default())),
+        "x-blockdev-del" => <XBlockdevDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.x_blockdev_del(a)).map(|()| Value::Object(Default::default())),
+        "query-named-block-nodes" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_named_block_nodes()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "query-block" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_block()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "query-blockstats" => <QueryBlockstatsArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.query_blockstats(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "block_resize" => <BlockResizeArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_resize(a)).map(|()| Value::Object(Default::default())),
         _ => return None,
     })
 }

@@ -118,13 +118,13 @@ impl Gen<'_> {
                 ),
                 None => format!("rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.{method}())"),
             };
-            self.line(
-                2,
-                &format!(
-                    "\"{}\" => {call}.and_then(|r| rt::to_value(&r).map_err(C::Error::from)),",
-                    cmd.name
-                ),
-            );
+            // A command without a return type answers an empty object.
+            let ret = if cmd.returns.is_some() {
+                ".and_then(|r| rt::to_value(&r).map_err(C::Error::from))"
+            } else {
+                ".map(|()| Value::Object(Default::default()))"
+            };
+            self.line(2, &format!("\"{}\" => {call}{ret},", cmd.name));
         }
         self.line(2, "_ => return None,");
         self.line(1, "})");

@@ -1,0 +1,290 @@
+//! Draining and publishing: how the control plane changes what the data
+//! plane uses without a lock on the I/O path.
+//!
+//! A [`RootSlot`] holds the node a user (an export's backend, a job) sends
+//! its requests to. Each I/O thread keeps a [`LocalRoot`]: its own clone of
+//! the `Arc`, refreshed only when the slot's generation moves, so a request
+//! costs one atomic load.
+//!
+//! Changing the root is: [`RootSlot::drain`] (new requests are held back,
+//! requests in flight are waited for), [`RootSlot::publish`] (the new node
+//! is installed and the generation bumped), and dropping the returned
+//! [`Drained`] guard (requests flow again). Every I/O thread counts its own
+//! requests in its own [`InFlight`] counter, on its own cache line, so two
+//! queues on two threads never write a shared line.
+
+use super::io::BlockIo;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Requests in flight on one I/O thread, padded to its own cache line.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: AtomicU64,
+}
+
+impl InFlight {
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+pub type Root = Arc<dyn BlockIo>;
+
+#[derive(Default)]
+struct Shared {
+    root: Option<Root>,
+    users: Vec<Arc<InFlight>>,
+}
+
+/// The root node of a data-plane user, published to its I/O threads.
+#[derive(Default)]
+pub struct RootSlot {
+    generation: AtomicU64,
+    quiesced: AtomicBool,
+    shared: Mutex<Shared>,
+}
+
+/// Why a drain did not complete.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{pending} requests still in flight after {waited_ms} ms")]
+pub struct DrainTimeout {
+    pub pending: u64,
+    pub waited_ms: u128,
+}
+
+impl RootSlot {
+    pub fn new(root: Option<Root>) -> Self {
+        RootSlot {
+            generation: AtomicU64::new(1),
+            quiesced: AtomicBool::new(false),
+            shared: Mutex::new(Shared {
+                root,
+                users: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding this lock leaves the data consistent (every
+        // write is a single assignment), so a poisoned lock is still usable.
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers an I/O thread; it counts its requests in the returned
+    /// counter and reads the root through [`LocalRoot`].
+    pub fn register(self: &Arc<Self>) -> LocalRoot {
+        let inflight = Arc::new(InFlight::default());
+        self.lock().users.push(inflight.clone());
+        LocalRoot {
+            slot: self.clone(),
+            inflight,
+            generation: 0,
+            root: None,
+        }
+    }
+
+    /// The current root, for the control plane.
+    pub fn current(&self) -> Option<Root> {
+        self.lock().root.clone()
+    }
+
+    fn pending(&self) -> u64 {
+        self.lock().users.iter().map(|u| u.get()).sum()
+    }
+
+    /// Holds back new requests and waits until none is in flight.
+    pub fn drain(&self, timeout: Duration) -> Result<Drained<'_>, DrainTimeout> {
+        self.quiesced.store(true, Ordering::SeqCst);
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        loop {
+            let pending = self.pending();
+            if pending == 0 {
+                return Ok(Drained { slot: self });
+            }
+            if start.elapsed() >= timeout {
+                self.quiesced.store(false, Ordering::SeqCst);
+                return Err(DrainTimeout {
+                    pending,
+                    waited_ms: start.elapsed().as_millis(),
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    fn resume(&self) {
+        self.quiesced.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A drained slot: nothing is in flight and nothing new starts until this
+/// guard is dropped.
+pub struct Drained<'a> {
+    slot: &'a RootSlot,
+}
+
+impl Drained<'_> {
+    /// Installs a new root; I/O threads pick it up on their next request.
+    pub fn publish(&self, root: Option<Root>) {
+        let mut shared = self.slot.lock();
+        shared.root = root;
+        self.slot.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        self.slot.resume();
+    }
+}
+
+/// One I/O thread's view of a [`RootSlot`].
+pub struct LocalRoot {
+    slot: Arc<RootSlot>,
+    inflight: Arc<InFlight>,
+    generation: u64,
+    root: Option<Root>,
+}
+
+/// A request that started: it ends (and leaves the in-flight count) when
+/// dropped.
+pub struct Started<'a> {
+    inflight: &'a InFlight,
+    pub root: Option<&'a Root>,
+}
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        self.inflight.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl LocalRoot {
+    /// Starts a request, or returns `None` while the slot is drained (the
+    /// caller holds the request back and tries again after the drain).
+    pub fn begin(&mut self) -> Option<Started<'_>> {
+        // Count first, then look at the flag: together with drain(), which
+        // sets the flag first and then reads the counts, a request either
+        // sees the drain or is seen by it.
+        self.inflight.count.fetch_add(1, Ordering::SeqCst);
+        if self.slot.quiesced.load(Ordering::SeqCst) {
+            self.inflight.count.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        let generation = self.slot.generation.load(Ordering::SeqCst);
+        if generation != self.generation {
+            self.root = self.slot.lock().root.clone();
+            self.generation = generation;
+        }
+        Some(Started {
+            inflight: &self.inflight,
+            root: self.root.as_ref(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::error::BlockError;
+    use std::sync::atomic::AtomicU64;
+
+    /// A node whose length names it, counting requests that use it while it
+    /// is no longer published.
+    struct Tagged {
+        tag: u64,
+        retired: AtomicBool,
+        late_uses: AtomicU64,
+    }
+
+    impl BlockIo for Tagged {
+        fn length(&self) -> Result<u64, BlockError> {
+            if self.retired.load(Ordering::SeqCst) {
+                self.late_uses.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(self.tag)
+        }
+        fn truncate(&self, _: u64) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+    }
+
+    fn tagged(tag: u64) -> Arc<Tagged> {
+        Arc::new(Tagged {
+            tag,
+            retired: AtomicBool::new(false),
+            late_uses: AtomicU64::new(0),
+        })
+    }
+
+    #[test]
+    fn drained_swap_is_never_seen_half_done() {
+        let first = tagged(1);
+        let slot = Arc::new(RootSlot::new(Some(first.clone() as Root)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let mut local = slot.register();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Some(req) = local.begin() {
+                            let tag = req.root.map(|r| r.length().unwrap_or(0));
+                            std::thread::yield_now();
+                            seen.push(tag);
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        let second = tagged(2);
+        {
+            let drained = slot.drain(Duration::from_secs(5)).unwrap();
+            first.retired.store(true, Ordering::SeqCst);
+            drained.publish(Some(second.clone() as Root));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::SeqCst);
+        let seen: Vec<Vec<Option<u64>>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        assert_eq!(first.late_uses.load(Ordering::SeqCst), 0);
+        for s in &seen {
+            let switch = s.iter().position(|t| *t == Some(2)).unwrap_or(s.len());
+            assert!(s[..switch].iter().all(|t| *t == Some(1)));
+            assert!(s[switch..].iter().all(|t| *t == Some(2)));
+            assert!(switch < s.len(), "worker never saw the new root");
+        }
+    }
+
+    #[test]
+    fn drain_waits_for_request_in_flight_and_times_out() {
+        let slot = Arc::new(RootSlot::new(None));
+        let mut local = slot.register();
+        let req = local.begin();
+        assert!(req.is_some());
+        let err = slot.drain(Duration::from_millis(30)).err();
+        assert_eq!(err.map(|e| e.pending), Some(1));
+        drop(req);
+        assert!(slot.drain(Duration::from_millis(30)).is_ok());
+    }
+
+    #[test]
+    fn requests_are_held_back_while_drained() {
+        let slot = Arc::new(RootSlot::new(None));
+        let mut local = slot.register();
+        let drained = slot.drain(Duration::from_millis(30)).unwrap();
+        assert!(local.begin().is_none());
+        drop(drained);
+        assert!(local.begin().is_some());
+    }
+}

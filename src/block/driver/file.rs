@@ -1,0 +1,246 @@
+//! The `file` and `host_device` protocol drivers: an image in a regular
+//! file or a block device, locked as QEMU locks it.
+
+use super::{Driver, DriverKind, NodeFlags};
+use crate::block::drain::Root;
+use crate::block::error::BlockError;
+use crate::block::file_lock::{LockingMode, PermLock};
+use crate::block::io::BlockIo;
+use crate::block::perm::Perm;
+use crate::qapi::{BlockdevAioOptions, BlockdevOptionsFile, OnOffAuto};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// The data face: the open file.
+pub struct FileIo {
+    file: File,
+    path: String,
+    no_flush: bool,
+    block_device: bool,
+}
+
+impl BlockIo for FileIo {
+    fn length(&self) -> Result<u64, BlockError> {
+        if self.block_device {
+            (&self.file)
+                .seek(SeekFrom::End(0))
+                .map_err(|e| BlockError::io("Getting the device size", &e))
+        } else {
+            self.file
+                .metadata()
+                .map(|m| m.len())
+                .map_err(|e| BlockError::io("Getting the file size", &e))
+        }
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        if self.block_device {
+            let current = self.length()?;
+            if size > current {
+                return Err(BlockError::invalid("Cannot grow device files"));
+            }
+            return Ok(());
+        }
+        self.file.set_len(size).map_err(|e| {
+            BlockError::invalid(format!(
+                "Failed to resize file '{}': {}",
+                self.path,
+                crate::block::error::strerror(&e)
+            ))
+        })
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        if self.no_flush {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| BlockError::io("Flush", &e))
+    }
+}
+
+struct LockState {
+    tracker: PermLock,
+    /// The change being prepared, if any.
+    pending: Option<(Perm, Perm)>,
+}
+
+/// The control face.
+pub struct FileDriver {
+    io: Arc<FileIo>,
+    name: &'static str,
+    read_only: bool,
+    locking: bool,
+    aio: BlockdevAioOptions,
+    lock: Mutex<LockState>,
+}
+
+impl FileDriver {
+    pub fn open(
+        opts: &BlockdevOptionsFile,
+        flags: &NodeFlags,
+        host_device: bool,
+    ) -> Result<Self, BlockError> {
+        let path = opts.filename.clone();
+        let aio = opts.aio.unwrap_or(BlockdevAioOptions::Threads);
+        if aio == BlockdevAioOptions::Native && !flags.cache_direct {
+            return Err(BlockError::invalid(
+                "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+            ));
+        }
+        let locking = match opts.locking.unwrap_or(OnOffAuto::Auto) {
+            OnOffAuto::On => LockingMode::On,
+            OnOffAuto::Off => LockingMode::Off,
+            OnOffAuto::Auto => LockingMode::Auto,
+        }
+        .resolve()?;
+        let (file, read_only) = open_file(&path, flags)?;
+        let meta = file.metadata().map_err(|e| BlockError::open(&path, &e))?;
+        let block_device = meta.file_type().is_block_device();
+        if host_device && !(block_device || meta.file_type().is_char_device()) {
+            return Err(BlockError::invalid(format!(
+                "'host_device' driver requires '{path}' to be either a character or block device"
+            )));
+        }
+        if meta.is_dir() {
+            return Err(BlockError::invalid(format!("'{path}' is a directory")));
+        }
+        Ok(FileDriver {
+            io: Arc::new(FileIo {
+                file,
+                path,
+                no_flush: flags.cache_no_flush,
+                block_device,
+            }),
+            name: if host_device { "host_device" } else { "file" },
+            read_only,
+            locking,
+            aio,
+            lock: Mutex::new(LockState {
+                tracker: PermLock::new(),
+                pending: None,
+            }),
+        })
+    }
+
+    pub fn aio(&self) -> BlockdevAioOptions {
+        self.aio
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, LockState> {
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Opens read-write unless told otherwise; with auto-read-only, falls back
+/// to read-only when writing is refused.
+fn open_file(path: &str, flags: &NodeFlags) -> Result<(File, bool), BlockError> {
+    let open = |write: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(write);
+        if flags.cache_direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(path)
+    };
+    if flags.read_only {
+        return open(false)
+            .map(|f| (f, true))
+            .map_err(|e| BlockError::open(path, &e));
+    }
+    match open(true) {
+        Ok(f) => Ok((f, false)),
+        Err(e)
+            if flags.auto_read_only
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EACCES | libc::EROFS | libc::EPERM)
+                ) =>
+        {
+            open(false)
+                .map(|f| (f, true))
+                .map_err(|e| BlockError::open(path, &e))
+        }
+        Err(e) => Err(BlockError::open(path, &e)),
+    }
+}
+
+impl Driver for FileDriver {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Protocol
+    }
+
+    fn io(&self) -> Root {
+        self.io.clone()
+    }
+
+    fn filename(&self) -> String {
+        self.io.path.clone()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn prepare_perm(&self, perm: Perm, shared: Perm) -> Result<(), BlockError> {
+        if !self.locking {
+            return Ok(());
+        }
+        let mut st = self.lock_state();
+        // A read-only file descriptor never needs the write bytes taken.
+        let perm = if self.read_only {
+            perm - (Perm::WRITE | Perm::RESIZE)
+        } else {
+            perm
+        };
+        st.tracker.prepare(&self.io.file, perm, shared)?;
+        st.pending = Some((perm, shared));
+        Ok(())
+    }
+
+    fn commit_perm(&self, _perm: Perm, _shared: Perm) {
+        if !self.locking {
+            return;
+        }
+        let mut st = self.lock_state();
+        if let Some((perm, shared)) = st.pending.take() {
+            st.tracker.commit(&self.io.file, perm, shared);
+        }
+    }
+
+    fn abort_perm(&self) {
+        if !self.locking {
+            return;
+        }
+        let mut st = self.lock_state();
+        if st.pending.take().is_some() {
+            st.tracker.abort(&self.io.file);
+        }
+    }
+
+    fn close(&self) -> Result<(), BlockError> {
+        let flushed = if self.read_only {
+            Ok(())
+        } else {
+            self.io.flush()
+        };
+        if self.locking {
+            let mut st = self.lock_state();
+            if let Err(e) = st.tracker.release(&self.io.file) {
+                log::warn!("releasing the locks of '{}': {e}", self.io.path);
+            }
+        }
+        flushed
+    }
+}

@@ -1,0 +1,97 @@
+//! The `null-co` and `null-aio` drivers: a disk with no storage behind it,
+//! for tests and benchmarks. Reads return zeroes (when `read-zeroes` is
+//! set) or whatever the buffer held; writes are dropped.
+
+use super::{Driver, DriverKind};
+use crate::block::drain::Root;
+use crate::block::error::BlockError;
+use crate::block::io::BlockIo;
+use crate::qapi::BlockdevOptionsNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// QEMU's default size for a null node: 1 GiB.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
+pub struct NullIo {
+    size: AtomicU64,
+    /// Delay added to every request, in nanoseconds.
+    pub latency_ns: u64,
+    /// Whether reads fill the buffer with zeroes.
+    pub read_zeroes: bool,
+}
+
+impl BlockIo for NullIo {
+    fn length(&self) -> Result<u64, BlockError> {
+        Ok(self.size.load(Ordering::Relaxed))
+    }
+
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
+pub struct NullDriver {
+    io: Arc<NullIo>,
+    name: &'static str,
+    read_only: bool,
+}
+
+impl NullDriver {
+    pub fn open(
+        opts: &BlockdevOptionsNull,
+        read_only: bool,
+        aio: bool,
+    ) -> Result<Self, BlockError> {
+        let size = match opts.size {
+            None => DEFAULT_SIZE,
+            Some(s) => u64::try_from(s)
+                .map_err(|_| BlockError::invalid("Parameter 'size' must be a non-negative size"))?,
+        };
+        Ok(NullDriver {
+            io: Arc::new(NullIo {
+                size: AtomicU64::new(size),
+                latency_ns: opts.latency_ns.unwrap_or(0),
+                read_zeroes: opts.read_zeroes.unwrap_or(false),
+            }),
+            name: if aio { "null-aio" } else { "null-co" },
+            read_only,
+        })
+    }
+}
+
+impl Driver for NullDriver {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Protocol
+    }
+
+    fn io(&self) -> Root {
+        self.io.clone()
+    }
+
+    fn filename(&self) -> String {
+        // QEMU shows the driver as a pseudo-URL, with read-zeroes spelled
+        // out when it is set.
+        if self.io.read_zeroes {
+            format!(
+                "json:{{\"read-zeroes\": true, \"driver\": \"{}\"}}",
+                self.name
+            )
+        } else {
+            format!("{}://", self.name)
+        }
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}

@@ -1,0 +1,125 @@
+//! The `raw` format: shows its file child as it is, or a window of it
+//! (`offset`, `size`).
+
+use super::{Driver, DriverKind};
+use crate::block::drain::Root;
+use crate::block::error::BlockError;
+use crate::block::io::BlockIo;
+use std::sync::Arc;
+
+pub struct RawIo {
+    child: Root,
+    offset: u64,
+    /// The window's length when `size` was given; it cannot be resized.
+    fixed_size: Option<u64>,
+}
+
+impl RawIo {
+    pub fn child(&self) -> &Root {
+        &self.child
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl BlockIo for RawIo {
+    fn length(&self) -> Result<u64, BlockError> {
+        match self.fixed_size {
+            Some(size) => Ok(size),
+            None => Ok(self.child.length()?.saturating_sub(self.offset)),
+        }
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.child.allocated_size()
+    }
+
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        if self.fixed_size.is_some() {
+            return Err(BlockError::invalid("Cannot resize fixed-size raw disks"));
+        }
+        let end = self
+            .offset
+            .checked_add(size)
+            .ok_or_else(|| BlockError::invalid("Image size too large"))?;
+        self.child.truncate(end)
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        self.child.flush()
+    }
+}
+
+pub struct RawDriver {
+    io: Arc<RawIo>,
+    child_filename: String,
+    read_only: bool,
+}
+
+impl RawDriver {
+    pub fn open(
+        child: Root,
+        child_filename: String,
+        offset: Option<i64>,
+        size: Option<i64>,
+        read_only: bool,
+    ) -> Result<Self, BlockError> {
+        let child_len = child.length()?;
+        let offset = u64::try_from(offset.unwrap_or(0))
+            .map_err(|_| BlockError::invalid("offset cannot be negative"))?;
+        let fixed_size = match size {
+            None => None,
+            Some(s) => {
+                Some(u64::try_from(s).map_err(|_| BlockError::invalid("size cannot be negative"))?)
+            }
+        };
+        if offset > child_len {
+            return Err(BlockError::invalid(format!(
+                "The sum of offset ({offset}) and size (0) has to be smaller or equal to the actual size of the containing file ({child_len})"
+            )));
+        }
+        if let Some(size) = fixed_size {
+            if offset.checked_add(size).is_none_or(|end| end > child_len) {
+                return Err(BlockError::invalid(format!(
+                    "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the actual size of the containing file ({child_len})"
+                )));
+            }
+            if size % 512 != 0 {
+                return Err(BlockError::invalid("Specified size is not multiple of 512"));
+            }
+        }
+        Ok(RawDriver {
+            io: Arc::new(RawIo {
+                child,
+                offset,
+                fixed_size,
+            }),
+            child_filename,
+            read_only,
+        })
+    }
+}
+
+impl Driver for RawDriver {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+
+    fn io(&self) -> Root {
+        self.io.clone()
+    }
+
+    fn filename(&self) -> String {
+        self.child_filename.clone()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}

@@ -1,0 +1,410 @@
+//! The block graph, owned by the control plane.
+//!
+//! Every change goes through [`Graph::change`]: the change is made on a
+//! copy (nodes are cheap to copy, their drivers are shared `Arc`s), the copy
+//! is checked — no cycles, permissions compatible on every edge, image locks
+//! obtainable — and only then replaces the graph. A failed check leaves the
+//! live graph as it was, so there is nothing to undo.
+
+use super::drain::RootSlot;
+use super::driver::{ChildRole, Driver, NodeFlags};
+use super::error::BlockError;
+use super::perm::Perm;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a graph change waits for requests in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest node name QEMU accepts.
+const MAX_NODE_NAME: usize = 31;
+
+/// A child edge of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edge {
+    pub role: ChildRole,
+    pub child: String,
+}
+
+#[derive(Clone)]
+pub struct Node {
+    pub name: String,
+    /// Added by blockdev-add or --blockdev at the top level (not an inline
+    /// child): only such nodes can be deleted by blockdev-del.
+    pub monitor_owned: bool,
+    pub driver: Arc<dyn Driver>,
+    pub flags: NodeFlags,
+    pub children: Vec<Edge>,
+    pub write_threshold: u64,
+}
+
+/// Who holds a node from outside the graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserKind {
+    /// A BlockBackend: an export's, named by the export id.
+    BlockDevice,
+    /// A command that needs the node for a moment (block_resize).
+    Command,
+}
+
+/// A root edge: something outside the graph that uses a node.
+#[derive(Clone)]
+pub struct Use {
+    pub id: u64,
+    pub kind: UserKind,
+    pub name: String,
+    pub node: String,
+    pub perm: Perm,
+    pub shared: Perm,
+    /// Where the data plane finds its root, if the user does I/O.
+    pub slot: Option<Arc<RootSlot>>,
+}
+
+impl Use {
+    fn describe(&self) -> String {
+        match self.kind {
+            UserKind::BlockDevice => format!("block device '{}'", self.name),
+            UserKind::Command => format!("command '{}'", self.name),
+        }
+    }
+}
+
+/// The permissions a node ends up with after a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePerm {
+    pub perm: Perm,
+    pub shared: Perm,
+}
+
+#[derive(Clone, Default)]
+pub struct Graph {
+    nodes: Vec<Node>,
+    uses: Vec<Use>,
+    next_auto_name: u64,
+    next_use: u64,
+    perms: HashMap<String, NodePerm>,
+}
+
+/// One parent's claim on a node, for the permission check.
+struct Claim {
+    who: String,
+    role: &'static str,
+    perm: Perm,
+    shared: Perm,
+}
+
+impl Graph {
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn uses(&self) -> &[Use] {
+        &self.uses
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn node_mut(&mut self, name: &str) -> Option<&mut Node> {
+        self.nodes.iter_mut().find(|n| n.name == name)
+    }
+
+    /// The permissions a node holds since the last check.
+    pub fn perm_of(&self, name: &str) -> Option<NodePerm> {
+        self.perms.get(name).copied()
+    }
+
+    /// Makes a change on a copy, checks it and, if it holds, keeps it. Nodes
+    /// that the change removed are closed afterwards.
+    pub fn change<T>(
+        &mut self,
+        f: impl FnOnce(&mut Graph) -> Result<T, BlockError>,
+    ) -> Result<T, BlockError> {
+        let mut draft = self.clone();
+        let out = f(&mut draft)?;
+        let plan = draft.check()?;
+        apply_plan(&draft, &plan)?;
+        draft.perms = plan;
+        self.publish_roots(&draft)?;
+        let removed: Vec<Arc<dyn Driver>> = self
+            .nodes
+            .iter()
+            .filter(|n| draft.node(&n.name).is_none())
+            .map(|n| n.driver.clone())
+            .collect();
+        *self = draft;
+        for driver in removed {
+            if let Err(e) = driver.close() {
+                log::warn!("closing a removed node: {e}");
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drains every data-plane user whose root node changed, installs the
+    /// new roots, and lets requests flow again.
+    fn publish_roots(&self, draft: &Graph) -> Result<(), BlockError> {
+        for u in &draft.uses {
+            let Some(slot) = &u.slot else { continue };
+            let new_root = draft.node(&u.node).map(|n| n.driver.io());
+            let old_root = slot.current();
+            let same = match (&new_root, &old_root) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            let drained = slot
+                .drain(DRAIN_TIMEOUT)
+                .map_err(|e| BlockError::invalid(format!("Cannot drain '{}': {e}", u.name)))?;
+            drained.publish(new_root);
+        }
+        let _ = self;
+        Ok(())
+    }
+
+    /// A name QEMU would generate: `#block` and a counter, plus two more
+    /// digits so that names are not reused across runs by accident.
+    pub fn generate_node_name(&mut self) -> String {
+        loop {
+            self.next_auto_name += 1;
+            let salt = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() % 100)
+                .unwrap_or(0);
+            let name = format!("#block{}{salt:02}", self.next_auto_name);
+            if self.node(&name).is_none() {
+                return name;
+            }
+        }
+    }
+
+    /// Checks a name given by the user.
+    pub fn check_new_name(&self, name: &str) -> Result<(), BlockError> {
+        let mut chars = name.chars();
+        let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if !well_formed {
+            return Err(BlockError::BadNodeName(name.to_string()));
+        }
+        if self
+            .uses
+            .iter()
+            .any(|u| u.kind == UserKind::BlockDevice && u.name == name)
+        {
+            return Err(BlockError::invalid(format!(
+                "node-name={name} is conflicting with a device id"
+            )));
+        }
+        if self.node(name).is_some() {
+            return Err(BlockError::DuplicateNode(name.to_string()));
+        }
+        if name.len() > MAX_NODE_NAME {
+            return Err(BlockError::invalid("Node name too long"));
+        }
+        Ok(())
+    }
+
+    pub fn insert(&mut self, node: Node) {
+        self.nodes.push(node);
+    }
+
+    /// Adds a root edge and returns its id.
+    pub fn add_use(&mut self, mut u: Use) -> u64 {
+        self.next_use += 1;
+        u.id = self.next_use;
+        self.uses.push(u);
+        self.next_use
+    }
+
+    pub fn remove_use(&mut self, id: u64) {
+        self.uses.retain(|u| u.id != id);
+    }
+
+    /// Removes a node the monitor added, and the inline children only it
+    /// used.
+    pub fn remove_node(&mut self, name: &str) -> Result<(), BlockError> {
+        let node = self
+            .node(name)
+            .ok_or_else(|| BlockError::NoSuchNode(name.to_string()))?;
+        if self.uses.iter().any(|u| u.node == name) {
+            return Err(BlockError::NodeInUse(name.to_string()));
+        }
+        if !node.monitor_owned {
+            return Err(BlockError::NotMonitorOwned(name.to_string()));
+        }
+        if self.parents_of(name) > 0 {
+            return Err(BlockError::DeviceInUse(name.to_string()));
+        }
+        self.remove_subtree(name);
+        Ok(())
+    }
+
+    fn parents_of(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.children.iter())
+            .filter(|e| e.child == name)
+            .count()
+    }
+
+    fn remove_subtree(&mut self, name: &str) {
+        let children: Vec<String> = self
+            .node(name)
+            .map(|n| n.children.iter().map(|e| e.child.clone()).collect())
+            .unwrap_or_default();
+        self.nodes.retain(|n| n.name != name);
+        for child in children {
+            let implicit = self.node(&child).is_some_and(|c| !c.monitor_owned);
+            if implicit
+                && self.parents_of(&child) == 0
+                && !self.uses.iter().any(|u| u.node == child)
+            {
+                self.remove_subtree(&child);
+            }
+        }
+    }
+
+    /// Nodes in an order where every parent comes before its children.
+    fn parents_first(&self) -> Result<Vec<usize>, BlockError> {
+        let index: HashMap<&str, usize> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i))
+            .collect();
+        let mut pending_parents = vec![0usize; self.nodes.len()];
+        for n in &self.nodes {
+            for e in &n.children {
+                let &c = index
+                    .get(e.child.as_str())
+                    .ok_or_else(|| BlockError::NoSuchNode(e.child.clone()))?;
+                pending_parents[c] += 1;
+            }
+        }
+        let mut ready: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| pending_parents[i] == 0)
+            .collect();
+        let mut order = Vec::with_capacity(self.nodes.len());
+        while let Some(i) = ready.pop() {
+            order.push(i);
+            for e in &self.nodes[i].children {
+                if let Some(&c) = index.get(e.child.as_str()) {
+                    pending_parents[c] -= 1;
+                    if pending_parents[c] == 0 {
+                        ready.push(c);
+                    }
+                }
+            }
+        }
+        if order.len() != self.nodes.len() {
+            return Err(BlockError::invalid(
+                "The change would create a cycle in the block graph",
+            ));
+        }
+        Ok(order)
+    }
+
+    /// Computes the permissions of every node from its parents' claims and
+    /// checks that no claim takes what another one does not share.
+    pub fn check(&self) -> Result<HashMap<String, NodePerm>, BlockError> {
+        let mut claims: HashMap<&str, Vec<Claim>> = HashMap::new();
+        for u in &self.uses {
+            if self.node(&u.node).is_none() {
+                return Err(BlockError::NoSuchNode(u.node.clone()));
+            }
+            claims.entry(u.node.as_str()).or_default().push(Claim {
+                who: u.describe(),
+                role: "root",
+                perm: u.perm,
+                shared: u.shared,
+            });
+        }
+        let mut result = HashMap::new();
+        for i in self.parents_first()? {
+            let node = &self.nodes[i];
+            let mine = claims.remove(node.name.as_str()).unwrap_or_default();
+            let np = combine(node, &mine)?;
+            for e in &node.children {
+                let (perm, shared) = node.driver.child_perm(e.role, np.perm, np.shared);
+                let Some(child) = self.node(&e.child) else {
+                    continue;
+                };
+                claims.entry(child.name.as_str()).or_default().push(Claim {
+                    who: format!("node '{}'", node.name),
+                    role: e.role.name(),
+                    perm,
+                    shared,
+                });
+            }
+            result.insert(node.name.clone(), np);
+        }
+        Ok(result)
+    }
+}
+
+/// The permissions of one node given its parents' claims.
+fn combine(node: &Node, claims: &[Claim]) -> Result<NodePerm, BlockError> {
+    let shared_of = |c: &Claim| {
+        if node.flags.force_share {
+            Perm::ALL
+        } else {
+            c.shared
+        }
+    };
+    for a in claims {
+        for b in claims {
+            if std::ptr::eq(a, b) {
+                continue;
+            }
+            let denied = a.perm - shared_of(b);
+            if !denied.is_empty() {
+                return Err(BlockError::PermConflict {
+                    node: node.name.clone(),
+                    perms: denied.to_string(),
+                    wanted_by: format!(
+                        "{} (uses node '{}' as '{}' child)",
+                        a.who, node.name, a.role
+                    ),
+                    unshared_by: format!(
+                        "{} (uses node '{}' as '{}' child)",
+                        b.who, node.name, b.role
+                    ),
+                });
+            }
+        }
+    }
+    let perm = claims.iter().fold(Perm::NONE, |p, c| p | c.perm);
+    let shared = claims.iter().fold(Perm::ALL, |s, c| s & shared_of(c));
+    if perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) && node.driver.is_read_only() {
+        return Err(BlockError::ReadOnly);
+    }
+    Ok(NodePerm { perm, shared })
+}
+
+/// Takes the image locks of a checked graph: all or none.
+fn apply_plan(graph: &Graph, plan: &HashMap<String, NodePerm>) -> Result<(), BlockError> {
+    let mut prepared: Vec<&Node> = Vec::new();
+    for node in &graph.nodes {
+        let Some(np) = plan.get(&node.name) else {
+            continue;
+        };
+        if let Err(e) = node.driver.prepare_perm(np.perm, np.shared) {
+            for p in prepared {
+                p.driver.abort_perm();
+            }
+            return Err(e);
+        }
+        prepared.push(node);
+    }
+    for node in prepared {
+        if let Some(np) = plan.get(&node.name) {
+            node.driver.commit_perm(np.perm, np.shared);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Opening nodes from `BlockdevOptions`, inline children included, into a
+//! draft graph (see [`Graph::change`]).
+
+use super::driver::file::FileDriver;
+use super::driver::null::NullDriver;
+use super::driver::raw::RawDriver;
+use super::driver::{is_built, ChildRole, Driver, NodeFlags};
+use super::error::BlockError;
+use super::graph::{Edge, Graph, Node};
+use crate::qapi::{
+    BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBranch,
+    BlockdevRef,
+};
+use std::sync::Arc;
+
+/// How deep inline children may nest (a guard against absurd input).
+const MAX_DEPTH: usize = 16;
+
+/// Opens a top-level node (blockdev-add, --blockdev) and returns its name.
+pub fn add_node(graph: &mut Graph, opts: &BlockdevOptions) -> Result<String, BlockError> {
+    if opts.node_name.is_none() {
+        return Err(BlockError::invalid(
+            "'node-name' must be specified for the root node",
+        ));
+    }
+    open_node(graph, opts, None, true, 0)
+}
+
+/// The node-level options, with what an inline child inherits from its
+/// parent where it does not say otherwise.
+fn node_flags(opts: &BlockdevOptions, parent: Option<&NodeFlags>) -> Result<NodeFlags, BlockError> {
+    let base = parent.copied().unwrap_or_default();
+    let cache = opts.cache.as_ref();
+    let flags = NodeFlags {
+        read_only: opts.read_only.unwrap_or(base.read_only),
+        auto_read_only: opts.auto_read_only.unwrap_or(base.auto_read_only),
+        force_share: opts.force_share.unwrap_or(false),
+        cache_direct: cache.and_then(|c| c.direct).unwrap_or(base.cache_direct),
+        cache_no_flush: cache
+            .and_then(|c| c.no_flush)
+            .unwrap_or(base.cache_no_flush),
+        discard: opts.discard.unwrap_or(base.discard),
+        detect_zeroes: opts
+            .detect_zeroes
+            .unwrap_or(BlockdevDetectZeroesOptions::Off),
+    };
+    if flags.detect_zeroes == BlockdevDetectZeroesOptions::Unmap
+        && flags.discard != BlockdevDiscardOptions::Unmap
+    {
+        return Err(BlockError::invalid(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        ));
+    }
+    if flags.force_share && !flags.read_only {
+        return Err(BlockError::invalid(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    Ok(flags)
+}
+
+fn open_node(
+    graph: &mut Graph,
+    opts: &BlockdevOptions,
+    parent: Option<&NodeFlags>,
+    monitor_owned: bool,
+    depth: usize,
+) -> Result<String, BlockError> {
+    if depth > MAX_DEPTH {
+        return Err(BlockError::invalid(
+            "Inline block node definitions are nested too deeply",
+        ));
+    }
+    let driver_name = opts.driver();
+    if !is_built(driver_name) {
+        return Err(BlockError::DriverNotBuilt(driver_name.as_str().to_string()));
+    }
+    let name = match &opts.node_name {
+        Some(n) => {
+            graph.check_new_name(n)?;
+            n.clone()
+        }
+        None => graph.generate_node_name(),
+    };
+    let flags = node_flags(opts, parent)?;
+    let mut children = Vec::new();
+    let driver: Arc<dyn Driver> = match &opts.u {
+        BlockdevOptionsBranch::File(f) => Arc::new(FileDriver::open(f, &flags, false)?),
+        BlockdevOptionsBranch::HostDevice(f) => Arc::new(FileDriver::open(f, &flags, true)?),
+        BlockdevOptionsBranch::NullCo(n) => Arc::new(NullDriver::open(n, flags.read_only, false)?),
+        BlockdevOptionsBranch::NullAio(n) => Arc::new(NullDriver::open(n, flags.read_only, true)?),
+        BlockdevOptionsBranch::Raw(r) => {
+            let child = open_child(graph, &r.file, &flags, depth)?;
+            let child_node = graph
+                .node(&child)
+                .ok_or_else(|| BlockError::NoSuchNode(child.clone()))?;
+            let driver = RawDriver::open(
+                child_node.driver.io(),
+                child_node.driver.filename(),
+                r.offset,
+                r.size,
+                flags.read_only,
+            )?;
+            children.push(Edge {
+                role: ChildRole::File,
+                child,
+            });
+            Arc::new(driver)
+        }
+        _ => return Err(BlockError::DriverNotBuilt(driver_name.as_str().to_string())),
+    };
+    let flags = NodeFlags {
+        read_only: driver.is_read_only(),
+        ..flags
+    };
+    log::info!("opened node '{name}' ({})", driver.name());
+    graph.insert(Node {
+        name: name.clone(),
+        monitor_owned,
+        driver,
+        flags,
+        children,
+        write_threshold: 0,
+    });
+    Ok(name)
+}
+
+/// A child given by name must exist; one given inline is opened here.
+fn open_child(
+    graph: &mut Graph,
+    r: &BlockdevRef,
+    parent: &NodeFlags,
+    depth: usize,
+) -> Result<String, BlockError> {
+    match r {
+        BlockdevRef::Reference(name) => match graph.node(name) {
+            Some(_) => Ok(name.clone()),
+            None => Err(BlockError::NoSuchDeviceOrNode {
+                device: name.clone(),
+                node: name.clone(),
+            }),
+        },
+        BlockdevRef::Definition(opts) => open_node(graph, opts, Some(parent), false, depth + 1),
+    }
+}

@@ -1,0 +1,40 @@
+//! The error every QMP command answers with: a QEMU error class and a
+//! description. Module errors convert into it, each knowing its class.
+
+use crate::qapi::QapiErrorClass;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{desc}")]
+pub struct QmpError {
+    pub class: QapiErrorClass,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: QapiErrorClass::GenericError,
+            desc: desc.into(),
+        }
+    }
+
+    pub fn with_class(class: QapiErrorClass, desc: impl Into<String>) -> Self {
+        QmpError {
+            class,
+            desc: desc.into(),
+        }
+    }
+
+    pub fn command_not_found(name: &str) -> Self {
+        Self::with_class(
+            QapiErrorClass::CommandNotFound,
+            format!("The command {name} has not been found"),
+        )
+    }
+}
+
+impl From<crate::qapi::rt::InputError> for QmpError {
+    fn from(e: crate::qapi::rt::InputError) -> Self {
+        QmpError::generic(e.desc)
+    }
+}

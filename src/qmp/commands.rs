@@ -1,0 +1,180 @@
+//! The QMP commands vubd implements, run on the control thread.
+
+use crate::block::graph::{Use, UserKind};
+use crate::block::open::add_node;
+use crate::block::perm::Perm;
+use crate::block::{error::BlockError, query};
+use crate::daemon::Daemon;
+use crate::error::QmpError;
+use crate::qapi::{
+    self, BlockDeviceInfo, BlockInfo, BlockResizeArg, BlockStats, BlockdevDelArg, BlockdevOptions,
+    CommandInfo, QmpCapabilitiesArg, QueryBlockstatsArg, VersionInfo, VersionTriple,
+    XBlockdevDelArg,
+};
+use std::sync::atomic::Ordering;
+
+/// The QEMU version whose QMP interface vubd follows, reported in the
+/// greeting and by query-version (management tools decide what to send by
+/// it); vubd's own version goes into `package`.
+pub const QEMU_API_VERSION: (i64, i64, i64) = (10, 0, 0);
+
+pub fn version_info() -> VersionInfo {
+    let (major, minor, micro) = QEMU_API_VERSION;
+    VersionInfo {
+        qemu: VersionTriple {
+            major,
+            minor,
+            micro,
+        },
+        package: format!("vubd {}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// A command running on behalf of one monitor session.
+pub struct Cx<'a> {
+    pub daemon: &'a mut Daemon,
+    pub request: &'a crate::qmp::session::Request,
+}
+
+impl qapi::Commands for Cx<'_> {
+    type Error = QmpError;
+
+    fn qmp_capabilities(&mut self, arg: QmpCapabilitiesArg) -> Result<(), QmpError> {
+        if let Some(cap) = arg.enable.as_ref().and_then(|c| c.first()) {
+            return Err(QmpError::generic(format!(
+                "Capability '{cap}' not available"
+            )));
+        }
+        self.request.negotiated.store(true, Ordering::SeqCst);
+        self.daemon
+            .events
+            .add(self.request.session, self.request.writer.clone());
+        Ok(())
+    }
+
+    fn query_version(&mut self) -> Result<VersionInfo, QmpError> {
+        Ok(version_info())
+    }
+
+    fn query_commands(&mut self) -> Result<Vec<CommandInfo>, QmpError> {
+        Ok(qapi::IMPLEMENTED_COMMANDS
+            .iter()
+            .map(|n| CommandInfo {
+                name: n.to_string(),
+            })
+            .collect())
+    }
+
+    fn quit(&mut self) -> Result<(), QmpError> {
+        self.daemon.request_quit("quit command");
+        Ok(())
+    }
+
+    fn blockdev_add(&mut self, arg: BlockdevOptions) -> Result<(), QmpError> {
+        self.daemon
+            .graph
+            .change(|g| add_node(g, &arg).map(|_| ()))?;
+        Ok(())
+    }
+
+    fn blockdev_del(&mut self, arg: BlockdevDelArg) -> Result<(), QmpError> {
+        self.daemon.delete_node(&arg.node_name)
+    }
+
+    fn x_blockdev_del(&mut self, arg: XBlockdevDelArg) -> Result<(), QmpError> {
+        self.daemon.delete_node(&arg.node_name)
+    }
+
+    fn query_named_block_nodes(&mut self) -> Result<Vec<BlockDeviceInfo>, QmpError> {
+        Ok(query::named_nodes(&self.daemon.graph))
+    }
+
+    fn query_block(&mut self) -> Result<Vec<BlockInfo>, QmpError> {
+        // Block devices are the exports' backends; each shows its node.
+        let g = &self.daemon.graph;
+        Ok(g.uses()
+            .iter()
+            .filter(|u| u.kind == UserKind::BlockDevice)
+            .map(|u| BlockInfo {
+                device: u.name.clone(),
+                r#type: "unknown".into(),
+                removable: false,
+                locked: false,
+                inserted: g.node(&u.node).map(query::device_info),
+                tray_open: None,
+                io_status: None,
+                dirty_bitmaps: None,
+            })
+            .collect())
+    }
+
+    fn query_blockstats(&mut self, arg: QueryBlockstatsArg) -> Result<Vec<BlockStats>, QmpError> {
+        let g = &self.daemon.graph;
+        if arg.query_nodes.unwrap_or(false) {
+            return Ok(g.nodes().iter().map(|n| query::node_stats(g, n)).collect());
+        }
+        Ok(g.uses()
+            .iter()
+            .filter(|u| u.kind == UserKind::BlockDevice)
+            .filter_map(|u| {
+                let node = g.node(&u.node)?;
+                let mut stats = query::node_stats(g, node);
+                stats.device = Some(u.name.clone());
+                Some(stats)
+            })
+            .collect())
+    }
+
+    fn block_resize(&mut self, arg: BlockResizeArg) -> Result<(), QmpError> {
+        let g = &mut self.daemon.graph;
+        let node = match (&arg.device, &arg.node_name) {
+            (_, Some(n)) if g.node(n).is_some() => n.clone(),
+            (Some(d), None) => match g
+                .uses()
+                .iter()
+                .find(|u| u.kind == UserKind::BlockDevice && &u.name == d)
+            {
+                Some(u) => u.node.clone(),
+                None => return Err(not_found(&arg).into()),
+            },
+            _ => return Err(not_found(&arg).into()),
+        };
+        if arg.size < 0 {
+            return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+        }
+        // The resize takes the node for a moment with the resize
+        // permission, so parents that do not allow resizing refuse it.
+        let id = g.change(|draft| {
+            Ok(draft.add_use(Use {
+                id: 0,
+                kind: UserKind::Command,
+                name: "block_resize".into(),
+                node: node.clone(),
+                perm: Perm::RESIZE,
+                shared: Perm::ALL,
+                slot: None,
+            }))
+        })?;
+        let result = match g.node(&node) {
+            Some(n) if n.driver.is_read_only() => Err(BlockError::invalid("Image is read-only")),
+            Some(n) => n.driver.io().truncate(arg.size as u64),
+            None => Err(BlockError::NoSuchNode(node.clone())),
+        };
+        if let Err(e) = g.change(|draft| {
+            draft.remove_use(id);
+            Ok(())
+        }) {
+            log::warn!("dropping block_resize's hold on '{node}': {e}");
+        }
+        result?;
+        log::info!("node '{node}' resized to {} bytes", arg.size);
+        Ok(())
+    }
+}
+
+fn not_found(arg: &BlockResizeArg) -> BlockError {
+    BlockError::NoSuchDeviceOrNode {
+        device: arg.device.clone().unwrap_or_default(),
+        node: arg.node_name.clone().unwrap_or_default(),
+    }
+}
