@@ -6,6 +6,8 @@ pub mod driver;
 pub mod error;
 pub mod file_lock;
 pub mod graph;
+#[cfg(test)]
+mod graph_tests;
 pub mod io;
 pub mod open;
 pub mod perm;

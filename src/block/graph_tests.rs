@@ -1,0 +1,266 @@
+//! Unit tests of the graph's rules: names, deletion, permissions, locks
+//! and the all-or-nothing change.
+
+use super::error::BlockError;
+use super::graph::{Graph, Use, UserKind};
+use super::open::add_node;
+use super::perm::Perm;
+use crate::qapi::{rt, BlockdevOptions};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+fn opts(v: Value) -> BlockdevOptions {
+    rt::read(&v, rt::Syntax::Json).unwrap()
+}
+
+fn add(g: &mut Graph, v: Value) -> Result<String, BlockError> {
+    let o = opts(v);
+    g.change(|d| add_node(d, &o))
+}
+
+struct TempImage(PathBuf);
+
+impl TempImage {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vubd-graph-{tag}-{}.img", std::process::id()));
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        TempImage(p)
+    }
+    fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn writer_use(node: &str) -> Use {
+    Use {
+        id: 0,
+        kind: UserKind::BlockDevice,
+        name: "disk0".into(),
+        node: node.into(),
+        perm: Perm::CONSISTENT_READ | Perm::WRITE,
+        shared: Perm::ALL,
+        slot: None,
+    }
+}
+
+#[test]
+fn root_node_needs_a_name() {
+    let mut g = Graph::default();
+    let err = add(&mut g, json!({"driver": "null-co"}))
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("'node-name' must be specified for the root node")
+    );
+}
+
+#[test]
+fn duplicate_and_malformed_names_are_refused() {
+    let mut g = Graph::default();
+    add(&mut g, json!({"driver": "null-co", "node-name": "n0"})).unwrap();
+    let dup = add(&mut g, json!({"driver": "null-co", "node-name": "n0"})).err();
+    assert_eq!(
+        dup.map(|e| e.to_string()).as_deref(),
+        Some("Duplicate nodes with node-name='n0'")
+    );
+    let bad = add(&mut g, json!({"driver": "null-co", "node-name": "0bad"})).err();
+    assert_eq!(
+        bad.map(|e| e.to_string()).as_deref(),
+        Some("Invalid node-name: '0bad'")
+    );
+}
+
+#[test]
+fn inline_child_gets_generated_name_and_goes_with_its_parent() {
+    let img = TempImage::new("inline");
+    let mut g = Graph::default();
+    add(&mut g, json!({"driver": "raw", "node-name": "fmt", "file": {"driver": "file", "filename": img.path()}}))
+        .unwrap();
+    let names: Vec<String> = g.nodes().iter().map(|n| n.name.clone()).collect();
+    assert_eq!(names.len(), 2);
+    assert!(names[0].starts_with("#block"), "{names:?}");
+    let child_del = g
+        .change(|d| d.remove_node(&names[0]))
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        child_del,
+        Some(format!("Node {} is not owned by the monitor", names[0]))
+    );
+    g.change(|d| d.remove_node("fmt")).unwrap();
+    assert!(g.nodes().is_empty());
+}
+
+#[test]
+fn node_with_parent_or_user_cannot_be_deleted() {
+    let img = TempImage::new("inuse");
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "file", "node-name": "f0", "filename": img.path()}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r0", "file": "f0"}),
+    )
+    .unwrap();
+    let err = g
+        .change(|d| d.remove_node("f0"))
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(err.as_deref(), Some("Block device f0 is in use"));
+    g.change(|d| Ok(d.add_use(writer_use("r0")))).unwrap();
+    let err = g
+        .change(|d| d.remove_node("r0"))
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(err.as_deref(), Some("Node r0 is in use"));
+}
+
+#[test]
+fn raw_node_locks_its_file_against_other_writers() {
+    let img = TempImage::new("lock");
+    let mut first = Graph::default();
+    add(
+        &mut first,
+        json!({"driver": "file", "node-name": "f0", "filename": img.path()}),
+    )
+    .unwrap();
+    add(
+        &mut first,
+        json!({"driver": "raw", "node-name": "r0", "file": "f0"}),
+    )
+    .unwrap();
+    let mut second = Graph::default();
+    add(
+        &mut second,
+        json!({"driver": "file", "node-name": "f1", "filename": img.path()}),
+    )
+    .unwrap();
+    add(
+        &mut second,
+        json!({"driver": "raw", "node-name": "r1", "file": "f1"}),
+    )
+    .unwrap();
+    let err = second.change(|d| Ok(d.add_use(writer_use("r1")))).err();
+    assert_eq!(
+        err.map(|e| e.to_string()).as_deref(),
+        Some("Failed to get \"write\" lock")
+    );
+    assert!(
+        second.uses().is_empty(),
+        "a failed change must leave the graph as it was"
+    );
+    first.change(|d| d.remove_node("r0")).unwrap();
+    second.change(|d| Ok(d.add_use(writer_use("r1")))).unwrap();
+}
+
+#[test]
+fn resize_under_raw_conflicts_with_raw_but_not_through_it() {
+    let img = TempImage::new("resize");
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "file", "node-name": "f0", "filename": img.path()}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r0", "file": "f0"}),
+    )
+    .unwrap();
+    let resize = |node: &str| Use {
+        id: 0,
+        kind: UserKind::Command,
+        name: "block_resize".into(),
+        node: node.into(),
+        perm: Perm::RESIZE,
+        shared: Perm::ALL,
+        slot: None,
+    };
+    let err = g.change(|d| Ok(d.add_use(resize("f0")))).err();
+    assert!(
+        matches!(err, Some(BlockError::PermConflict { .. })),
+        "{err:?}"
+    );
+    assert!(g.change(|d| Ok(d.add_use(resize("r0")))).is_ok());
+    assert_eq!(
+        g.perm_of("f0").map(|p| p.perm.contains(Perm::RESIZE)),
+        Some(true)
+    );
+}
+
+#[test]
+fn writer_on_read_only_node_is_refused() {
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "null-co", "node-name": "n0", "read-only": true}),
+    )
+    .unwrap();
+    let err = g
+        .change(|d| Ok(d.add_use(writer_use("n0"))))
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(err.as_deref(), Some("Block node is read-only"));
+}
+
+#[test]
+fn inline_child_inherits_read_only() {
+    let img = TempImage::new("inherit");
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r0", "read-only": true,
+               "file": {"driver": "file", "filename": img.path()}}),
+    )
+    .unwrap();
+    assert!(g.nodes().iter().all(|n| n.flags.read_only));
+}
+
+#[test]
+fn unbuilt_driver_is_named_in_the_error() {
+    let mut g = Graph::default();
+    let err = add(
+        &mut g,
+        json!({"driver": "vvfat", "node-name": "v", "dir": "/tmp"}),
+    )
+    .err();
+    assert_eq!(
+        err.map(|e| e.to_string()).as_deref(),
+        Some("Block driver 'vvfat' is not available in vubd")
+    );
+}
+
+#[test]
+fn raw_window_must_fit_in_file() {
+    let img = TempImage::new("window");
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "file", "node-name": "f0", "filename": img.path()}),
+    )
+    .unwrap();
+    let err = add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r0", "file": "f0", "offset": 4096, "size": 1048576}),
+    )
+    .err()
+    .map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.starts_with("The sum of offset (4096) and size (1048576)")));
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r1", "file": "f0", "offset": 4096, "size": 8192}),
+    )
+    .unwrap();
+    let len = g.node("r1").map(|n| n.driver.io().length().unwrap());
+    assert_eq!(len, Some(8192));
+}
