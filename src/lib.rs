@@ -2,7 +2,10 @@
 //! and QMP control socket.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod block;
 pub mod cli;
