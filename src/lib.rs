@@ -11,5 +11,6 @@ pub mod block;
 pub mod cli;
 pub mod daemon;
 pub mod error;
+pub mod export;
 pub mod qapi;
 pub mod qmp;

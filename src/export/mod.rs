@@ -1,0 +1,4 @@
+//! Exports: how block nodes reach clients. The virtio-blk request layer is
+//! independent of the transport, so other transports can reuse it.
+
+pub mod virtio_blk;
