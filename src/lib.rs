@@ -12,5 +12,6 @@ pub mod cli;
 pub mod daemon;
 pub mod error;
 pub mod export;
+pub mod io;
 pub mod qapi;
 pub mod qmp;

@@ -1,8 +1,119 @@
 //! The data face of a node: what the I/O path (and the control plane, for
 //! sizes, flushes and resizes) calls on it. It is shared between threads
 //! behind an `Arc` and takes `&self`; a node's parents hold its `Arc`.
+//!
+//! Requests are asynchronous: [`BlockIo::submit`] starts one on the
+//! calling thread's [`IoContext`], and its completion comes back through
+//! that context under the request's tag (bytes done, or `-errno`).
 
 use super::error::BlockError;
+use crate::io::IoContext;
+
+/// What a request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+    /// Drop the data; reads may return anything afterwards.
+    Discard,
+    /// Make the range read as zeroes, deallocating it if `unmap`.
+    WriteZeroes {
+        unmap: bool,
+    },
+}
+
+/// One request: a range of the node and, for reads and writes, the
+/// buffers. Holding one means its buffers stay valid until completion.
+#[derive(Debug, Clone, Copy)]
+pub struct IoRequest {
+    kind: IoKind,
+    offset: u64,
+    len: u64,
+    iov: *const libc::iovec,
+    iovcnt: u32,
+    tag: u64,
+}
+
+impl IoRequest {
+    /// # Safety
+    /// For reads and writes, `iov` must point to `iovcnt` iovecs describing
+    /// `len` bytes of memory that stays valid (and, for reads, writable),
+    /// together with the iovec array itself, until the completion tagged
+    /// `tag` has been reaped from the context the request is submitted on.
+    pub unsafe fn new(
+        kind: IoKind,
+        offset: u64,
+        len: u64,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+        tag: u64,
+    ) -> Self {
+        IoRequest {
+            kind,
+            offset,
+            len,
+            iov,
+            iovcnt,
+            tag,
+        }
+    }
+
+    /// A request without buffers (flush, discard, write-zeroes).
+    pub fn without_data(kind: IoKind, offset: u64, len: u64, tag: u64) -> Self {
+        IoRequest {
+            kind,
+            offset,
+            len,
+            iov: std::ptr::null(),
+            iovcnt: 0,
+            tag,
+        }
+    }
+
+    pub fn kind(&self) -> IoKind {
+        self.kind
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    pub fn iov(&self) -> (*const libc::iovec, u32) {
+        (self.iov, self.iovcnt)
+    }
+
+    /// The same request at another offset (a format driver mapping it
+    /// onto its child).
+    pub fn at(&self, offset: u64) -> Self {
+        IoRequest { offset, ..*self }
+    }
+
+    /// Fills the request's buffers with zeroes.
+    pub fn zero_buffers(&self) {
+        for i in 0..self.iovcnt as usize {
+            // SAFETY: the constructor's contract: `iovcnt` valid iovecs
+            // describing writable memory for read requests (the only ones
+            // that call this).
+            unsafe {
+                let v = &*self.iov.add(i);
+                std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len);
+            }
+        }
+    }
+}
 
 pub trait BlockIo: Send + Sync + 'static {
     /// The size the node shows its parents, in bytes.
@@ -16,6 +127,9 @@ pub trait BlockIo: Send + Sync + 'static {
     /// Changes the size the node shows.
     fn truncate(&self, size: u64) -> Result<(), BlockError>;
 
-    /// Makes written data stable.
+    /// Makes written data stable (synchronously, for the control plane).
     fn flush(&self) -> Result<(), BlockError>;
+
+    /// Starts a request on the calling thread's context.
+    fn submit(&self, ctx: &mut IoContext, req: &IoRequest);
 }

@@ -5,11 +5,13 @@ use super::{Driver, DriverKind, NodeFlags};
 use crate::block::drain::Root;
 use crate::block::error::BlockError;
 use crate::block::file_lock::{LockingMode, PermLock};
-use crate::block::io::BlockIo;
+use crate::block::io::{BlockIo, IoKind, IoRequest};
 use crate::block::perm::Perm;
+use crate::io::{IoContext, Op};
 use crate::qapi::{BlockdevAioOptions, BlockdevOptionsFile, OnOffAuto};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -19,6 +21,8 @@ pub struct FileIo {
     path: String,
     no_flush: bool,
     block_device: bool,
+    /// discard=unmap: discard requests punch holes (otherwise ignored).
+    unmap: bool,
 }
 
 impl BlockIo for FileIo {
@@ -63,6 +67,44 @@ impl BlockIo for FileIo {
         self.file
             .sync_data()
             .map_err(|e| BlockError::io("Flush", &e))
+    }
+
+    fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        let fd = self.file.as_raw_fd();
+        let (iov, iovcnt) = req.iov();
+        let op = match req.kind() {
+            IoKind::Read => Op::Readv {
+                fd,
+                offset: req.offset(),
+                iov,
+                iovcnt,
+            },
+            IoKind::Write => Op::Writev {
+                fd,
+                offset: req.offset(),
+                iov,
+                iovcnt,
+            },
+            IoKind::Flush if self.no_flush => return ctx.complete_now(req.tag(), 0),
+            IoKind::Flush => Op::Flush { fd },
+            IoKind::Discard if !self.unmap => return ctx.complete_now(req.tag(), 0),
+            IoKind::Discard | IoKind::WriteZeroes { unmap: true } if self.unmap => Op::Fallocate {
+                fd,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset: req.offset(),
+                len: req.len(),
+            },
+            IoKind::Discard | IoKind::WriteZeroes { .. } => Op::Fallocate {
+                fd,
+                mode: libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset: req.offset(),
+                len: req.len(),
+            },
+        };
+        // SAFETY: the iovecs and buffers of a read or write are valid until
+        // completion (IoRequest's contract); the descriptor lives as long as
+        // this node, which its users hold until their requests finished.
+        unsafe { ctx.push(op, req.tag()) };
     }
 }
 
@@ -118,6 +160,7 @@ impl FileDriver {
                 path,
                 no_flush: flags.cache_no_flush,
                 block_device,
+                unmap: flags.discard == crate::qapi::BlockdevDiscardOptions::Unmap,
             }),
             name: if host_device { "host_device" } else { "file" },
             read_only,

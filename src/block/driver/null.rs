@@ -5,7 +5,8 @@
 use super::{Driver, DriverKind};
 use crate::block::drain::Root;
 use crate::block::error::BlockError;
-use crate::block::io::BlockIo;
+use crate::block::io::{BlockIo, IoKind, IoRequest};
+use crate::io::{IoContext, Op};
 use crate::qapi::BlockdevOptionsNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +34,26 @@ impl BlockIo for NullIo {
 
     fn flush(&self) -> Result<(), BlockError> {
         Ok(())
+    }
+
+    fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        if req.kind() == IoKind::Read && self.read_zeroes {
+            req.zero_buffers();
+        }
+        let result = match req.kind() {
+            IoKind::Read | IoKind::Write => i32::try_from(req.len()).unwrap_or(i32::MAX),
+            _ => 0,
+        };
+        if self.latency_ns == 0 {
+            ctx.complete_now(req.tag(), result);
+        } else {
+            let op = Op::Sleep {
+                ns: self.latency_ns,
+                result,
+            };
+            // SAFETY: a sleep refers to no caller memory.
+            unsafe { ctx.push(op, req.tag()) };
+        }
     }
 }
 

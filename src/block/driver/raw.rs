@@ -4,7 +4,9 @@
 use super::{Driver, DriverKind};
 use crate::block::drain::Root;
 use crate::block::error::BlockError;
-use crate::block::io::BlockIo;
+use crate::block::io::{BlockIo, IoRequest};
+use crate::io::IoContext;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub struct RawIo {
@@ -12,6 +14,10 @@ pub struct RawIo {
     offset: u64,
     /// The window's length when `size` was given; it cannot be resized.
     fixed_size: Option<u64>,
+    /// The current length, kept so requests need no system call. Only a
+    /// truncate through this node can change it: the node never lets
+    /// anyone else resize its file.
+    size: AtomicU64,
 }
 
 impl RawIo {
@@ -26,10 +32,7 @@ impl RawIo {
 
 impl BlockIo for RawIo {
     fn length(&self) -> Result<u64, BlockError> {
-        match self.fixed_size {
-            Some(size) => Ok(size),
-            None => Ok(self.child.length()?.saturating_sub(self.offset)),
-        }
+        Ok(self.size.load(Ordering::Relaxed))
     }
 
     fn allocated_size(&self) -> Option<u64> {
@@ -44,11 +47,25 @@ impl BlockIo for RawIo {
             .offset
             .checked_add(size)
             .ok_or_else(|| BlockError::invalid("Image size too large"))?;
-        self.child.truncate(end)
+        self.child.truncate(end)?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), BlockError> {
         self.child.flush()
+    }
+
+    fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        let size = self.size.load(Ordering::Relaxed);
+        let in_range = req
+            .offset()
+            .checked_add(req.len())
+            .is_some_and(|end| end <= size);
+        match req.offset().checked_add(self.offset) {
+            Some(offset) if in_range => self.child.submit(ctx, &req.at(offset)),
+            _ => ctx.complete_now(req.tag(), -libc::EIO),
+        }
     }
 }
 
@@ -90,11 +107,16 @@ impl RawDriver {
                 return Err(BlockError::invalid("Specified size is not multiple of 512"));
             }
         }
+        let size = match fixed_size {
+            Some(s) => s,
+            None => child_len - offset,
+        };
         Ok(RawDriver {
             io: Arc::new(RawIo {
                 child,
                 offset,
                 fixed_size,
+                size: AtomicU64::new(size),
             }),
             child_filename,
             read_only,

@@ -1,0 +1,134 @@
+//! The thread-pool engine, for when io_uring is refused: the same
+//! operations as plain system calls on two worker threads.
+
+use super::{Completion, Op};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use vmm_sys_util::eventfd::EventFd;
+
+const WORKERS: usize = 2;
+
+struct Shared {
+    done: Mutex<Vec<Completion>>,
+    wake: EventFd,
+    in_flight: AtomicUsize,
+}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    queued: Vec<(Op, u64)>,
+    tx: Sender<(Op, u64)>,
+}
+
+impl Pool {
+    pub fn new(wake: EventFd) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<(Op, u64)>();
+        let rx = Arc::new(Mutex::new(rx));
+        let shared = Arc::new(Shared {
+            done: Mutex::new(Vec::new()),
+            wake,
+            in_flight: AtomicUsize::new(0),
+        });
+        for i in 0..WORKERS {
+            let rx = rx.clone();
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("io-pool-{i}"))
+                .spawn(move || worker(&rx, &shared))?;
+        }
+        Ok(Pool {
+            shared,
+            queued: Vec::new(),
+            tx,
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst) + self.queued.len()
+    }
+
+    pub fn push(&mut self, op: Op, tag: u64) {
+        self.queued.push((op, tag));
+    }
+
+    pub fn submit(&mut self) {
+        for item in self.queued.drain(..) {
+            self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+            if self.tx.send(item).is_err() {
+                log::error!("I/O pool workers are gone");
+            }
+        }
+    }
+
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        let mut done = self
+            .shared
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        out.append(&mut done);
+    }
+}
+
+fn worker(rx: &Mutex<Receiver<(Op, u64)>>, shared: &Shared) {
+    loop {
+        let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok((op, tag)) = next else { return };
+        let result = run(op);
+        shared
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Completion { tag, result });
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let _ = shared.wake.write(1);
+    }
+}
+
+fn errno_result(r: isize) -> i32 {
+    if r < 0 {
+        -std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        i32::try_from(r).unwrap_or(i32::MAX)
+    }
+}
+
+fn run(op: Op) -> i32 {
+    match op {
+        // SAFETY: the submitter guarantees the iovecs and their buffers
+        // stay valid until completion (IoContext::push's contract).
+        Op::Readv {
+            fd,
+            offset,
+            iov,
+            iovcnt,
+        } => errno_result(unsafe { libc::preadv(fd, iov, iovcnt as i32, offset as libc::off_t) }),
+        // SAFETY: as above.
+        Op::Writev {
+            fd,
+            offset,
+            iov,
+            iovcnt,
+        } => errno_result(unsafe { libc::pwritev(fd, iov, iovcnt as i32, offset as libc::off_t) }),
+        // SAFETY: fdatasync on a descriptor the submitter keeps open.
+        Op::Flush { fd } => errno_result(unsafe { libc::fdatasync(fd) } as isize),
+        Op::Fallocate {
+            fd,
+            mode,
+            offset,
+            len,
+        } => {
+            // SAFETY: fallocate on a descriptor the submitter keeps open.
+            errno_result(unsafe {
+                libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t)
+            } as isize)
+        }
+        Op::Sleep { ns, result } => {
+            std::thread::sleep(std::time::Duration::from_nanos(ns));
+            result
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The engines against a real file: both must give the same results.
+
+use super::*;
+
+fn temp_file(tag: &str) -> (std::path::PathBuf, std::fs::File) {
+    let p = std::env::temp_dir().join(format!("vubd-io-{tag}-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    (p, f)
+}
+
+fn wait(ctx: &mut IoContext, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while out.len() < n && std::time::Instant::now() < deadline {
+        ctx.reap(&mut out);
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    out.sort_by_key(|c| c.tag);
+    out
+}
+
+fn write_then_read(threads_only: bool) {
+    use std::os::fd::AsRawFd;
+    let (path, file) = temp_file(if threads_only { "pool" } else { "uring" });
+    let mut ctx = IoContext::new(64, threads_only).unwrap();
+    let data = vec![0xabu8; 8192];
+    let wiov = [libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    }];
+    let fd = file.as_raw_fd();
+    // SAFETY: `data` and `wiov` outlive the wait below.
+    unsafe {
+        ctx.push(
+            Op::Writev {
+                fd,
+                offset: 4096,
+                iov: wiov.as_ptr(),
+                iovcnt: 1,
+            },
+            1,
+        );
+        ctx.push(
+            Op::Sleep {
+                ns: 1000,
+                result: 7,
+            },
+            2,
+        );
+    }
+    ctx.submit().unwrap();
+    let done = wait(&mut ctx, 2);
+    assert_eq!(
+        done,
+        [
+            Completion {
+                tag: 1,
+                result: 8192
+            },
+            Completion { tag: 2, result: 7 }
+        ]
+    );
+    let mut back = vec![0u8; 8192];
+    let riov = [libc::iovec {
+        iov_base: back.as_mut_ptr() as *mut libc::c_void,
+        iov_len: back.len(),
+    }];
+    // SAFETY: `back` and `riov` outlive the wait below.
+    unsafe {
+        ctx.push(
+            Op::Readv {
+                fd,
+                offset: 4096,
+                iov: riov.as_ptr(),
+                iovcnt: 1,
+            },
+            3,
+        );
+        ctx.push(Op::Flush { fd }, 4);
+    }
+    ctx.submit().unwrap();
+    let done = wait(&mut ctx, 2);
+    assert_eq!(
+        done,
+        [
+            Completion {
+                tag: 3,
+                result: 8192
+            },
+            Completion { tag: 4, result: 0 }
+        ]
+    );
+    assert_eq!(back, data);
+    ctx.complete_now(9, -libc::EIO);
+    assert_eq!(
+        wait(&mut ctx, 1),
+        [Completion {
+            tag: 9,
+            result: -libc::EIO
+        }]
+    );
+    assert!(!ctx.busy());
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn uring_engine_writes_reads_flushes_and_sleeps() {
+    write_then_read(false);
+}
+
+#[test]
+fn pool_engine_gives_the_same_results() {
+    write_then_read(true);
+}

@@ -1,0 +1,146 @@
+//! The io_uring engine.
+
+use super::{Completion, Op};
+use io_uring::{opcode, types, IoUring};
+use std::os::fd::AsRawFd;
+
+/// Tag bit marking a sleep, whose completion (-ETIME) means success.
+const SLEEP_BIT: u64 = 1 << 63;
+
+pub struct Uring {
+    ring: IoUring,
+    /// Operations pushed but not yet completed.
+    in_flight: usize,
+    /// Timespecs of sleeps not yet taken by the kernel; boxed so their
+    /// address is stable.
+    sleeps: Vec<Box<types::Timespec>>,
+    /// The results sleeps in flight complete with, by tag.
+    sleep_results: Vec<(u64, i32)>,
+}
+
+impl Uring {
+    pub fn new(depth: u32, wake: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<Self> {
+        let ring: IoUring = IoUring::builder().build(depth.max(8))?;
+        ring.submitter().register_eventfd(wake.as_raw_fd())?;
+        Ok(Uring {
+            ring,
+            in_flight: 0,
+            sleeps: Vec::new(),
+            sleep_results: Vec::new(),
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// # Safety
+    /// See [`super::IoContext::push`].
+    pub unsafe fn push(&mut self, op: Op, tag: u64) {
+        let entry = match op {
+            Op::Readv {
+                fd,
+                offset,
+                iov,
+                iovcnt,
+            } => opcode::Readv::new(types::Fd(fd), iov, iovcnt)
+                .offset(offset)
+                .build()
+                .user_data(tag),
+            Op::Writev {
+                fd,
+                offset,
+                iov,
+                iovcnt,
+            } => opcode::Writev::new(types::Fd(fd), iov, iovcnt)
+                .offset(offset)
+                .build()
+                .user_data(tag),
+            Op::Flush { fd } => opcode::Fsync::new(types::Fd(fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(tag),
+            Op::Fallocate {
+                fd,
+                mode,
+                offset,
+                len,
+            } => opcode::Fallocate::new(types::Fd(fd), len)
+                .offset(offset)
+                .mode(mode)
+                .build()
+                .user_data(tag),
+            Op::Sleep { ns, result } => {
+                self.sleep_results.push((tag, result));
+                let ts = Box::new(
+                    types::Timespec::new()
+                        .sec(ns / 1_000_000_000)
+                        .nsec((ns % 1_000_000_000) as u32),
+                );
+                let entry = opcode::Timeout::new(&*ts)
+                    .build()
+                    .user_data(tag | SLEEP_BIT);
+                self.sleeps.push(ts);
+                entry
+            }
+        };
+        loop {
+            // SAFETY: the entry's pointers are valid until completion by the
+            // caller's contract (timespecs are kept in `self.sleeps`).
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                break;
+            }
+            // The submission queue is full: start what is there and retry.
+            if let Err(e) = self.submit() {
+                log::error!("io_uring submit: {e}");
+                std::thread::yield_now();
+            }
+        }
+        self.in_flight += 1;
+    }
+
+    pub fn submit(&mut self) -> std::io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => {
+                    // The kernel copies timeouts when it takes the entries.
+                    if self.ring.submission().is_empty() {
+                        self.sleeps.clear();
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: the caller reaps and the
+                // entries stay queued for the next submit.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        for cqe in self.ring.completion() {
+            let mut tag = cqe.user_data();
+            let mut result = cqe.result();
+            if tag & SLEEP_BIT != 0 {
+                tag &= !SLEEP_BIT;
+                if let Some(i) = self.sleep_results.iter().position(|(t, _)| *t == tag) {
+                    let (_, wanted) = self.sleep_results.swap_remove(i);
+                    if result == -libc::ETIME {
+                        result = wanted;
+                    }
+                }
+            }
+            self.in_flight = self.in_flight.saturating_sub(1);
+            out.push(Completion { tag, result });
+        }
+        // Entries left over from a full completion queue.
+        if let Err(e) = self.submit() {
+            log::error!("io_uring submit: {e}");
+        }
+    }
+}
