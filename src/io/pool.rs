@@ -98,23 +98,32 @@ fn errno_result(r: isize) -> i32 {
 
 fn run(op: Op) -> i32 {
     match op {
-        // SAFETY: the submitter guarantees the iovecs and their buffers
-        // stay valid until completion (IoContext::push's contract).
         Op::Readv {
             fd,
             offset,
             iov,
             iovcnt,
-        } => errno_result(unsafe { libc::preadv(fd, iov, iovcnt as i32, offset as libc::off_t) }),
-        // SAFETY: as above.
+        } => {
+            // SAFETY: the submitter guarantees the iovecs and their buffers
+            // stay valid until completion (IoContext::push's contract).
+            let r = unsafe { libc::preadv(fd, iov, iovcnt as i32, offset as libc::off_t) };
+            errno_result(r)
+        }
         Op::Writev {
             fd,
             offset,
             iov,
             iovcnt,
-        } => errno_result(unsafe { libc::pwritev(fd, iov, iovcnt as i32, offset as libc::off_t) }),
-        // SAFETY: fdatasync on a descriptor the submitter keeps open.
-        Op::Flush { fd } => errno_result(unsafe { libc::fdatasync(fd) } as isize),
+        } => {
+            // SAFETY: as for reads.
+            let r = unsafe { libc::pwritev(fd, iov, iovcnt as i32, offset as libc::off_t) };
+            errno_result(r)
+        }
+        Op::Flush { fd } => {
+            // SAFETY: fdatasync on a descriptor the submitter keeps open.
+            let r = unsafe { libc::fdatasync(fd) };
+            errno_result(r as isize)
+        }
         Op::Fallocate {
             fd,
             mode,
@@ -122,9 +131,8 @@ fn run(op: Op) -> i32 {
             len,
         } => {
             // SAFETY: fallocate on a descriptor the submitter keeps open.
-            errno_result(unsafe {
-                libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t)
-            } as isize)
+            let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+            errno_result(r as isize)
         }
         Op::Sleep { ns, result } => {
             std::thread::sleep(std::time::Duration::from_nanos(ns));

@@ -12,7 +12,8 @@ pub struct Uring {
     /// Operations pushed but not yet completed.
     in_flight: usize,
     /// Timespecs of sleeps not yet taken by the kernel; boxed so their
-    /// address is stable.
+    /// address is stable (the vector itself may move when it grows).
+    #[allow(clippy::vec_box)]
     sleeps: Vec<Box<types::Timespec>>,
     /// The results sleeps in flight complete with, by tag.
     sleep_results: Vec<(u64, i32)>,
