@@ -64,6 +64,9 @@ pub enum EngineKind {
     Threads,
 }
 
+// One per I/O thread: the size difference costs nothing, boxing would add an
+// indirection on every request.
+#[allow(clippy::large_enum_variant)]
 enum Engine {
     Uring(uring::Uring),
     Threads(pool::Pool),
