@@ -13,5 +13,6 @@ pub mod daemon;
 pub mod error;
 pub mod export;
 pub mod io;
+pub mod iothread;
 pub mod qapi;
 pub mod qmp;

@@ -151,40 +151,42 @@ pub struct LocalRoot {
     root: Option<Root>,
 }
 
-/// A request that started: it ends (and leaves the in-flight count) when
-/// dropped.
-pub struct Started<'a> {
-    inflight: &'a InFlight,
-    pub root: Option<&'a Root>,
-}
-
-impl Drop for Started<'_> {
-    fn drop(&mut self) {
-        self.inflight.count.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl LocalRoot {
-    /// Starts a request, or returns `None` while the slot is drained (the
-    /// caller holds the request back and tries again after the drain).
-    pub fn begin(&mut self) -> Option<Started<'_>> {
+    /// Starts a request: counts it in flight and makes sure the root is
+    /// current. Returns false (and counts nothing) while the slot is
+    /// drained; the caller holds the request back and tries again later.
+    pub fn enter(&mut self) -> bool {
         // Count first, then look at the flag: together with drain(), which
         // sets the flag first and then reads the counts, a request either
         // sees the drain or is seen by it.
         self.inflight.count.fetch_add(1, Ordering::SeqCst);
         if self.slot.quiesced.load(Ordering::SeqCst) {
             self.inflight.count.fetch_sub(1, Ordering::SeqCst);
-            return None;
+            return false;
         }
         let generation = self.slot.generation.load(Ordering::SeqCst);
         if generation != self.generation {
             self.root = self.slot.lock().root.clone();
             self.generation = generation;
         }
-        Some(Started {
-            inflight: &self.inflight,
-            root: self.root.as_ref(),
-        })
+        true
+    }
+
+    /// The root for requests started with [`Self::enter`].
+    pub fn root(&self) -> Option<&Root> {
+        self.root.as_ref()
+    }
+
+    /// Ends a request started with [`Self::enter`].
+    pub fn leave(&self) {
+        self.inflight.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LocalRoot {
+    fn drop(&mut self) {
+        let mine = &self.inflight;
+        self.slot.lock().users.retain(|u| !Arc::ptr_eq(u, mine));
     }
 }
 
@@ -240,9 +242,10 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut seen = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
-                        if let Some(req) = local.begin() {
-                            let tag = req.root.map(|r| r.length().unwrap_or(0));
+                        if local.enter() {
+                            let tag = local.root().map(|r| r.length().unwrap_or(0));
                             std::thread::yield_now();
+                            local.leave();
                             seen.push(tag);
                         }
                     }
@@ -273,11 +276,10 @@ mod tests {
     fn drain_waits_for_request_in_flight_and_times_out() {
         let slot = Arc::new(RootSlot::new(None));
         let mut local = slot.register();
-        let req = local.begin();
-        assert!(req.is_some());
+        assert!(local.enter());
         let err = slot.drain(Duration::from_millis(30)).err();
         assert_eq!(err.map(|e| e.pending), Some(1));
-        drop(req);
+        local.leave();
         assert!(slot.drain(Duration::from_millis(30)).is_ok());
     }
 
@@ -286,8 +288,9 @@ mod tests {
         let slot = Arc::new(RootSlot::new(None));
         let mut local = slot.register();
         let drained = slot.drain(Duration::from_millis(30)).unwrap();
-        assert!(local.begin().is_none());
+        assert!(!local.enter());
         drop(drained);
-        assert!(local.begin().is_some());
+        assert!(local.enter());
+        local.leave();
     }
 }

@@ -10,14 +10,15 @@ fn to_i64(v: u64) -> i64 {
 /// ImageInfo of a node (what `qemu-img info` would show of it).
 pub fn image_info(node: &Node) -> ImageInfo {
     let io = node.driver.io();
-    ImageInfo {
+    let mut info = ImageInfo {
         filename: node.driver.filename(),
         format: node.driver.name().to_string(),
         virtual_size: io.length().map(to_i64).unwrap_or(0),
         actual_size: io.allocated_size().map(to_i64),
-        dirty_flag: Some(false),
         ..ImageInfo::default()
-    }
+    };
+    node.driver.describe_image(&mut info);
+    info
 }
 
 /// BlockDeviceInfo of a node (query-named-block-nodes, query-block).
@@ -38,6 +39,7 @@ pub fn device_info(node: &Node) -> BlockDeviceInfo {
             no_flush: node.flags.cache_no_flush,
         },
         write_threshold: to_i64(node.write_threshold),
+        active: true,
         backing_file: None,
         bps: 0,
         bps_rd: 0,
@@ -79,13 +81,10 @@ pub fn node_stats(graph: &Graph, node: &Node) -> BlockStats {
     };
     BlockStats {
         node_name: Some(node.name.clone()),
-        stats: BlockDeviceStats {
-            account_invalid: true,
-            account_failed: true,
-            ..BlockDeviceStats::default()
-        },
+        stats: BlockDeviceStats::default(),
         parent: child(super::driver::ChildRole::File),
         backing: child(super::driver::ChildRole::Backing),
+        driver_specific: node.driver.stats_specific(),
         ..BlockStats::default()
     }
 }

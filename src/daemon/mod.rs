@@ -9,6 +9,8 @@ use crate::block::graph::Graph;
 use crate::block::open::add_node;
 use crate::cli::{CliItem, Invocation, OptionValue};
 use crate::error::QmpError;
+use crate::export::manager::Exports;
+use crate::iothread::IoThreads;
 use crate::qapi::{self, rt, BlockdevOptions};
 use crate::qmp::commands::{version_info, Cx};
 use crate::qmp::events::EventHub;
@@ -48,10 +50,10 @@ fn start_error(option: &'static str, desc: impl ToString) -> StartError {
 pub struct Daemon {
     pub graph: Graph,
     pub events: EventHub,
+    pub exports: Exports,
+    pub iothreads: IoThreads,
     /// Monitor socket files to remove at exit.
     sockets: Vec<PathBuf>,
-    /// Objects created by --object / object-add: (id, qom-type).
-    objects: Vec<(String, String)>,
     quit: bool,
     tx: Sender<ControlMsg>,
     rx: Receiver<ControlMsg>,
@@ -70,8 +72,9 @@ impl Daemon {
         Daemon {
             graph: Graph::default(),
             events: EventHub::default(),
+            exports: Exports::default(),
+            iothreads: IoThreads::default(),
             sockets: Vec::new(),
-            objects: Vec::new(),
             quit: false,
             tx,
             rx,
@@ -103,11 +106,12 @@ impl Daemon {
                         .change(|g| add_node(g, &opts).map(|_| ()))
                         .map_err(|e| start_error("--blockdev", e))?;
                 }
-                CliItem::Export(_) => {
-                    return Err(start_error(
-                        "--export",
-                        "vhost-user-blk exports are not available in this build of vubd yet",
-                    ))
+                CliItem::Export(v) => {
+                    let opts: qapi::BlockExportOptions =
+                        read_option(v).map_err(|e| start_error("--export", e))?;
+                    self.exports
+                        .add(&mut self.graph, &mut self.iothreads, &opts)
+                        .map_err(|e| start_error("--export", e))?;
                 }
                 CliItem::Object(v) => self.add_object(v)?,
                 CliItem::Chardev(_) => {}
@@ -130,26 +134,24 @@ impl Daemon {
 
     fn add_object(&mut self, v: &OptionValue) -> Result<(), StartError> {
         let opts: qapi::ObjectOptions = read_option(v).map_err(|e| start_error("--object", e))?;
-        let kind = opts.qom_type();
-        if self.objects.iter().any(|(id, _)| *id == opts.id) {
-            return Err(start_error(
-                "--object",
-                format!(
-                    "attempt to add duplicate property '{}' to object (type 'container')",
-                    opts.id
-                ),
-            ));
-        }
-        match kind {
-            qapi::ObjectType::Iothread => {
-                self.objects
-                    .push((opts.id.clone(), kind.as_str().to_string()));
-                Ok(())
+        self.object_add(&opts)
+            .map_err(|e| start_error("--object", e))
+    }
+
+    /// object-add and --object.
+    pub fn object_add(&mut self, opts: &qapi::ObjectOptions) -> Result<(), QmpError> {
+        match &opts.u {
+            qapi::ObjectOptionsBranch::Iothread(t) => {
+                let poll_us = t
+                    .poll_max_ns
+                    .map(|ns| (ns / 1000).clamp(0, i64::from(u32::MAX)) as u32)
+                    .unwrap_or(0);
+                self.iothreads.add(&opts.id, poll_us)
             }
-            other => Err(start_error(
-                "--object",
-                format!("object type '{other}' is not available in this build of vubd yet"),
-            )),
+            other => Err(QmpError::generic(format!(
+                "object type '{}' is not available in this build of vubd yet",
+                other.qom_type()
+            ))),
         }
     }
 
@@ -217,6 +219,7 @@ impl Daemon {
     /// Stops serving and releases everything: monitor sockets are removed,
     /// images flushed, unlocked and closed.
     pub fn shutdown(&mut self) {
+        self.exports.stop_all(&mut self.graph);
         for path in self.sockets.drain(..) {
             if let Err(e) = std::fs::remove_file(&path) {
                 log::warn!("removing {}: {e}", path.display());
@@ -243,5 +246,5 @@ fn read_option<T: rt::FromQapi>(v: &OptionValue) -> Result<T, rt::InputError> {
 /// The greeting every monitor connection starts with.
 pub fn greeting() -> Value {
     let v = version_info();
-    json!({"QMP": {"version": v, "capabilities": []}})
+    json!({"QMP": {"version": v, "capabilities": ["oob"]}})
 }

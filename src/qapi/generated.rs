@@ -1190,7 +1190,48 @@ impl Serialize for ImageInfoSpecificVmdk {
 }
 rt::deserialize_via_qapi!(ImageInfoSpecificVmdk);
 
-/// Format-specific image details; the branch name is the image format.
+/// Details of an image held by the file protocol driver.
+/// Since: 8.0
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ImageInfoSpecificFile {
+    /// the extent size the file system was asked to use for the file, when one was set
+    pub extent_size_hint: Option<u64>,
+}
+
+impl ImageInfoSpecificFile {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let extent_size_hint = obj.opt("extent-size-hint", rt::size)?;
+        Ok(Self { extent_size_hint })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        if let Some(v) = &self.extent_size_hint { map.serialize_entry("extent-size-hint", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for ImageInfoSpecificFile {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for ImageInfoSpecificFile {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(ImageInfoSpecificFile);
+
+/// Format-specific image details; the branch name is the image format
+/// (or protocol driver).
 /// Since: 1.7
 ///
 /// On the wire: `{"type": BRANCH, "data": VALUE}`.
@@ -1199,16 +1240,18 @@ pub enum ImageInfoSpecific {
     Qcow2(ImageInfoSpecificQCow2),
     Vmdk(ImageInfoSpecificVmdk),
     Luks(QCryptoBlockInfoLUKS),
+    File(ImageInfoSpecificFile),
 }
 
 impl rt::FromQapi for ImageInfoSpecific {
     fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
         let mut obj = rt::Obj::new(v, at)?;
-        let kind = obj.req("type", |v, at| rt::one_of(v, at, &["qcow2", "vmdk", "luks"]))?;
+        let kind = obj.req("type", |v, at| rt::one_of(v, at, &["qcow2", "vmdk", "luks", "file"]))?;
         let out = match kind {
             0 => Self::Qcow2(obj.req("data", <ImageInfoSpecificQCow2 as rt::FromQapi>::from_qapi)?),
             1 => Self::Vmdk(obj.req("data", <ImageInfoSpecificVmdk as rt::FromQapi>::from_qapi)?),
             2 => Self::Luks(obj.req("data", <QCryptoBlockInfoLUKS as rt::FromQapi>::from_qapi)?),
+            3 => Self::File(obj.req("data", <ImageInfoSpecificFile as rt::FromQapi>::from_qapi)?),
             _ => return Err(rt::InputError::internal("union branch index out of range")),
         };
         obj.finish()?;
@@ -1230,6 +1273,10 @@ impl Serialize for ImageInfoSpecific {
             }
             Self::Luks(d) => {
                 map.serialize_entry("type", "luks")?;
+                map.serialize_entry("data", d)?;
+            }
+            Self::File(d) => {
+                map.serialize_entry("type", "file")?;
                 map.serialize_entry("data", d)?;
             }
         }
@@ -1596,6 +1643,8 @@ pub struct BlockDeviceInfo {
     pub cache: BlockdevCacheInfo,
     /// write threshold in bytes, 0 when none is set (since 2.3)
     pub write_threshold: i64,
+    /// false while the node is inactive, as on the source of a finished migration (since 10.0)
+    pub active: bool,
 }
 
 impl BlockDeviceInfo {
@@ -1633,7 +1682,8 @@ impl BlockDeviceInfo {
         let group = obj.opt("group", <String as rt::FromQapi>::from_qapi)?;
         let cache = obj.req("cache", <BlockdevCacheInfo as rt::FromQapi>::from_qapi)?;
         let write_threshold = obj.req("write_threshold", <i64 as rt::FromQapi>::from_qapi)?;
-        Ok(Self { file, node_name, ro, drv, backing_file, backing_file_depth, encrypted, encryption_key_missing, detect_zeroes, bps, bps_rd, bps_wr, iops, iops_rd, iops_wr, image, bps_max, bps_rd_max, bps_wr_max, iops_max, iops_rd_max, iops_wr_max, bps_max_length, bps_rd_max_length, bps_wr_max_length, iops_max_length, iops_rd_max_length, iops_wr_max_length, iops_size, group, cache, write_threshold })
+        let active = obj.req("active", <bool as rt::FromQapi>::from_qapi)?;
+        Ok(Self { file, node_name, ro, drv, backing_file, backing_file_depth, encrypted, encryption_key_missing, detect_zeroes, bps, bps_rd, bps_wr, iops, iops_rd, iops_wr, image, bps_max, bps_rd_max, bps_wr_max, iops_max, iops_rd_max, iops_wr_max, bps_max_length, bps_rd_max_length, bps_wr_max_length, iops_max_length, iops_rd_max_length, iops_wr_max_length, iops_size, group, cache, write_threshold, active })
     }
 
     /// Writes the members into a map being serialized.
@@ -1670,6 +1720,7 @@ impl BlockDeviceInfo {
         if let Some(v) = &self.group { map.serialize_entry("group", v)?; }
         map.serialize_entry("cache", &self.cache)?;
         map.serialize_entry("write_threshold", &self.write_threshold)?;
+        map.serialize_entry("active", &self.active)?;
         Ok(())
     }
 }
@@ -2098,6 +2149,30 @@ pub struct BlockDeviceStats {
     pub account_failed: bool,
     /// figures for each configured accounting interval (since 2.5)
     pub timed_stats: Vec<BlockDeviceTimedStats>,
+    /// bytes discarded (since 4.2)
+    pub unmap_bytes: i64,
+    /// discard requests completed (since 4.2)
+    pub unmap_operations: i64,
+    /// nanoseconds spent in discards (since 4.2)
+    pub unmap_total_time_ns: i64,
+    /// discards combined with a neighbouring request (since 4.2)
+    pub unmap_merged: i64,
+    /// discards that failed (since 4.2)
+    pub failed_unmap_operations: i64,
+    /// discards rejected as invalid (since 4.2)
+    pub invalid_unmap_operations: i64,
+    /// bytes appended to zones (since 8.1)
+    pub zone_append_bytes: i64,
+    /// zone appends completed (since 8.1)
+    pub zone_append_operations: i64,
+    /// nanoseconds spent in zone appends (since 8.1)
+    pub zone_append_total_time_ns: i64,
+    /// zone appends combined with a neighbour (since 8.1)
+    pub zone_append_merged: i64,
+    /// zone appends that failed (since 8.1)
+    pub failed_zone_append_operations: i64,
+    /// zone appends rejected as invalid (since 8.1)
+    pub invalid_zone_append_operations: i64,
 }
 
 impl BlockDeviceStats {
@@ -2124,7 +2199,19 @@ impl BlockDeviceStats {
         let account_invalid = obj.req("account_invalid", <bool as rt::FromQapi>::from_qapi)?;
         let account_failed = obj.req("account_failed", <bool as rt::FromQapi>::from_qapi)?;
         let timed_stats = obj.req("timed_stats", |v, at| rt::list(v, at, <BlockDeviceTimedStats as rt::FromQapi>::from_qapi))?;
-        Ok(Self { rd_bytes, wr_bytes, rd_operations, wr_operations, flush_operations, flush_total_time_ns, wr_total_time_ns, rd_total_time_ns, wr_highest_offset, rd_merged, wr_merged, idle_time_ns, failed_rd_operations, failed_wr_operations, failed_flush_operations, invalid_rd_operations, invalid_wr_operations, invalid_flush_operations, account_invalid, account_failed, timed_stats })
+        let unmap_bytes = obj.req("unmap_bytes", <i64 as rt::FromQapi>::from_qapi)?;
+        let unmap_operations = obj.req("unmap_operations", <i64 as rt::FromQapi>::from_qapi)?;
+        let unmap_total_time_ns = obj.req("unmap_total_time_ns", <i64 as rt::FromQapi>::from_qapi)?;
+        let unmap_merged = obj.req("unmap_merged", <i64 as rt::FromQapi>::from_qapi)?;
+        let failed_unmap_operations = obj.req("failed_unmap_operations", <i64 as rt::FromQapi>::from_qapi)?;
+        let invalid_unmap_operations = obj.req("invalid_unmap_operations", <i64 as rt::FromQapi>::from_qapi)?;
+        let zone_append_bytes = obj.req("zone_append_bytes", <i64 as rt::FromQapi>::from_qapi)?;
+        let zone_append_operations = obj.req("zone_append_operations", <i64 as rt::FromQapi>::from_qapi)?;
+        let zone_append_total_time_ns = obj.req("zone_append_total_time_ns", <i64 as rt::FromQapi>::from_qapi)?;
+        let zone_append_merged = obj.req("zone_append_merged", <i64 as rt::FromQapi>::from_qapi)?;
+        let failed_zone_append_operations = obj.req("failed_zone_append_operations", <i64 as rt::FromQapi>::from_qapi)?;
+        let invalid_zone_append_operations = obj.req("invalid_zone_append_operations", <i64 as rt::FromQapi>::from_qapi)?;
+        Ok(Self { rd_bytes, wr_bytes, rd_operations, wr_operations, flush_operations, flush_total_time_ns, wr_total_time_ns, rd_total_time_ns, wr_highest_offset, rd_merged, wr_merged, idle_time_ns, failed_rd_operations, failed_wr_operations, failed_flush_operations, invalid_rd_operations, invalid_wr_operations, invalid_flush_operations, account_invalid, account_failed, timed_stats, unmap_bytes, unmap_operations, unmap_total_time_ns, unmap_merged, failed_unmap_operations, invalid_unmap_operations, zone_append_bytes, zone_append_operations, zone_append_total_time_ns, zone_append_merged, failed_zone_append_operations, invalid_zone_append_operations })
     }
 
     /// Writes the members into a map being serialized.
@@ -2150,6 +2237,18 @@ impl BlockDeviceStats {
         map.serialize_entry("account_invalid", &self.account_invalid)?;
         map.serialize_entry("account_failed", &self.account_failed)?;
         map.serialize_entry("timed_stats", &self.timed_stats)?;
+        map.serialize_entry("unmap_bytes", &self.unmap_bytes)?;
+        map.serialize_entry("unmap_operations", &self.unmap_operations)?;
+        map.serialize_entry("unmap_total_time_ns", &self.unmap_total_time_ns)?;
+        map.serialize_entry("unmap_merged", &self.unmap_merged)?;
+        map.serialize_entry("failed_unmap_operations", &self.failed_unmap_operations)?;
+        map.serialize_entry("invalid_unmap_operations", &self.invalid_unmap_operations)?;
+        map.serialize_entry("zone_append_bytes", &self.zone_append_bytes)?;
+        map.serialize_entry("zone_append_operations", &self.zone_append_operations)?;
+        map.serialize_entry("zone_append_total_time_ns", &self.zone_append_total_time_ns)?;
+        map.serialize_entry("zone_append_merged", &self.zone_append_merged)?;
+        map.serialize_entry("failed_zone_append_operations", &self.failed_zone_append_operations)?;
+        map.serialize_entry("invalid_zone_append_operations", &self.invalid_zone_append_operations)?;
         Ok(())
     }
 }
@@ -2186,6 +2285,8 @@ pub struct BlockStats {
     pub parent: Option<Box<BlockStats>>,
     /// counters of the backing node, if any (since 2.0)
     pub backing: Option<Box<BlockStats>>,
+    /// counters only some drivers keep (since 4.2)
+    pub driver_specific: Option<BlockStatsSpecific>,
 }
 
 impl BlockStats {
@@ -2196,7 +2297,8 @@ impl BlockStats {
         let stats = obj.req("stats", <BlockDeviceStats as rt::FromQapi>::from_qapi)?;
         let parent = obj.opt("parent", |v, at| <BlockStats as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
         let backing = obj.opt("backing", |v, at| <BlockStats as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
-        Ok(Self { device, node_name, stats, parent, backing })
+        let driver_specific = obj.opt("driver-specific", <BlockStatsSpecific as rt::FromQapi>::from_qapi)?;
+        Ok(Self { device, node_name, stats, parent, backing, driver_specific })
     }
 
     /// Writes the members into a map being serialized.
@@ -2206,6 +2308,7 @@ impl BlockStats {
         map.serialize_entry("stats", &self.stats)?;
         if let Some(v) = &self.parent { map.serialize_entry("parent", v)?; }
         if let Some(v) = &self.backing { map.serialize_entry("backing", v)?; }
+        if let Some(v) = &self.driver_specific { map.serialize_entry("driver-specific", v)?; }
         Ok(())
     }
 }
@@ -2227,6 +2330,241 @@ impl Serialize for BlockStats {
     }
 }
 rt::deserialize_via_qapi!(BlockStats);
+
+/// Counters of the file and host_device drivers.
+/// Since: 4.2
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BlockStatsSpecificFile {
+    /// discard requests the host carried out
+    pub discard_nb_ok: u64,
+    /// discard requests the host refused or failed
+    pub discard_nb_failed: u64,
+    /// bytes the successful discards covered
+    pub discard_bytes_ok: u64,
+}
+
+impl BlockStatsSpecificFile {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let discard_nb_ok = obj.req("discard-nb-ok", <u64 as rt::FromQapi>::from_qapi)?;
+        let discard_nb_failed = obj.req("discard-nb-failed", <u64 as rt::FromQapi>::from_qapi)?;
+        let discard_bytes_ok = obj.req("discard-bytes-ok", <u64 as rt::FromQapi>::from_qapi)?;
+        Ok(Self { discard_nb_ok, discard_nb_failed, discard_bytes_ok })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("discard-nb-ok", &self.discard_nb_ok)?;
+        map.serialize_entry("discard-nb-failed", &self.discard_nb_failed)?;
+        map.serialize_entry("discard-bytes-ok", &self.discard_bytes_ok)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for BlockStatsSpecificFile {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for BlockStatsSpecificFile {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(BlockStatsSpecificFile);
+
+/// Driver counters of a node, by driver.
+/// Since: 4.2
+///
+/// The discriminator `driver` is held by the variant of `u`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStatsSpecific {
+    /// The members that depend on `driver`.
+    pub u: BlockStatsSpecificBranch,
+}
+
+/// The branches of [`BlockStatsSpecific`], one per value of [`BlockdevDriver`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockStatsSpecificBranch {
+    Archipelago,
+    Blkdebug,
+    Blkverify,
+    Bochs,
+    Cloop,
+    Dmg,
+    File(BlockStatsSpecificFile),
+    Ftp,
+    Ftps,
+    Gluster,
+    HostCdrom,
+    HostDevice(BlockStatsSpecificFile),
+    Http,
+    Https,
+    Luks,
+    NullAio,
+    NullCo,
+    Parallels,
+    Qcow,
+    Qcow2,
+    Qed,
+    Quorum,
+    Raw,
+    Replication,
+    Tftp,
+    Throttle,
+    Vdi,
+    Vhdx,
+    Vmdk,
+    Vpc,
+    Vvfat,
+}
+
+impl BlockStatsSpecificBranch {
+    /// The value of `driver` this branch stands for.
+    pub fn driver(&self) -> BlockdevDriver {
+        match self {
+            Self::Archipelago => BlockdevDriver::Archipelago,
+            Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::Blkverify => BlockdevDriver::Blkverify,
+            Self::Bochs => BlockdevDriver::Bochs,
+            Self::Cloop => BlockdevDriver::Cloop,
+            Self::Dmg => BlockdevDriver::Dmg,
+            Self::File(_) => BlockdevDriver::File,
+            Self::Ftp => BlockdevDriver::Ftp,
+            Self::Ftps => BlockdevDriver::Ftps,
+            Self::Gluster => BlockdevDriver::Gluster,
+            Self::HostCdrom => BlockdevDriver::HostCdrom,
+            Self::HostDevice(_) => BlockdevDriver::HostDevice,
+            Self::Http => BlockdevDriver::Http,
+            Self::Https => BlockdevDriver::Https,
+            Self::Luks => BlockdevDriver::Luks,
+            Self::NullAio => BlockdevDriver::NullAio,
+            Self::NullCo => BlockdevDriver::NullCo,
+            Self::Parallels => BlockdevDriver::Parallels,
+            Self::Qcow => BlockdevDriver::Qcow,
+            Self::Qcow2 => BlockdevDriver::Qcow2,
+            Self::Qed => BlockdevDriver::Qed,
+            Self::Quorum => BlockdevDriver::Quorum,
+            Self::Raw => BlockdevDriver::Raw,
+            Self::Replication => BlockdevDriver::Replication,
+            Self::Tftp => BlockdevDriver::Tftp,
+            Self::Throttle => BlockdevDriver::Throttle,
+            Self::Vdi => BlockdevDriver::Vdi,
+            Self::Vhdx => BlockdevDriver::Vhdx,
+            Self::Vmdk => BlockdevDriver::Vmdk,
+            Self::Vpc => BlockdevDriver::Vpc,
+            Self::Vvfat => BlockdevDriver::Vvfat,
+        }
+    }
+}
+
+impl BlockStatsSpecific {
+    /// The value of `driver`.
+    pub fn driver(&self) -> BlockdevDriver {
+        self.u.driver()
+    }
+
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let driver: BlockdevDriver = obj.req("driver", <BlockdevDriver as rt::FromQapi>::from_qapi)?;
+        let u = match driver {
+            BlockdevDriver::Archipelago => BlockStatsSpecificBranch::Archipelago,
+            BlockdevDriver::Blkdebug => BlockStatsSpecificBranch::Blkdebug,
+            BlockdevDriver::Blkverify => BlockStatsSpecificBranch::Blkverify,
+            BlockdevDriver::Bochs => BlockStatsSpecificBranch::Bochs,
+            BlockdevDriver::Cloop => BlockStatsSpecificBranch::Cloop,
+            BlockdevDriver::Dmg => BlockStatsSpecificBranch::Dmg,
+            BlockdevDriver::File => BlockStatsSpecificBranch::File(BlockStatsSpecificFile::read_members(obj)?),
+            BlockdevDriver::Ftp => BlockStatsSpecificBranch::Ftp,
+            BlockdevDriver::Ftps => BlockStatsSpecificBranch::Ftps,
+            BlockdevDriver::Gluster => BlockStatsSpecificBranch::Gluster,
+            BlockdevDriver::HostCdrom => BlockStatsSpecificBranch::HostCdrom,
+            BlockdevDriver::HostDevice => BlockStatsSpecificBranch::HostDevice(BlockStatsSpecificFile::read_members(obj)?),
+            BlockdevDriver::Http => BlockStatsSpecificBranch::Http,
+            BlockdevDriver::Https => BlockStatsSpecificBranch::Https,
+            BlockdevDriver::Luks => BlockStatsSpecificBranch::Luks,
+            BlockdevDriver::NullAio => BlockStatsSpecificBranch::NullAio,
+            BlockdevDriver::NullCo => BlockStatsSpecificBranch::NullCo,
+            BlockdevDriver::Parallels => BlockStatsSpecificBranch::Parallels,
+            BlockdevDriver::Qcow => BlockStatsSpecificBranch::Qcow,
+            BlockdevDriver::Qcow2 => BlockStatsSpecificBranch::Qcow2,
+            BlockdevDriver::Qed => BlockStatsSpecificBranch::Qed,
+            BlockdevDriver::Quorum => BlockStatsSpecificBranch::Quorum,
+            BlockdevDriver::Raw => BlockStatsSpecificBranch::Raw,
+            BlockdevDriver::Replication => BlockStatsSpecificBranch::Replication,
+            BlockdevDriver::Tftp => BlockStatsSpecificBranch::Tftp,
+            BlockdevDriver::Throttle => BlockStatsSpecificBranch::Throttle,
+            BlockdevDriver::Vdi => BlockStatsSpecificBranch::Vdi,
+            BlockdevDriver::Vhdx => BlockStatsSpecificBranch::Vhdx,
+            BlockdevDriver::Vmdk => BlockStatsSpecificBranch::Vmdk,
+            BlockdevDriver::Vpc => BlockStatsSpecificBranch::Vpc,
+            BlockdevDriver::Vvfat => BlockStatsSpecificBranch::Vvfat,
+        };
+        Ok(Self { u })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("driver", &self.u.driver())?;
+        match &self.u {
+            BlockStatsSpecificBranch::Archipelago => Ok(()),
+            BlockStatsSpecificBranch::Blkdebug => Ok(()),
+            BlockStatsSpecificBranch::Blkverify => Ok(()),
+            BlockStatsSpecificBranch::Bochs => Ok(()),
+            BlockStatsSpecificBranch::Cloop => Ok(()),
+            BlockStatsSpecificBranch::Dmg => Ok(()),
+            BlockStatsSpecificBranch::File(b) => b.serialize_members(map),
+            BlockStatsSpecificBranch::Ftp => Ok(()),
+            BlockStatsSpecificBranch::Ftps => Ok(()),
+            BlockStatsSpecificBranch::Gluster => Ok(()),
+            BlockStatsSpecificBranch::HostCdrom => Ok(()),
+            BlockStatsSpecificBranch::HostDevice(b) => b.serialize_members(map),
+            BlockStatsSpecificBranch::Http => Ok(()),
+            BlockStatsSpecificBranch::Https => Ok(()),
+            BlockStatsSpecificBranch::Luks => Ok(()),
+            BlockStatsSpecificBranch::NullAio => Ok(()),
+            BlockStatsSpecificBranch::NullCo => Ok(()),
+            BlockStatsSpecificBranch::Parallels => Ok(()),
+            BlockStatsSpecificBranch::Qcow => Ok(()),
+            BlockStatsSpecificBranch::Qcow2 => Ok(()),
+            BlockStatsSpecificBranch::Qed => Ok(()),
+            BlockStatsSpecificBranch::Quorum => Ok(()),
+            BlockStatsSpecificBranch::Raw => Ok(()),
+            BlockStatsSpecificBranch::Replication => Ok(()),
+            BlockStatsSpecificBranch::Tftp => Ok(()),
+            BlockStatsSpecificBranch::Throttle => Ok(()),
+            BlockStatsSpecificBranch::Vdi => Ok(()),
+            BlockStatsSpecificBranch::Vhdx => Ok(()),
+            BlockStatsSpecificBranch::Vmdk => Ok(()),
+            BlockStatsSpecificBranch::Vpc => Ok(()),
+            BlockStatsSpecificBranch::Vvfat => Ok(()),
+        }
+    }
+}
+
+impl rt::FromQapi for BlockStatsSpecific {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for BlockStatsSpecific {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(BlockStatsSpecific);
 
 /// What to do when an I/O request fails.  Guest requests and job requests
 /// react differently where noted.
@@ -7658,7 +7996,7 @@ impl Event {
 pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del"];
 
 /// The commands vubd implements (the schema's `vubd-implemented-commands` pragma).
-pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize"];
+pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del"];
 
 /// One method per implemented command. Arguments arrive already checked
 /// against the schema; the return value is serialized for the reply.
@@ -7716,6 +8054,29 @@ pub trait Commands {
     /// if the device does not exist.
     /// Since: 0.14
     fn block_resize(&mut self, arg: BlockResizeArg) -> Result<(), Self::Error>;
+
+    /// Create and start a block export.
+    /// Since: 5.2
+    fn block_export_add(&mut self, arg: BlockExportOptions) -> Result<(), Self::Error>;
+
+    /// Start removing a block export.  Removal may finish only after the
+    /// reply; BLOCK_EXPORT_DELETED marks the moment the export is really gone.
+    /// Fails for an unknown id, and in safe mode for an export that clients
+    /// still use.
+    /// Since: 5.2
+    fn block_export_del(&mut self, arg: BlockExportDelArg) -> Result<(), Self::Error>;
+
+    /// Describe every block export.
+    /// Since: 5.2
+    fn query_block_exports(&mut self) -> Result<Vec<BlockExportInfo>, Self::Error>;
+
+    /// Create an object.
+    /// Since: 2.0
+    fn object_add(&mut self, arg: ObjectOptions) -> Result<(), Self::Error>;
+
+    /// Destroy an object.  Fails if there is no object with that id.
+    /// Since: 2.0
+    fn object_del(&mut self, arg: ObjectDelArg) -> Result<(), Self::Error>;
 }
 
 /// Runs command `name` with `args` (the `arguments` member, `{}` when
@@ -7734,6 +8095,11 @@ pub fn dispatch<C: Commands + ?Sized>(c: &mut C, name: &str, args: &Value) -> Op
         "query-block" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_block()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "query-blockstats" => <QueryBlockstatsArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.query_blockstats(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "block_resize" => <BlockResizeArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_resize(a)).map(|()| Value::Object(Default::default())),
+        "block-export-add" => <BlockExportOptions as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_export_add(a)).map(|()| Value::Object(Default::default())),
+        "block-export-del" => <BlockExportDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_export_del(a)).map(|()| Value::Object(Default::default())),
+        "query-block-exports" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_block_exports()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "object-add" => <ObjectOptions as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.object_add(a)).map(|()| Value::Object(Default::default())),
+        "object-del" => <ObjectDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.object_del(a)).map(|()| Value::Object(Default::default())),
         _ => return None,
     })
 }

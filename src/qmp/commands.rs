@@ -7,9 +7,10 @@ use crate::block::{error::BlockError, query};
 use crate::daemon::Daemon;
 use crate::error::QmpError;
 use crate::qapi::{
-    self, BlockDeviceInfo, BlockInfo, BlockResizeArg, BlockStats, BlockdevDelArg, BlockdevOptions,
-    CommandInfo, QmpCapabilitiesArg, QueryBlockstatsArg, VersionInfo, VersionTriple,
-    XBlockdevDelArg,
+    self, BlockDeviceInfo, BlockExportDelArg, BlockExportDeletedData, BlockExportInfo,
+    BlockExportOptions, BlockExportRemoveMode, BlockInfo, BlockResizeArg, BlockStats,
+    BlockdevDelArg, BlockdevOptions, CommandInfo, Event, ObjectDelArg, ObjectOptions,
+    QmpCapabilitiesArg, QueryBlockstatsArg, VersionInfo, VersionTriple, XBlockdevDelArg,
 };
 use std::sync::atomic::Ordering;
 
@@ -168,7 +169,38 @@ impl qapi::Commands for Cx<'_> {
         }
         result?;
         log::info!("node '{node}' resized to {} bytes", arg.size);
+        for dev in self.daemon.exports.devices_on(&node) {
+            dev.resize(arg.size as u64);
+        }
         Ok(())
+    }
+
+    fn block_export_add(&mut self, arg: BlockExportOptions) -> Result<(), QmpError> {
+        let d = &mut *self.daemon;
+        d.exports.add(&mut d.graph, &mut d.iothreads, &arg)
+    }
+
+    fn block_export_del(&mut self, arg: BlockExportDelArg) -> Result<(), QmpError> {
+        let d = &mut *self.daemon;
+        let mode = arg.mode.unwrap_or(BlockExportRemoveMode::Safe);
+        d.exports.remove(&mut d.graph, &arg.id, mode)?;
+        d.events
+            .emit(&Event::BlockExportDeleted(BlockExportDeletedData {
+                id: arg.id,
+            }));
+        Ok(())
+    }
+
+    fn query_block_exports(&mut self) -> Result<Vec<BlockExportInfo>, QmpError> {
+        Ok(self.daemon.exports.info())
+    }
+
+    fn object_add(&mut self, arg: ObjectOptions) -> Result<(), QmpError> {
+        self.daemon.object_add(&arg)
+    }
+
+    fn object_del(&mut self, arg: ObjectDelArg) -> Result<(), QmpError> {
+        self.daemon.iothreads.remove(&arg.id)
     }
 }
 

@@ -74,6 +74,7 @@ fn start_session(
         id,
         writer,
         negotiated: Arc::new(AtomicBool::new(false)),
+        oob: Arc::new(AtomicBool::new(false)),
         control: control.clone(),
     };
     let greeting = greeting.clone();

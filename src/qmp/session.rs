@@ -25,6 +25,8 @@ pub struct Request {
     pub id: Option<Value>,
     pub writer: Arc<Writer>,
     pub negotiated: Arc<AtomicBool>,
+    /// Set when the client enabled out-of-band execution.
+    pub oob: Arc<AtomicBool>,
     /// Told when the reply has been written.
     pub done: Sender<()>,
 }
@@ -63,6 +65,7 @@ pub struct Session {
     pub id: u64,
     pub writer: Arc<Writer>,
     pub negotiated: Arc<AtomicBool>,
+    pub oob: Arc<AtomicBool>,
     pub control: Sender<ControlMsg>,
 }
 
@@ -135,20 +138,29 @@ impl Session {
 
     fn request(&self, mut map: Map<String, Value>) -> bool {
         let id = map.remove("id");
-        if let Some(k) = map
-            .keys()
-            .find(|k| !matches!(k.as_str(), "execute" | "arguments"))
-        {
+        let oob_enabled = self.oob.load(Ordering::SeqCst);
+        let allowed =
+            |k: &str| matches!(k, "execute" | "arguments") || (k == "exec-oob" && oob_enabled);
+        if let Some(k) = map.keys().find(|k| !allowed(k)) {
             self.error(&format!("QMP input member '{k}' is unexpected"), id);
             return true;
         }
-        let name = match map.remove("execute") {
-            Some(Value::String(s)) => s,
-            Some(_) => {
+        let (name, oob) = match (map.remove("execute"), map.remove("exec-oob")) {
+            (Some(Value::String(s)), None) => (s, false),
+            (None, Some(Value::String(s))) => (s, true),
+            (Some(_), Some(_)) => {
+                self.error("QMP input member 'exec-oob' is unexpected", id);
+                return true;
+            }
+            (Some(_), None) => {
                 self.error("QMP input member 'execute' must be a string", id);
                 return true;
             }
-            None => {
+            (None, Some(_)) => {
+                self.error("QMP input member 'exec-oob' must be a string", id);
+                return true;
+            }
+            (None, None) => {
                 self.error("QMP input lacks member 'execute'", id);
                 return true;
             }
@@ -161,6 +173,16 @@ impl Session {
                 return true;
             }
         };
+        if oob {
+            // No vubd command may run out of band.
+            let err = if crate::qapi::IMPLEMENTED_COMMANDS.contains(&name.as_str()) {
+                QmpError::generic(format!("The command {name} does not support OOB"))
+            } else {
+                QmpError::command_not_found(&name)
+            };
+            self.error_class(err, id);
+            return true;
+        }
         let negotiated = self.negotiated.load(Ordering::SeqCst);
         if !negotiated && name != "qmp_capabilities" {
             let err = QmpError::with_class(
@@ -186,6 +208,7 @@ impl Session {
             id,
             writer: self.writer.clone(),
             negotiated: self.negotiated.clone(),
+            oob: self.oob.clone(),
             done,
         };
         if self

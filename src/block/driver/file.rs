@@ -272,6 +272,31 @@ impl Driver for FileDriver {
         }
     }
 
+    fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
+        info.dirty_flag = Some(false);
+        info.format_specific = Some(crate::qapi::ImageInfoSpecific::File(
+            crate::qapi::ImageInfoSpecificFile {
+                extent_size_hint: None,
+            },
+        ));
+    }
+
+    fn stats_specific(&self) -> Option<crate::qapi::BlockStatsSpecific> {
+        use crate::qapi::{BlockStatsSpecific, BlockStatsSpecificBranch, BlockStatsSpecificFile};
+        let counters = BlockStatsSpecificFile {
+            discard_nb_ok: 0,
+            discard_nb_failed: 0,
+            discard_bytes_ok: 0,
+        };
+        Some(BlockStatsSpecific {
+            u: if self.name == "host_device" {
+                BlockStatsSpecificBranch::HostDevice(counters)
+            } else {
+                BlockStatsSpecificBranch::File(counters)
+            },
+        })
+    }
+
     fn close(&self) -> Result<(), BlockError> {
         let flushed = if self.read_only {
             Ok(())

@@ -102,6 +102,16 @@ pub trait Driver: Send + Sync {
     /// Second phase: return to the committed permissions.
     fn abort_perm(&self) {}
 
+    /// Adds what only this driver knows to the node's ImageInfo.
+    fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
+        let _ = info;
+    }
+
+    /// Counters only this driver keeps (query-blockstats).
+    fn stats_specific(&self) -> Option<crate::qapi::BlockStatsSpecific> {
+        None
+    }
+
     /// Flushes and releases what the node holds; called once, last.
     fn close(&self) -> Result<(), BlockError> {
         if self.is_read_only() {

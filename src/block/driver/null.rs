@@ -27,6 +27,10 @@ impl BlockIo for NullIo {
         Ok(self.size.load(Ordering::Relaxed))
     }
 
+    fn allocated_size(&self) -> Option<u64> {
+        Some(0)
+    }
+
     fn truncate(&self, size: u64) -> Result<(), BlockError> {
         self.size.store(size, Ordering::Relaxed);
         Ok(())
@@ -61,6 +65,8 @@ pub struct NullDriver {
     io: Arc<NullIo>,
     name: &'static str,
     read_only: bool,
+    /// QEMU's name for a node built from options: the options as JSON.
+    filename: String,
 }
 
 impl NullDriver {
@@ -82,8 +88,36 @@ impl NullDriver {
             }),
             name: if aio { "null-aio" } else { "null-co" },
             read_only,
+            filename: pseudo_filename(if aio { "null-aio" } else { "null-co" }, opts),
         })
     }
+}
+
+/// `null-co://` when no option was given, else `json:{...}` with the
+/// driver and the options, as QEMU names such nodes.
+fn pseudo_filename(driver: &str, opts: &BlockdevOptionsNull) -> String {
+    let mut map = serde_json::Map::new();
+    map.insert("driver".into(), driver.into());
+    if let Some(size) = opts.size {
+        map.insert("size".into(), size.into());
+    }
+    if let Some(ns) = opts.latency_ns {
+        map.insert("latency-ns".into(), ns.into());
+    }
+    if let Some(z) = opts.read_zeroes {
+        map.insert("read-zeroes".into(), z.into());
+    }
+    if map.len() == 1 {
+        return format!("{driver}://");
+    }
+    let text = serde_json::to_string(&serde_json::Value::Object(map)).unwrap_or_default();
+    // QEMU separates members with ", " and keys from values with ": ".
+    format!(
+        "json:{}",
+        text.replace("\",\"", "\", \"")
+            .replace("\":", "\": ")
+            .replace(",\"", ", \"")
+    )
 }
 
 impl Driver for NullDriver {
@@ -100,16 +134,7 @@ impl Driver for NullDriver {
     }
 
     fn filename(&self) -> String {
-        // QEMU shows the driver as a pseudo-URL, with read-zeroes spelled
-        // out when it is set.
-        if self.io.read_zeroes {
-            format!(
-                "json:{{\"read-zeroes\": true, \"driver\": \"{}\"}}",
-                self.name
-            )
-        } else {
-            format!("{}://", self.name)
-        }
+        self.filename.clone()
     }
 
     fn is_read_only(&self) -> bool {

@@ -144,4 +144,8 @@ impl Driver for RawDriver {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+
+    fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
+        info.dirty_flag = Some(false);
+    }
 }

@@ -1,0 +1,171 @@
+//! The exports of the daemon: adding (block-export-add, --export),
+//! removing (block-export-del) and listing (query-block-exports) them.
+//!
+//! An export holds a BlockBackend on its node: a root edge in the graph,
+//! named by the export id, with the permissions the export needs, and a
+//! root slot through which its I/O threads reach the node.
+
+use super::vhost_user::{Device, Server};
+use crate::block::drain::RootSlot;
+use crate::block::graph::{Graph, Use, UserKind};
+use crate::block::perm::Perm;
+use crate::error::QmpError;
+use crate::iothread::IoThreads;
+use crate::qapi::{
+    BlockExportInfo, BlockExportOptions, BlockExportOptionsBranch, BlockExportRemoveMode,
+    BlockExportType, SocketAddressBranch,
+};
+use std::sync::Arc;
+
+pub struct Export {
+    pub id: String,
+    pub node: String,
+    use_id: u64,
+    server: Server,
+}
+
+#[derive(Default)]
+pub struct Exports {
+    list: Vec<Export>,
+}
+
+impl Exports {
+    pub fn iter(&self) -> impl Iterator<Item = &Export> {
+        self.list.iter()
+    }
+
+    pub fn info(&self) -> Vec<BlockExportInfo> {
+        self.list
+            .iter()
+            .map(|e| BlockExportInfo {
+                id: e.id.clone(),
+                r#type: BlockExportType::VhostUserBlk,
+                node_name: e.node.clone(),
+                shutting_down: false,
+            })
+            .collect()
+    }
+
+    /// The device of an export, by id (resize notifications, queries).
+    pub fn device(&self, id: &str) -> Option<&Arc<Device>> {
+        self.list
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.server.device())
+    }
+
+    /// Devices exporting `node`.
+    pub fn devices_on(&self, node: &str) -> Vec<Arc<Device>> {
+        self.list
+            .iter()
+            .filter(|e| e.node == node)
+            .map(|e| e.server.device().clone())
+            .collect()
+    }
+
+    pub fn add(
+        &mut self,
+        graph: &mut Graph,
+        threads: &mut IoThreads,
+        opts: &BlockExportOptions,
+    ) -> Result<(), QmpError> {
+        if self.list.iter().any(|e| e.id == opts.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                opts.id
+            )));
+        }
+        let node = graph.node(&opts.node_name).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device={} nor node-name={}",
+                opts.node_name, opts.node_name
+            ))
+        })?;
+        let writable = opts.writable.unwrap_or(false);
+        if writable && node.driver.is_read_only() {
+            return Err(QmpError::generic(
+                "Cannot export read-only node as writable",
+            ));
+        }
+        let BlockExportOptionsBranch::VhostUserBlk(vu) = &opts.u;
+        let path = match &vu.addr.u {
+            SocketAddressBranch::Unix(u) => u.path.clone(),
+            SocketAddressBranch::Fd(fd) => format!("fd:{}", fd.str),
+            _ => {
+                return Err(QmpError::generic(
+                    "vhost-user-blk exports need a unix or fd address",
+                ))
+            }
+        };
+        let workers = threads.for_export(opts)?;
+        let slot = Arc::new(RootSlot::new(Some(node.driver.io())));
+        let length = node.driver.io().length()?;
+        let use_id = graph.change(|g| {
+            Ok(g.add_use(Use {
+                id: 0,
+                kind: UserKind::BlockDevice,
+                name: opts.id.clone(),
+                node: opts.node_name.clone(),
+                perm: Perm::CONSISTENT_READ | if writable { Perm::WRITE } else { Perm::NONE },
+                shared: Perm::ALL,
+                slot: Some(slot.clone()),
+            }))
+        })?;
+        let server = Server::start(opts, vu, length, slot, workers).map_err(|e| {
+            let _ = graph.change(|g| {
+                g.remove_use(use_id);
+                Ok(())
+            });
+            QmpError::generic(format!("Failed to start the export on {path}: {e}"))
+        })?;
+        log::info!(
+            "export '{}' of node '{}' serving on {path}",
+            opts.id,
+            opts.node_name
+        );
+        self.list.push(Export {
+            id: opts.id.clone(),
+            node: opts.node_name.clone(),
+            use_id,
+            server,
+        });
+        Ok(())
+    }
+
+    /// Removes an export. In safe mode a connected client makes this fail;
+    /// in hard mode the client is disconnected.
+    pub fn remove(
+        &mut self,
+        graph: &mut Graph,
+        id: &str,
+        mode: BlockExportRemoveMode,
+    ) -> Result<(), QmpError> {
+        let i = self
+            .list
+            .iter()
+            .position(|e| e.id == id)
+            .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
+        if mode == BlockExportRemoveMode::Safe && self.list[i].server.has_client() {
+            return Err(QmpError::generic(format!("export '{id}' still in use")));
+        }
+        let export = self.list.remove(i);
+        export.server.stop();
+        graph.change(|g| {
+            g.remove_use(export.use_id);
+            Ok(())
+        })?;
+        log::info!("export '{id}' removed");
+        Ok(())
+    }
+
+    /// Stops every export (shutdown).
+    pub fn stop_all(&mut self, graph: &mut Graph) {
+        for e in self.list.drain(..) {
+            e.server.stop();
+            let _ = graph.change(|g| {
+                g.remove_use(e.use_id);
+                Ok(())
+            });
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! The event loop of an I/O thread: it owns the virtqueues given to it,
+//! takes every available request on a kick, submits them in one batch,
+//! completes them from the I/O engine's completions, and notifies the
+//! guest once per batch (respecting EVENT_IDX).
+//!
+//! Per-request state lives in slots preallocated per queue, one per ring
+//! entry, so the request path does not allocate once the slots' vectors
+//! have grown. Buffers are iovecs straight into guest memory; a request
+//! keeps the memory snapshot it points into until it completes.
+
+use super::memory::{AtomicMem, Mem};
+use super::Device;
+use crate::block::drain::LocalRoot;
+use crate::block::io::{IoKind, IoRequest};
+use crate::export::virtio_blk::{
+    write_status, Request, RequestLimits, RequestType, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use crate::io::{Completion, IoContext};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryLoadGuard};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Depth of each thread's io_uring.
+const RING_DEPTH: u32 = 1024;
+/// How often a queue held back by a drain looks again.
+const DRAIN_RETRY: Duration = Duration::from_millis(1);
+
+const TOKEN_CONTROL: u64 = 0;
+const TOKEN_IO: u64 = 1;
+const TOKEN_QUEUE: u64 = 2;
+
+/// Which queue of which device.
+pub type QueueKey = (u64, u16);
+
+/// A queue handed to a thread.
+pub struct QueueStart {
+    pub dev: Arc<Device>,
+    pub index: u16,
+    pub queue: Queue,
+    pub kick: EventFd,
+    pub call: EventFd,
+    pub mem: AtomicMem,
+}
+
+pub enum WorkerMsg {
+    Start(Box<QueueStart>),
+    /// Stop a queue once its requests finished; the reply is the index of
+    /// the next available entry (for GET_VRING_BASE).
+    Stop {
+        key: QueueKey,
+        reply: Sender<u16>,
+    },
+    /// The frontend gave the queue a new call eventfd.
+    SetCall {
+        key: QueueKey,
+        call: EventFd,
+    },
+    Exit,
+}
+
+struct Slot {
+    head: u16,
+    req: Request,
+    iov: Vec<libc::iovec>,
+    /// The memory the request's pointers refer to, held until completion.
+    mem: Option<GuestMemoryLoadGuard<Mem>>,
+    /// Bytes a read or write must transfer.
+    expect: u64,
+    /// A write in writethrough mode: a flush follows before completing.
+    flush_pending: bool,
+}
+
+// SAFETY: the raw pointers in `iov` point into guest memory kept mapped by
+// `mem`; a slot is only ever used by the thread that owns its queue (it
+// moves once, with the queue, when the queue is handed to the thread).
+unsafe impl Send for Slot {}
+
+struct QueueRun {
+    key: QueueKey,
+    dev: Arc<Device>,
+    queue: Queue,
+    kick: EventFd,
+    call: EventFd,
+    mem: AtomicMem,
+    root: LocalRoot,
+    limits: RequestLimits,
+    capacity_seen: u64,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    in_flight: usize,
+    stopping: Option<Sender<u16>>,
+    need_notify: bool,
+    /// Held back by a drain: look again shortly.
+    deferred: bool,
+    event_idx: bool,
+}
+
+struct Worker {
+    epoll: Epoll,
+    ctx: IoContext,
+    queues: Vec<Option<QueueRun>>,
+    completions: Vec<Completion>,
+    poll: Duration,
+}
+
+/// Runs an I/O thread until it is told to exit.
+pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
+    let mut w = match Worker::new(&wake, poll_us) {
+        Ok(w) => w,
+        Err(e) => {
+            log::error!("I/O thread cannot start: {e}");
+            return;
+        }
+    };
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        let timeout = if w.queues.iter().flatten().any(|q| q.deferred) {
+            DRAIN_RETRY.as_millis() as i32
+        } else {
+            -1
+        };
+        if !w.poll.is_zero() && w.poll_for_work() {
+            w.process_all();
+            continue;
+        }
+        let n = match w.epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("I/O thread: epoll: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_CONTROL => {
+                    let _ = wake.read();
+                    while let Ok(msg) = rx.try_recv() {
+                        if !w.control(msg) {
+                            w.shutdown();
+                            return;
+                        }
+                    }
+                }
+                TOKEN_IO => w.reap(),
+                t => {
+                    let i = (t - TOKEN_QUEUE) as usize;
+                    if let Some(Some(q)) = w.queues.get_mut(i) {
+                        let _ = q.kick.read();
+                        q.deferred = true;
+                    }
+                }
+            }
+        }
+        w.process_all();
+    }
+}
+
+impl Worker {
+    fn new(wake: &EventFd, poll_us: u32) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let epoll = Epoll::new()?;
+        let ctx = IoContext::new(RING_DEPTH, false)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_CONTROL),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            ctx.event_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_IO),
+        )?;
+        Ok(Worker {
+            epoll,
+            ctx,
+            queues: Vec::new(),
+            completions: Vec::with_capacity(256),
+            poll: Duration::from_micros(u64::from(poll_us)),
+        })
+    }
+
+    /// Handles a control message; false means exit.
+    fn control(&mut self, msg: WorkerMsg) -> bool {
+        match msg {
+            WorkerMsg::Start(s) => self.start(*s),
+            WorkerMsg::Stop { key, reply } => {
+                if let Some(q) = self.find(key) {
+                    q.stopping = Some(reply);
+                } else {
+                    let _ = reply.send(0);
+                }
+                self.finish_stops();
+            }
+            WorkerMsg::SetCall { key, call } => {
+                if let Some(q) = self.find(key) {
+                    q.call = call;
+                }
+            }
+            WorkerMsg::Exit => return false,
+        }
+        true
+    }
+
+    fn find(&mut self, key: QueueKey) -> Option<&mut QueueRun> {
+        self.queues.iter_mut().flatten().find(|q| q.key == key)
+    }
+
+    fn start(&mut self, s: QueueStart) {
+        use std::os::fd::AsRawFd;
+        let i = match self.queues.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.queues.push(None);
+                self.queues.len() - 1
+            }
+        };
+        let size = s.queue.size();
+        let slots = (0..size)
+            .map(|_| Slot {
+                head: 0,
+                req: Request::with_capacity(8, 1),
+                iov: Vec::with_capacity(8),
+                mem: None,
+                expect: 0,
+                flush_pending: false,
+            })
+            .collect();
+        let limits = RequestLimits::new(&s.dev.options);
+        let event = EpollEvent::new(EventSet::IN, TOKEN_QUEUE + i as u64);
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, s.kick.as_raw_fd(), event)
+        {
+            log::error!("queue {} of '{}' cannot be watched: {e}", s.index, s.dev.id);
+            return;
+        }
+        let event_idx = s.queue.event_idx_enabled();
+        log::debug!(
+            "queue {} of '{}' started ({size} entries)",
+            s.index,
+            s.dev.id
+        );
+        self.queues[i] = Some(QueueRun {
+            key: (s.dev.uid, s.index),
+            root: s.dev.slot.register(),
+            dev: s.dev,
+            queue: s.queue,
+            kick: s.kick,
+            call: s.call,
+            mem: s.mem,
+            limits,
+            capacity_seen: u64::MAX,
+            slots,
+            free: (0..size).rev().collect(),
+            in_flight: 0,
+            stopping: None,
+            need_notify: false,
+            // Requests may already wait (a reconnect): look right away.
+            deferred: true,
+            event_idx,
+        });
+    }
+
+    /// Stops the queues whose requests have all finished.
+    fn finish_stops(&mut self) {
+        use std::os::fd::AsRawFd;
+        for entry in self.queues.iter_mut() {
+            let done = entry
+                .as_ref()
+                .is_some_and(|q| q.stopping.is_some() && q.in_flight == 0);
+            if !done {
+                continue;
+            }
+            if let Some(q) = entry.take() {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    q.kick.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+                if let Some(reply) = &q.stopping {
+                    let _ = reply.send(q.queue.next_avail());
+                }
+                log::debug!("queue {} of '{}' stopped", q.key.1, q.dev.id);
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        // Let requests in flight finish so no I/O outlives its buffers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.ctx.busy() && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Busy-waits up to the polling time for new requests or completions.
+    fn poll_for_work(&mut self) -> bool {
+        let end = Instant::now() + self.poll;
+        loop {
+            if self.ctx.busy() {
+                self.reap();
+                if self.queues.iter().flatten().any(|q| q.need_notify) {
+                    return true;
+                }
+            }
+            for q in self.queues.iter_mut().flatten() {
+                let mem = q.mem.memory();
+                let avail = q.queue.avail_idx(&*mem, Ordering::Acquire).map(|w| w.0);
+                if avail.is_ok_and(|a| a != q.queue.next_avail()) {
+                    q.deferred = true;
+                }
+            }
+            if self.queues.iter().flatten().any(|q| q.deferred) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Takes new requests from every queue that has some, submits the
+    /// batch, and notifies the guest where needed.
+    fn process_all(&mut self) {
+        for i in 0..self.queues.len() {
+            let Some(q) = self.queues[i].as_mut() else {
+                continue;
+            };
+            if q.deferred && q.stopping.is_none() {
+                q.deferred = false;
+                take_requests(q, i, &mut self.ctx);
+            }
+        }
+        if let Err(e) = self.ctx.submit() {
+            log::error!("I/O submission failed: {e}");
+        }
+        self.notify();
+        self.finish_stops();
+    }
+
+    fn reap(&mut self) {
+        self.completions.clear();
+        self.ctx.reap(&mut self.completions);
+        for c in std::mem::take(&mut self.completions).iter() {
+            let qi = (c.tag >> 32) as usize;
+            let si = (c.tag & 0xffff_ffff) as usize;
+            let Some(Some(q)) = self.queues.get_mut(qi) else {
+                log::error!("completion for a queue that is gone");
+                continue;
+            };
+            complete(q, qi, si, c.result, &mut self.ctx);
+        }
+        if let Err(e) = self.ctx.submit() {
+            log::error!("I/O submission failed: {e}");
+        }
+        self.notify();
+        self.finish_stops();
+    }
+
+    fn notify(&mut self) {
+        for q in self.queues.iter_mut().flatten() {
+            if !q.need_notify {
+                continue;
+            }
+            q.need_notify = false;
+            let mem = q.mem.memory();
+            let needed = !q.event_idx || q.queue.needs_notification(&*mem).unwrap_or(true);
+            if needed {
+                if let Err(e) = q.call.write(1) {
+                    log::warn!("notifying queue {} of '{}': {e}", q.key.1, q.dev.id);
+                }
+            }
+        }
+    }
+}
+
+/// Takes every available request of a queue (the EVENT_IDX loop: take,
+/// re-enable notifications, look again) and starts them.
+fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
+    let mem = q.mem.memory();
+    let capacity = q.dev.capacity.load(Ordering::Relaxed);
+    if capacity != q.capacity_seen {
+        q.limits.set_capacity_bytes(capacity);
+        q.capacity_seen = capacity;
+    }
+    loop {
+        if q.event_idx {
+            let _ = q.queue.disable_notification(&*mem);
+        }
+        while let Some(si) = q.free.pop() {
+            if !q.root.enter() {
+                q.free.push(si);
+                q.deferred = true;
+                return;
+            }
+            let Some(chain) = q.queue.pop_descriptor_chain(&*mem) else {
+                q.root.leave();
+                q.free.push(si);
+                break;
+            };
+            q.in_flight += 1;
+            let slot = &mut q.slots[si as usize];
+            slot.head = chain.head_index();
+            match slot.req.parse(chain, &q.limits) {
+                Ok(()) => start_request(q, qi, si as usize, &mem, ctx),
+                Err(e) => {
+                    e.log();
+                    let used = match slot.req.status_addr() {
+                        Some(a) if write_status(&*mem, a, e.status()).is_ok() => e.used_len(),
+                        _ => 0,
+                    };
+                    release(q, si as usize, &mem, used);
+                }
+            }
+        }
+        if !q.event_idx {
+            return;
+        }
+        match q.queue.enable_notification(&*mem) {
+            Ok(true) => continue,
+            _ => return,
+        }
+    }
+}
+
+fn tag(qi: usize, si: usize) -> u64 {
+    ((qi as u64) << 32) | si as u64
+}
+
+/// Starts a parsed request on the node.
+fn start_request(
+    q: &mut QueueRun,
+    qi: usize,
+    si: usize,
+    mem: &GuestMemoryLoadGuard<Mem>,
+    ctx: &mut IoContext,
+) {
+    let Some(root) = q.root.root().cloned() else {
+        // No medium: the request fails.
+        return finish(q, si, mem, VIRTIO_BLK_S_IOERR);
+    };
+    let slot = &mut q.slots[si];
+    let t = tag(qi, si);
+    slot.flush_pending = false;
+    let kind = slot.req.request_type();
+    let io = match kind {
+        RequestType::GetId => {
+            let status = match slot.req.write_device_id(&**mem, &q.dev.device_id) {
+                Ok(_) => VIRTIO_BLK_S_OK,
+                Err(_) => VIRTIO_BLK_S_IOERR,
+            };
+            return finish(q, si, mem, status);
+        }
+        RequestType::In | RequestType::Out => {
+            if slot.req.host_iovecs(&**mem, &mut slot.iov).is_err() {
+                return finish(q, si, mem, VIRTIO_BLK_S_IOERR);
+            }
+            slot.expect = u64::from(slot.req.data_len());
+            slot.mem = Some(mem.clone());
+            let kind = if kind == RequestType::In {
+                IoKind::Read
+            } else {
+                IoKind::Write
+            };
+            slot.flush_pending = kind == IoKind::Write && !q.dev.writeback.load(Ordering::Relaxed);
+            // SAFETY: the iovecs point into guest memory kept mapped by
+            // `slot.mem`, and `slot.iov` is neither touched nor moved until
+            // this tag completes (the slot is not reused before).
+            unsafe {
+                IoRequest::new(
+                    kind,
+                    slot.req.offset(),
+                    slot.expect,
+                    slot.iov.as_ptr(),
+                    slot.iov.len() as u32,
+                    t,
+                )
+            }
+        }
+        RequestType::Flush => IoRequest::without_data(IoKind::Flush, 0, 0, t),
+        RequestType::Discard | RequestType::WriteZeroes => {
+            let Some(range) = slot.req.ranges().first().copied() else {
+                return finish(q, si, mem, VIRTIO_BLK_S_OK);
+            };
+            let kind = if kind == RequestType::Discard {
+                IoKind::Discard
+            } else {
+                IoKind::WriteZeroes { unmap: range.unmap }
+            };
+            IoRequest::without_data(kind, range.offset(), range.len_bytes(), t)
+        }
+    };
+    root.submit(ctx, &io);
+}
+
+/// A completion from the engine.
+fn complete(q: &mut QueueRun, qi: usize, si: usize, result: i32, ctx: &mut IoContext) {
+    let Some(slot) = q.slots.get_mut(si) else {
+        return;
+    };
+    let mem = q.mem.memory();
+    let kind = slot.req.request_type();
+    let status = if result < 0 {
+        log::debug!(
+            "request on '{}' failed: {}",
+            q.dev.id,
+            std::io::Error::from_raw_os_error(-result)
+        );
+        VIRTIO_BLK_S_IOERR
+    } else {
+        let done = result as u64;
+        match kind {
+            RequestType::In if done < slot.expect => {
+                // Past the end of the file: the rest reads as zeroes.
+                zero_tail(&slot.iov, done);
+                VIRTIO_BLK_S_OK
+            }
+            RequestType::Out if done != slot.expect && !slot.flush_pending => VIRTIO_BLK_S_IOERR,
+            RequestType::Out if slot.flush_pending => {
+                slot.flush_pending = false;
+                if done != slot.expect {
+                    VIRTIO_BLK_S_IOERR
+                } else if let Some(root) = q.root.root() {
+                    // Writethrough: the write completes once flushed.
+                    root.submit(
+                        ctx,
+                        &IoRequest::without_data(IoKind::Flush, 0, 0, tag(qi, si)),
+                    );
+                    slot.expect = 0;
+                    return;
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                }
+            }
+            _ => VIRTIO_BLK_S_OK,
+        }
+    };
+    finish(q, si, &mem, status);
+}
+
+/// Zeroes the buffers from byte `from` on.
+fn zero_tail(iov: &[libc::iovec], from: u64) {
+    let mut skip = from as usize;
+    for v in iov {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        // SAFETY: the iovec points into mapped guest memory the request
+        // may write (it is a read request's buffer).
+        unsafe { std::ptr::write_bytes((v.iov_base as *mut u8).add(skip), 0, v.iov_len - skip) };
+        skip = 0;
+    }
+}
+
+/// Writes the status, returns the chain to the guest and frees the slot.
+fn finish(q: &mut QueueRun, si: usize, mem: &Mem, status: u8) {
+    let slot = &q.slots[si];
+    let used = match slot.req.status_addr() {
+        Some(a) if write_status(mem, a, status).is_ok() => slot.req.used_len(status),
+        _ => 0,
+    };
+    release(q, si, mem, used);
+}
+
+fn release(q: &mut QueueRun, si: usize, mem: &Mem, used: u32) {
+    let head = q.slots[si].head;
+    if let Err(e) = q.queue.add_used(mem, head, used) {
+        log::debug!(
+            "queue {} of '{}': returning a request: {e}",
+            q.key.1,
+            q.dev.id
+        );
+    }
+    q.slots[si].mem = None;
+    q.free.push(si as u16);
+    q.in_flight -= 1;
+    q.root.leave();
+    q.need_notify = true;
+}
