@@ -12,3 +12,4 @@ pub mod io;
 pub mod open;
 pub mod perm;
 pub mod query;
+pub mod stats;

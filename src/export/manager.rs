@@ -54,6 +54,14 @@ impl Exports {
             .map(|e| e.server.device())
     }
 
+    /// The exports, with their devices' I/O counters.
+    pub fn stats(&self) -> Vec<(String, String, crate::qapi::BlockDeviceStats)> {
+        self.list
+            .iter()
+            .map(|e| (e.id.clone(), e.node.clone(), e.server.device().io_stats()))
+            .collect()
+    }
+
     /// Devices exporting `node`.
     pub fn devices_on(&self, node: &str) -> Vec<Arc<Device>> {
         self.list

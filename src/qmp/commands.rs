@@ -114,13 +114,16 @@ impl qapi::Commands for Cx<'_> {
         if arg.query_nodes.unwrap_or(false) {
             return Ok(g.nodes().iter().map(|n| query::node_stats(g, n)).collect());
         }
-        Ok(g.uses()
-            .iter()
-            .filter(|u| u.kind == UserKind::BlockDevice)
-            .filter_map(|u| {
-                let node = g.node(&u.node)?;
+        Ok(self
+            .daemon
+            .exports
+            .stats()
+            .into_iter()
+            .filter_map(|(id, node, io)| {
+                let node = g.node(&node)?;
                 let mut stats = query::node_stats(g, node);
-                stats.device = Some(u.name.clone());
+                stats.device = Some(id);
+                stats.stats = io;
                 Some(stats)
             })
             .collect())

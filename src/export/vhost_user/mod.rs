@@ -8,6 +8,7 @@ pub mod memory;
 pub mod worker;
 
 use crate::block::drain::RootSlot;
+use crate::block::stats::{QueueStats, StatsEpoch};
 use crate::export::virtio_blk::{device_features, ConfigSpace, DeviceOptions, VIRTIO_BLK_ID_BYTES};
 use crate::iothread::IoThread;
 use crate::qapi::{BlockExportOptions, BlockExportOptionsVhostUserBlk, SocketAddressBranch};
@@ -43,6 +44,9 @@ pub struct Device {
     pub config: Mutex<ConfigSpace>,
     pub channel: Mutex<Option<BackendChannel>>,
     pub slot: Arc<RootSlot>,
+    /// I/O accounting, one block per queue.
+    pub stats: Vec<QueueStats>,
+    pub epoch: StatsEpoch,
     threads: Vec<Arc<IoThread>>,
     client: Mutex<Option<UnixStream>>,
     stopping: AtomicBool,
@@ -81,6 +85,10 @@ impl Device {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some()
+    }
+    /// The I/O counters of all queues, added up.
+    pub fn io_stats(&self) -> crate::qapi::BlockDeviceStats {
+        crate::block::stats::sum(&self.stats, &self.epoch)
     }
 }
 
@@ -170,6 +178,9 @@ impl Server {
         threads: Vec<Arc<IoThread>>,
     ) -> std::io::Result<Server> {
         let options = device_options(opts, vu, length)?;
+        let stats = (0..options.num_queues)
+            .map(|_| QueueStats::default())
+            .collect();
         let dev = Arc::new(Device {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             id: opts.id.clone(),
@@ -181,6 +192,8 @@ impl Server {
             options,
             channel: Mutex::new(None),
             slot,
+            stats,
+            epoch: StatsEpoch::default(),
             threads,
             client: Mutex::new(None),
             stopping: AtomicBool::new(false),

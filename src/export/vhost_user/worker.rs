@@ -12,6 +12,7 @@ use super::memory::{AtomicMem, Mem};
 use super::Device;
 use crate::block::drain::LocalRoot;
 use crate::block::io::{IoKind, IoRequest};
+use crate::block::stats::Acct;
 use crate::export::virtio_blk::{
     write_status, Request, RequestLimits, RequestType, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
@@ -73,6 +74,13 @@ struct Slot {
     expect: u64,
     /// A write in writethrough mode: a flush follows before completing.
     flush_pending: bool,
+    /// What to account the request as (GET_ID is not accounted).
+    acct: Option<Acct>,
+    /// Bytes the request covers, and where a write ends.
+    acct_bytes: u64,
+    acct_end: u64,
+    /// When the request started, in the device's accounting clock.
+    started_ns: u64,
 }
 
 // SAFETY: the raw pointers in `iov` point into guest memory kept mapped by
@@ -229,6 +237,10 @@ impl Worker {
                 mem: None,
                 expect: 0,
                 flush_pending: false,
+                acct: None,
+                acct_bytes: 0,
+                acct_end: 0,
+                started_ns: 0,
             })
             .collect();
         let limits = RequestLimits::new(&s.dev.options);
@@ -451,6 +463,22 @@ fn start_request(
     let t = tag(qi, si);
     slot.flush_pending = false;
     let kind = slot.req.request_type();
+    slot.started_ns = q.dev.epoch.now_ns();
+    slot.acct = match kind {
+        RequestType::In => Some(Acct::Read),
+        RequestType::Out => Some(Acct::Write),
+        RequestType::Flush => Some(Acct::Flush),
+        RequestType::Discard | RequestType::WriteZeroes => Some(Acct::Unmap),
+        RequestType::GetId => None,
+    };
+    slot.acct_bytes = match kind {
+        RequestType::In | RequestType::Out => u64::from(slot.req.data_len()),
+        RequestType::Discard | RequestType::WriteZeroes => {
+            slot.req.ranges().iter().map(|r| r.len_bytes()).sum()
+        }
+        _ => 0,
+    };
+    slot.acct_end = slot.req.offset().saturating_add(slot.acct_bytes);
     let io = match kind {
         RequestType::GetId => {
             let status = match slot.req.write_device_id(&**mem, &q.dev.device_id) {
@@ -563,6 +591,19 @@ fn zero_tail(iov: &[libc::iovec], from: u64) {
 
 /// Writes the status, returns the chain to the guest and frees the slot.
 fn finish(q: &mut QueueRun, si: usize, mem: &Mem, status: u8) {
+    let slot = &mut q.slots[si];
+    if let (Some(kind), Some(stats)) = (slot.acct.take(), q.dev.stats.get(usize::from(q.key.1))) {
+        let now = q.dev.epoch.now_ns();
+        let ns = now.saturating_sub(slot.started_ns);
+        stats.done(
+            kind,
+            slot.acct_bytes,
+            ns,
+            status == VIRTIO_BLK_S_OK,
+            slot.acct_end,
+            now,
+        );
+    }
     let slot = &q.slots[si];
     let used = match slot.req.status_addr() {
         Some(a) if write_status(mem, a, status).is_ok() => slot.req.used_len(status),
