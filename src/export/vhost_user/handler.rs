@@ -8,6 +8,7 @@
 //! after its requests finished.
 
 use super::channel::BackendChannel;
+use super::inflight::InflightArea;
 use super::memory::GuestMem;
 use super::worker::{QueueStart, WorkerMsg};
 use super::Device;
@@ -60,6 +61,8 @@ pub struct Connection {
     /// The backend channel peeked from SET_BACKEND_REQ_FD, installed when
     /// the message itself arrives.
     pub pending_channel: Option<BackendChannel>,
+    /// The inflight tracking area, when the frontend uses one.
+    inflight: Option<Arc<InflightArea>>,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -82,6 +85,7 @@ impl Connection {
             mem: GuestMem::default(),
             rings: (0..queues).map(|_| Ring::default()).collect(),
             pending_channel: None,
+            inflight: None,
         }
     }
 
@@ -108,6 +112,7 @@ impl Connection {
         let max = self.dev.options.queue_size;
         let atomic = self.mem.atomic();
         let dev = self.dev.clone();
+        let inflight_area = self.inflight.clone();
         let ring = self.ring(index)?;
         // Without protocol features a ring runs as soon as it is kicked.
         let enabled = ring.enabled || !protocol;
@@ -137,6 +142,9 @@ impl Connection {
         let (Some(kick), Some(call)) = (ring.kick.as_ref(), ring.call.as_ref()) else {
             return Ok(());
         };
+        let inflight = inflight_area
+            .as_ref()
+            .and_then(|a| a.queue(index as u16, ring.size));
         let start = QueueStart {
             dev: dev.clone(),
             index: index as u16,
@@ -144,6 +152,7 @@ impl Connection {
             kick: kick.try_clone().map_err(handler_error)?,
             call: call.try_clone().map_err(handler_error)?,
             mem: atomic,
+            inflight,
         };
         let thread = dev.thread_for(index as u16);
         if !thread.send(WorkerMsg::Start(Box::new(start))) {
@@ -325,7 +334,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::BACKEND_REQ)
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -409,17 +419,41 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation(
-            "inflight tracking was not offered",
-        ))
+        if inflight.num_queues == 0 || inflight.queue_size == 0 {
+            return Err(invalid("inflight area for no queues"));
+        }
+        let area = InflightArea::create(inflight.num_queues, inflight.queue_size)
+            .map_err(handler_error)?;
+        let file = area.file.try_clone().map_err(handler_error)?;
+        let reply = VhostUserInflight {
+            mmap_size: area.len() as u64,
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        self.inflight = Some(area);
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation(
-            "inflight tracking was not offered",
-        ))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let len =
+            usize::try_from(inflight.mmap_size).map_err(|_| invalid("inflight area too large"))?;
+        let area = InflightArea::map(
+            file,
+            len,
+            inflight.mmap_offset,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(handler_error)?;
+        log::info!(
+            "export '{}': frontend gave back its inflight area",
+            self.dev.id
+        );
+        self.inflight = Some(area);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

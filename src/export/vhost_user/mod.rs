@@ -4,6 +4,7 @@
 
 pub mod channel;
 pub mod handler;
+pub mod inflight;
 pub mod memory;
 pub mod worker;
 

@@ -8,6 +8,7 @@
 //! have grown. Buffers are iovecs straight into guest memory; a request
 //! keeps the memory snapshot it points into until it completes.
 
+use super::inflight::InflightQueue;
 use super::memory::{AtomicMem, Mem};
 use super::Device;
 use crate::block::drain::LocalRoot;
@@ -46,6 +47,8 @@ pub struct QueueStart {
     pub kick: EventFd,
     pub call: EventFd,
     pub mem: AtomicMem,
+    /// Inflight tracking for this queue, when the frontend set it up.
+    pub inflight: Option<InflightQueue>,
 }
 
 pub enum WorkerMsg {
@@ -106,6 +109,7 @@ struct QueueRun {
     /// Held back by a drain: look again shortly.
     deferred: bool,
     event_idx: bool,
+    inflight: Option<InflightQueue>,
 }
 
 struct Worker {
@@ -253,6 +257,27 @@ impl Worker {
             return;
         }
         let event_idx = s.queue.event_idx_enabled();
+        let mut queue = s.queue;
+        let mut inflight = s.inflight;
+        let resubmit = match inflight.as_mut() {
+            Some(iq) => {
+                let used = queue.next_used();
+                let heads = iq.recover(used);
+                if !heads.is_empty() {
+                    // Every request taken and not returned is marked, so the
+                    // ring's next entry follows them.
+                    queue.set_next_avail(used.wrapping_add(heads.len() as u16));
+                    log::info!(
+                        "queue {} of '{}': resubmitting {} requests that were in flight",
+                        s.index,
+                        s.dev.id,
+                        heads.len()
+                    );
+                }
+                heads
+            }
+            None => Vec::new(),
+        };
         log::debug!(
             "queue {} of '{}' started ({size} entries)",
             s.index,
@@ -262,7 +287,7 @@ impl Worker {
             key: (s.dev.uid, s.index),
             root: s.dev.slot.register(),
             dev: s.dev,
-            queue: s.queue,
+            queue,
             kick: s.kick,
             call: s.call,
             mem: s.mem,
@@ -276,7 +301,13 @@ impl Worker {
             // Requests may already wait (a reconnect): look right away.
             deferred: true,
             event_idx,
+            inflight,
         });
+        if !resubmit.is_empty() {
+            if let Some(q) = self.queues[i].as_mut() {
+                resubmit_heads(q, i, &resubmit, &mut self.ctx);
+            }
+        }
     }
 
     /// Stops the queues whose requests have all finished.
@@ -418,20 +449,7 @@ fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
                 q.free.push(si);
                 break;
             };
-            q.in_flight += 1;
-            let slot = &mut q.slots[si as usize];
-            slot.head = chain.head_index();
-            match slot.req.parse(chain, &q.limits) {
-                Ok(()) => start_request(q, qi, si as usize, &mem, ctx),
-                Err(e) => {
-                    e.log();
-                    let used = match slot.req.status_addr() {
-                        Some(a) if write_status(&*mem, a, e.status()).is_ok() => e.used_len(),
-                        _ => 0,
-                    };
-                    release(q, si as usize, &mem, used);
-                }
-            }
+            handle_chain(q, qi, si as usize, chain, &mem, ctx);
         }
         if !q.event_idx {
             return;
@@ -440,6 +458,111 @@ fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
             Ok(true) => continue,
             _ => return,
         }
+    }
+}
+
+/// Marks, parses and starts one chain taken from the ring.
+fn handle_chain<M>(
+    q: &mut QueueRun,
+    qi: usize,
+    si: usize,
+    chain: virtio_queue::DescriptorChain<M>,
+    mem: &GuestMemoryLoadGuard<Mem>,
+    ctx: &mut IoContext,
+) where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    q.in_flight += 1;
+    let head = chain.head_index();
+    if let Some(iq) = q.inflight.as_mut() {
+        iq.taken(head);
+    }
+    let slot = &mut q.slots[si];
+    slot.head = head;
+    match slot.req.parse(chain, &q.limits) {
+        Ok(()) => start_request(q, qi, si, mem, ctx),
+        Err(e) => {
+            e.log();
+            let used = match slot.req.status_addr() {
+                Some(a) if write_status(&**mem, a, e.status()).is_ok() => e.used_len(),
+                _ => 0,
+            };
+            release(q, si, mem, used);
+        }
+    }
+}
+
+/// Starts again the requests a previous connection (or vubd process) took
+/// and never returned. `virtio_queue` builds chains only from an avail
+/// ring, so the heads are listed in a private ring placed in a page after
+/// guest memory, and popped from a second queue that shares the real
+/// descriptor table.
+fn resubmit_heads(q: &mut QueueRun, qi: usize, heads: &[u16], ctx: &mut IoContext) {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+    let mem = q.mem.memory();
+    let end = mem
+        .iter()
+        .map(|r| r.start_addr().0.saturating_add(r.len()))
+        .max()
+        .unwrap_or(0);
+    let Some(base) = end.checked_add(0xfff).map(|e| e & !0xfff) else {
+        return;
+    };
+    let ring_bytes = 4 + 2 * heads.len() + 2;
+    let shadow = MmapRegion::<()>::new(ring_bytes.div_ceil(4096) * 4096)
+        .ok()
+        .and_then(|r| GuestRegionMmap::new(r, vm_memory::GuestAddress(base)))
+        .and_then(|r| mem.insert_region(Arc::new(r)).ok());
+    let Some(shadow) = shadow else {
+        log::error!(
+            "queue {} of '{}': cannot resubmit in-flight requests",
+            q.key.1,
+            q.dev.id
+        );
+        return;
+    };
+    let mut ring = Vec::with_capacity(ring_bytes);
+    ring.extend_from_slice(&0u16.to_le_bytes());
+    ring.extend_from_slice(&(heads.len() as u16).to_le_bytes());
+    for h in heads {
+        ring.extend_from_slice(&h.to_le_bytes());
+    }
+    if shadow
+        .write_slice(&ring, vm_memory::GuestAddress(base))
+        .is_err()
+    {
+        return;
+    }
+    let Ok(mut sq) = Queue::new(q.queue.max_size()) else {
+        return;
+    };
+    sq.set_size(q.queue.size());
+    sq.set_desc_table_address(
+        Some(q.queue.desc_table() as u32),
+        Some((q.queue.desc_table() >> 32) as u32),
+    );
+    sq.set_avail_ring_address(Some(base as u32), Some((base >> 32) as u32));
+    sq.set_used_ring_address(
+        Some(q.queue.used_ring() as u32),
+        Some((q.queue.used_ring() >> 32) as u32),
+    );
+    sq.set_ready(true);
+    for _ in heads {
+        let Some(si) = q.free.pop() else { break };
+        if !q.root.enter() {
+            q.free.push(si);
+            break;
+        }
+        let Some(chain) = sq.pop_descriptor_chain(&shadow) else {
+            q.root.leave();
+            q.free.push(si);
+            break;
+        };
+        handle_chain(q, qi, si as usize, chain, &mem, ctx);
+    }
+    if let Err(e) = ctx.submit() {
+        log::error!("I/O submission failed: {e}");
     }
 }
 
