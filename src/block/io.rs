@@ -127,6 +127,12 @@ pub trait BlockIo: Send + Sync + 'static {
     /// Changes the size the node shows.
     fn truncate(&self, size: u64) -> Result<(), BlockError>;
 
+    /// The alignment the node needs for buffer addresses and lengths
+    /// (O_DIRECT files); 1 when any buffer will do.
+    fn mem_alignment(&self) -> usize {
+        1
+    }
+
     /// Makes written data stable (synchronously, for the control plane).
     fn flush(&self) -> Result<(), BlockError>;
 

@@ -11,6 +11,7 @@
 //! with that tag has been reaped; this is the caller's contract on the
 //! `unsafe` submission functions.
 
+pub mod aligned;
 mod pool;
 mod uring;
 

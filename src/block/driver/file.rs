@@ -23,6 +23,8 @@ pub struct FileIo {
     block_device: bool,
     /// discard=unmap: discard requests punch holes (otherwise ignored).
     unmap: bool,
+    /// With O_DIRECT, the alignment buffers need; 1 otherwise.
+    align: usize,
 }
 
 impl BlockIo for FileIo {
@@ -41,6 +43,10 @@ impl BlockIo for FileIo {
 
     fn allocated_size(&self) -> Option<u64> {
         self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn mem_alignment(&self) -> usize {
+        self.align
     }
 
     fn truncate(&self, size: u64) -> Result<(), BlockError> {
@@ -144,6 +150,11 @@ impl FileDriver {
         }
         .resolve()?;
         let (file, read_only) = open_file(&path, flags)?;
+        let align = if flags.cache_direct {
+            direct_alignment(&file)
+        } else {
+            1
+        };
         let meta = file.metadata().map_err(|e| BlockError::open(&path, &e))?;
         let block_device = meta.file_type().is_block_device();
         if host_device && !(block_device || meta.file_type().is_char_device()) {
@@ -161,6 +172,7 @@ impl FileDriver {
                 no_flush: flags.cache_no_flush,
                 block_device,
                 unmap: flags.discard == crate::qapi::BlockdevDiscardOptions::Unmap,
+                align,
             }),
             name: if host_device { "host_device" } else { "file" },
             read_only,
@@ -180,6 +192,25 @@ impl FileDriver {
     fn lock_state(&self) -> std::sync::MutexGuard<'_, LockState> {
         self.lock.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The smallest alignment O_DIRECT reads accept on this file: tried with
+/// reads of growing size into a page-aligned buffer, as QEMU probes it.
+fn direct_alignment(file: &File) -> usize {
+    use std::os::unix::fs::FileExt;
+    for align in [512usize, 1024, 2048, 4096] {
+        let Some(mut buf) = crate::io::aligned::AlignedBuf::new(align, 4096) else {
+            break;
+        };
+        match file.read_at(buf.as_mut_slice(), 0) {
+            Ok(_) => return align,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            // Another error (an empty file reads fine): assume the
+            // common case.
+            Err(_) => return 4096,
+        }
+    }
+    4096
 }
 
 /// Opens read-write unless told otherwise; with auto-read-only, falls back

@@ -39,6 +39,10 @@ impl BlockIo for RawIo {
         self.child.allocated_size()
     }
 
+    fn mem_alignment(&self) -> usize {
+        self.child.mem_alignment()
+    }
+
     fn truncate(&self, size: u64) -> Result<(), BlockError> {
         if self.fixed_size.is_some() {
             return Err(BlockError::invalid("Cannot resize fixed-size raw disks"));

@@ -17,6 +17,7 @@ use crate::block::stats::Acct;
 use crate::export::virtio_blk::{
     write_status, Request, RequestLimits, RequestType, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
+use crate::io::aligned::{gather, scatter, AlignedBuf};
 use crate::io::{Completion, IoContext};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
@@ -84,6 +85,11 @@ struct Slot {
     acct_end: u64,
     /// When the request started, in the device's accounting clock.
     started_ns: u64,
+    /// An aligned copy of the data, for nodes that need aligned buffers
+    /// (O_DIRECT) when the guest's are not; grown on demand, then reused.
+    bounce: Option<AlignedBuf>,
+    bounce_iov: libc::iovec,
+    bounced: bool,
 }
 
 // SAFETY: the raw pointers in `iov` point into guest memory kept mapped by
@@ -245,6 +251,12 @@ impl Worker {
                 acct_bytes: 0,
                 acct_end: 0,
                 started_ns: 0,
+                bounce: None,
+                bounce_iov: libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                },
+                bounced: false,
             })
             .collect();
         let limits = RequestLimits::new(&s.dev.options);
@@ -566,6 +578,33 @@ fn resubmit_heads(q: &mut QueueRun, qi: usize, heads: &[u16], ctx: &mut IoContex
     }
 }
 
+/// Whether every buffer starts and ends on `align`.
+fn is_aligned(iov: &[libc::iovec], align: usize) -> bool {
+    iov.iter()
+        .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+}
+
+/// Points the slot's bounce iovec at an aligned buffer big enough for the
+/// request, filled with the guest's data for a write.
+fn prepare_bounce(slot: &mut Slot, align: usize, write: bool) -> bool {
+    let len = slot.expect as usize;
+    if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
+        slot.bounce = AlignedBuf::new(len.div_ceil(align) * align, align);
+    }
+    let Some(buf) = slot.bounce.as_mut() else {
+        return false;
+    };
+    if write {
+        // SAFETY: the iovecs describe readable guest memory, still mapped.
+        unsafe { gather(&slot.iov, &mut buf.as_mut_slice()[..len]) };
+    }
+    slot.bounce_iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    true
+}
+
 fn tag(qi: usize, si: usize) -> u64 {
     ((qi as u64) << 32) | si as u64
 }
@@ -622,19 +661,22 @@ fn start_request(
                 IoKind::Write
             };
             slot.flush_pending = kind == IoKind::Write && !q.dev.writeback.load(Ordering::Relaxed);
-            // SAFETY: the iovecs point into guest memory kept mapped by
-            // `slot.mem`, and `slot.iov` is neither touched nor moved until
-            // this tag completes (the slot is not reused before).
-            unsafe {
-                IoRequest::new(
-                    kind,
-                    slot.req.offset(),
-                    slot.expect,
-                    slot.iov.as_ptr(),
-                    slot.iov.len() as u32,
-                    t,
-                )
+            let align = root.mem_alignment();
+            slot.bounced = align > 1 && !is_aligned(&slot.iov, align);
+            if slot.bounced && !prepare_bounce(slot, align, kind == IoKind::Write) {
+                return finish(q, si, mem, VIRTIO_BLK_S_IOERR);
             }
+            let (iov, iovcnt) = if slot.bounced {
+                (&slot.bounce_iov as *const libc::iovec, 1)
+            } else {
+                (slot.iov.as_ptr(), slot.iov.len() as u32)
+            };
+            // SAFETY: the iovecs point into guest memory kept mapped by
+            // `slot.mem` (or into the slot's bounce buffer), and neither
+            // `slot.iov`, `slot.bounce_iov` nor the buffer is touched or
+            // moved until this tag completes (the slot is not reused
+            // before).
+            unsafe { IoRequest::new(kind, slot.req.offset(), slot.expect, iov, iovcnt, t) }
         }
         RequestType::Flush => IoRequest::without_data(IoKind::Flush, 0, 0, t),
         RequestType::Discard | RequestType::WriteZeroes => {
@@ -659,6 +701,15 @@ fn complete(q: &mut QueueRun, qi: usize, si: usize, result: i32, ctx: &mut IoCon
     };
     let mem = q.mem.memory();
     let kind = slot.req.request_type();
+    if slot.bounced && kind == RequestType::In && result > 0 {
+        if let Some(b) = slot.bounce.as_ref() {
+            let n = (result as usize).min(b.len());
+            // SAFETY: the iovecs describe writable guest memory of a read
+            // request, still mapped (the slot holds the memory).
+            unsafe { scatter(&b.as_slice()[..n], &slot.iov) };
+        }
+    }
+    slot.bounced = false;
     let status = if result < 0 {
         log::debug!(
             "request on '{}' failed: {}",
