@@ -1,0 +1,201 @@
+//! Command-line options of the benchmark.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::backend::{Config, Kind};
+use crate::workload::Setup;
+
+pub const USAGE: &str = "\
+usage: vubd-bench [OPTIONS]
+
+Runs the same libblkio workloads against qemu-storage-daemon (qsd) and vubd,
+alternating the backends, and reports medians and vubd/qsd ratios.
+
+  --quick               smoke test: 1 repetition of 0.5 s (+0.2 s warm-up),
+                        256 MiB image
+  --duration SECS       measured time per run (default 5)
+  --warmup SECS         warm-up before each run (default 1)
+  --reps N              runs per workload and backend (default 3)
+  --configs LIST        null,raw,qcow2 (default: all)
+  --setups LIST         1q,2q,poll (default: all)
+  --backends LIST       qsd,vubd (default: both)
+  --only TEXT           only workloads whose name contains TEXT, e.g. randread,
+                        'QD1', '128k'
+  --image-size MIB      size of the images and of the null device (default 1024)
+  --dir DIR             images, sockets and daemon logs (default /var/tmp/vubd-bench)
+  --qsd PATH            qemu-storage-daemon binary (default: from PATH)
+  --vubd PATH           vubd binary (default target/release/vubd)
+  --qemu-img PATH       qemu-img, to make the qcow2 image (default: from PATH)
+  --no-drop-caches      do not drop the page cache before each session
+  --seed N              seed of the offset generator (default 1)
+  --json PATH           write all runs, medians and ratios as JSON
+  --markdown PATH       write the results as a markdown table
+  -h, --help            this text
+";
+
+#[derive(Clone, Debug)]
+pub struct Opts {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub reps: usize,
+    pub configs: Vec<Config>,
+    pub setups: Vec<Setup>,
+    pub backends: Vec<Kind>,
+    pub only: Option<String>,
+    pub image_mib: u64,
+    pub dir: PathBuf,
+    pub qsd: PathBuf,
+    pub vubd: PathBuf,
+    pub qemu_img: PathBuf,
+    pub drop_caches: bool,
+    pub seed: u64,
+    pub json: Option<PathBuf>,
+    pub markdown: Option<PathBuf>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            duration: Duration::from_secs(5),
+            warmup: Duration::from_secs(1),
+            reps: 3,
+            configs: Config::ALL.to_vec(),
+            setups: Setup::ALL.to_vec(),
+            backends: vec![Kind::Qsd, Kind::Vubd],
+            only: None,
+            image_mib: 1024,
+            dir: PathBuf::from("/var/tmp/vubd-bench"),
+            qsd: PathBuf::from("qemu-storage-daemon"),
+            vubd: PathBuf::from("target/release/vubd"),
+            qemu_img: PathBuf::from("qemu-img"),
+            drop_caches: true,
+            seed: 1,
+            json: None,
+            markdown: None,
+        }
+    }
+}
+
+/// `None` means: print the usage and exit successfully.
+pub fn parse(args: &[String]) -> Result<Option<Opts>, String> {
+    let mut o = Opts::default();
+    // --quick sets defaults that explicit options given anywhere override.
+    if args.iter().any(|a| a == "--quick") {
+        o.duration = Duration::from_millis(500);
+        o.warmup = Duration::from_millis(200);
+        o.reps = 1;
+        o.image_mib = 256;
+    }
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = || -> Result<String, String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it.next().cloned().ok_or(format!("{name} needs a value")),
+            }
+        };
+        match name {
+            "-h" | "--help" => return Ok(None),
+            "--quick" => {}
+            "--duration" => o.duration = secs(name, &value()?)?,
+            "--warmup" => o.warmup = secs(name, &value()?)?,
+            "--reps" => {
+                o.reps = num(name, &value()?)? as usize;
+                if o.reps == 0 {
+                    return Err("--reps must be at least 1".into());
+                }
+            }
+            "--configs" => o.configs = list(name, &value()?, Config::parse)?,
+            "--setups" => o.setups = list(name, &value()?, Setup::parse)?,
+            "--backends" => o.backends = list(name, &value()?, Kind::parse)?,
+            "--only" => o.only = Some(value()?),
+            "--image-size" => {
+                o.image_mib = num(name, &value()?)?;
+                if o.image_mib < 16 {
+                    return Err("--image-size must be at least 16 (MiB)".into());
+                }
+            }
+            "--dir" => o.dir = PathBuf::from(value()?),
+            "--qsd" => o.qsd = PathBuf::from(value()?),
+            "--vubd" => o.vubd = PathBuf::from(value()?),
+            "--qemu-img" => o.qemu_img = PathBuf::from(value()?),
+            "--no-drop-caches" => o.drop_caches = false,
+            "--seed" => o.seed = num(name, &value()?)?,
+            "--json" => o.json = Some(PathBuf::from(value()?)),
+            "--markdown" => o.markdown = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(Some(o))
+}
+
+fn secs(name: &str, v: &str) -> Result<Duration, String> {
+    let s: f64 = v
+        .parse()
+        .map_err(|_| format!("{name}: not a number of seconds: {v}"))?;
+    if !(0.0..=3600.0).contains(&s) {
+        return Err(format!("{name}: out of range: {v}"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn num(name: &str, v: &str) -> Result<u64, String> {
+    v.parse()
+        .map_err(|_| format!("{name}: not a whole number: {v}"))
+}
+
+fn list<T: PartialEq>(name: &str, v: &str, f: fn(&str) -> Option<T>) -> Result<Vec<T>, String> {
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let x = f(item).ok_or_else(|| format!("{name}: unknown item {item}"))?;
+        if !out.contains(&x) {
+            out.push(x);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("{name}: empty list"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(a: &[&str]) -> Result<Option<Opts>, String> {
+        parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults_quick_and_overrides() {
+        let o = p(&[]).unwrap().unwrap();
+        assert_eq!(o.duration, Duration::from_secs(5));
+        assert_eq!(o.reps, 3);
+        assert_eq!(o.backends, vec![Kind::Qsd, Kind::Vubd]);
+        let o = p(&["--duration", "2", "--quick"]).unwrap().unwrap();
+        assert_eq!(o.duration, Duration::from_secs(2));
+        assert_eq!(o.reps, 1);
+        let o = p(&[
+            "--configs=raw,null",
+            "--backends",
+            "qsd",
+            "--setups",
+            "poll",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(o.configs, vec![Config::Raw, Config::Null]);
+        assert_eq!(o.backends, vec![Kind::Qsd]);
+        assert_eq!(o.setups, vec![Setup::Poll]);
+        assert!(p(&["--help"]).unwrap().is_none());
+        assert!(p(&["--bogus"]).is_err());
+        assert!(p(&["--configs", "nope"]).is_err());
+        assert!(p(&["--reps", "0"]).is_err());
+        assert!(p(&["--duration"]).is_err());
+    }
+}

@@ -1,0 +1,561 @@
+//! The workloads and the libblkio client that drives them.
+//!
+//! A run connects to the daemon's socket, starts one queue per client
+//! thread, lets every thread keep its queue depth of requests in flight for
+//! warm-up + duration, and counts only the requests that complete inside the
+//! measurement window. Latency is taken per request, from just before it is
+//! queued to the `do_io` return that reports it.
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+
+use crate::stats::{percentile, RunStats, XorShift64};
+
+/// Access pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pattern {
+    RandRead,
+    RandWrite,
+    SeqRead,
+    SeqWrite,
+}
+
+impl Pattern {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::RandRead => "randread",
+            Pattern::RandWrite => "randwrite",
+            Pattern::SeqRead => "seqread",
+            Pattern::SeqWrite => "seqwrite",
+        }
+    }
+
+    pub fn is_write(self) -> bool {
+        matches!(self, Pattern::RandWrite | Pattern::SeqWrite)
+    }
+
+    pub fn is_random(self) -> bool {
+        matches!(self, Pattern::RandRead | Pattern::RandWrite)
+    }
+}
+
+/// How many queues the export has and the client uses, and of which kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Setup {
+    /// One interrupt-driven queue, one client thread.
+    OneQueue,
+    /// Two interrupt-driven queues, two client threads (one per queue).
+    TwoQueues,
+    /// One poll queue (the client busy-polls for completions).
+    Poll,
+}
+
+impl Setup {
+    pub const ALL: [Setup; 3] = [Setup::OneQueue, Setup::TwoQueues, Setup::Poll];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Setup::OneQueue => "1q",
+            Setup::TwoQueues => "2q",
+            Setup::Poll => "poll",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Setup::OneQueue => "1 queue",
+            Setup::TwoQueues => "2 queues",
+            Setup::Poll => "1 poll queue",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Setup> {
+        match s {
+            "1" | "1q" => Some(Setup::OneQueue),
+            "2" | "2q" => Some(Setup::TwoQueues),
+            "poll" | "p" => Some(Setup::Poll),
+            _ => None,
+        }
+    }
+
+    /// Queues of the export, and client threads (one queue each).
+    pub fn queues(self) -> u32 {
+        match self {
+            Setup::TwoQueues => 2,
+            Setup::OneQueue | Setup::Poll => 1,
+        }
+    }
+
+    pub fn polled(self) -> bool {
+        self == Setup::Poll
+    }
+
+    /// The workloads run in this setup, reads before writes so that reads
+    /// never meet pages dirtied earlier in the same session.
+    pub fn workloads(self) -> Vec<Workload> {
+        let w = |pattern, bs, qd| Workload { pattern, bs, qd };
+        match self {
+            Setup::OneQueue | Setup::TwoQueues => vec![
+                w(Pattern::RandRead, 4096, 1),
+                w(Pattern::RandRead, 4096, 32),
+                w(Pattern::SeqRead, 128 * 1024, 8),
+                w(Pattern::RandWrite, 4096, 1),
+                w(Pattern::RandWrite, 4096, 32),
+                w(Pattern::SeqWrite, 128 * 1024, 8),
+            ],
+            Setup::Poll => vec![
+                w(Pattern::RandRead, 4096, 1),
+                w(Pattern::RandWrite, 4096, 1),
+            ],
+        }
+    }
+}
+
+/// One workload: pattern, block size and queue depth (per queue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Workload {
+    pub pattern: Pattern,
+    pub bs: usize,
+    pub qd: usize,
+}
+
+impl Workload {
+    /// e.g. `randread 4k QD32`.
+    pub fn name(&self) -> String {
+        let bs = if self.bs % 1024 == 0 {
+            format!("{}k", self.bs / 1024)
+        } else {
+            format!("{}", self.bs)
+        };
+        format!("{} {bs} QD{}", self.pattern.name(), self.qd)
+    }
+}
+
+/// Timing of one run.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// Samples the backend around the measurement window.
+pub trait Probe {
+    /// Backend CPU seconds so far.
+    fn cpu_seconds(&mut self) -> std::io::Result<f64>;
+    /// Backend peak RSS in KiB.
+    fn peak_rss_kib(&mut self) -> std::io::Result<u64>;
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a `do_io` may wait before the backend is declared stuck.
+const STALL: Duration = Duration::from_secs(10);
+
+/// A client connection with its queues and buffers, ready to run.
+struct Client {
+    blkio: Blkio,
+    queues: Vec<Blkioq>,
+    /// Per queue: address of a buffer region of `qd * bs` bytes.
+    bufs: Vec<usize>,
+    capacity: u64,
+}
+
+fn round_up(x: usize, align: usize) -> usize {
+    x.div_ceil(align) * align
+}
+
+/// Connects to the daemon and prepares queues and buffers.
+fn connect(socket: &Path, setup: Setup, w: &Workload) -> Result<Client, Error> {
+    let mut b = Blkio::new("virtio-blk-vhost-user")?;
+    b.set_str("path", &socket.to_string_lossy())?;
+    b.connect()?;
+    let capacity = b.get_u64("capacity")?;
+    let max_queues = b.get_i32("max-queues")?;
+    let n = setup.queues() as i32;
+    if n > max_queues {
+        return Err(format!("the export offers {max_queues} queue(s), {n} needed").into());
+    }
+    let max_transfer = b.get_i32("max-transfer")?;
+    if max_transfer > 0 && w.bs > max_transfer as usize {
+        return Err(format!("block size {} exceeds max-transfer {max_transfer}", w.bs).into());
+    }
+    if capacity < (w.bs * 2) as u64 * n as u64 {
+        return Err(format!("the export is too small ({capacity} bytes)").into());
+    }
+    let (nq, npq) = if setup.polled() { (0, n) } else { (n, 0) };
+    b.set_i32("num-queues", nq)?;
+    b.set_i32("num-poll-queues", npq)?;
+    let started = b.start()?;
+    let queues = if setup.polled() {
+        started.poll_queues
+    } else {
+        started.queues
+    };
+    if queues.len() != n as usize {
+        return Err(format!("got {} queues, wanted {n}", queues.len()).into());
+    }
+    let align = (b.get_u64("mem-region-alignment")? as usize).max(4096);
+    let len = round_up(w.qd * w.bs, align);
+    let mut bufs = Vec::new();
+    for (i, _) in queues.iter().enumerate() {
+        let region = b.alloc_mem_region(len)?;
+        b.map_mem_region(&region)?;
+        // Non-zero data for writes (and so that reads visibly overwrite it).
+        // SAFETY: the region is `len` bytes of fresh, writable, mapped memory
+        // owned by `b`, and nothing else uses it yet.
+        unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0x5a + i as u8, len) };
+        bufs.push(region.addr);
+    }
+    Ok(Client {
+        blkio: b,
+        queues,
+        bufs,
+        capacity,
+    })
+}
+
+/// What one client thread measured.
+struct ThreadResult {
+    requests: u64,
+    latencies_ns: Vec<u32>,
+}
+
+/// One client thread's share of the device and its request loop.
+struct Worker {
+    queue: Blkioq,
+    buf: usize,
+    w: Workload,
+    rng: XorShift64,
+    /// Byte range of the device this thread works in.
+    start: u64,
+    blocks: u64,
+    /// Next block for sequential patterns.
+    next_block: u64,
+}
+
+impl Worker {
+    fn next_offset(&mut self) -> u64 {
+        let block = if self.w.pattern.is_random() {
+            self.rng.below(self.blocks)
+        } else {
+            let b = self.next_block;
+            self.next_block = (b + 1) % self.blocks;
+            b
+        };
+        self.start + block * self.w.bs as u64
+    }
+
+    fn submit(&mut self, slot: usize) {
+        let off = self.next_offset();
+        let ptr = (self.buf + slot * self.w.bs) as *mut u8;
+        if self.w.pattern.is_write() {
+            self.queue
+                .write(off, ptr, self.w.bs, slot, ReqFlags::empty());
+        } else {
+            self.queue
+                .read(off, ptr, self.w.bs, slot, ReqFlags::empty());
+        }
+    }
+
+    fn run(mut self, go: Instant, warm_end: Instant, end: Instant) -> Result<ThreadResult, String> {
+        let qd = self.w.qd;
+        let expected = (end - warm_end).as_secs_f64();
+        let mut latencies: Vec<u32> =
+            Vec::with_capacity(((expected * 200_000.0) as usize).clamp(1024, 1 << 24));
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..qd).map(|_| MaybeUninit::uninit()).collect();
+        let mut submitted_at = vec![go; qd];
+        let now = Instant::now();
+        if go > now {
+            thread::sleep(go - now);
+        }
+        for (slot, t) in submitted_at.iter_mut().enumerate() {
+            *t = Instant::now();
+            self.submit(slot);
+        }
+        let mut in_flight = qd;
+        let mut requests = 0u64;
+        let mut failed: Option<String> = None;
+        while in_flight > 0 {
+            let mut timeout = STALL;
+            let n = self
+                .queue
+                .do_io(&mut comps, 1, Some(&mut timeout), None)
+                .map_err(|e| format!("do_io: {e} ({in_flight} requests in flight)"))?;
+            let now = Instant::now();
+            for c in &comps[..n] {
+                // SAFETY: do_io initialised the first `n` completions.
+                let c = unsafe { c.assume_init_read() };
+                let slot = c.user_data;
+                if slot >= qd {
+                    return Err(format!("completion with unknown user_data {slot}"));
+                }
+                if c.ret != 0 && failed.is_none() {
+                    failed = Some(format!(
+                        "{} request failed: {}",
+                        self.w.pattern.name(),
+                        std::io::Error::from_raw_os_error(-c.ret)
+                    ));
+                }
+                if now >= warm_end && now < end {
+                    let ns = (now - submitted_at[slot]).as_nanos();
+                    latencies.push(u32::try_from(ns).unwrap_or(u32::MAX));
+                    requests += 1;
+                }
+                if now < end && failed.is_none() {
+                    submitted_at[slot] = Instant::now();
+                    self.submit(slot);
+                } else {
+                    in_flight -= 1;
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(ThreadResult {
+                requests,
+                latencies_ns: latencies,
+            }),
+        }
+    }
+}
+
+/// Checks, on a connection of its own, that the export really moves data:
+/// a block written with a fresh pattern reads back identical (unless the
+/// node discards data, as `null-co` does), and the first block of an image
+/// holds the non-zero data it was filled with. A daemon that answers
+/// without doing the I/O would otherwise produce flattering figures.
+pub fn verify(socket: &Path, stores_data: bool, seed: u64) -> Result<(), String> {
+    const BS: usize = 4096;
+    let w = Workload {
+        pattern: Pattern::RandWrite,
+        bs: BS,
+        qd: 2,
+    };
+    let client = connect(socket, Setup::OneQueue, &w).map_err(|e| e.to_string())?;
+    let Client {
+        blkio,
+        mut queues,
+        bufs,
+        capacity,
+    } = client;
+    let q = queues.first_mut().ok_or_else(|| "no queue".to_string())?;
+    let (wbuf, rbuf) = (bufs[0] as *mut u8, (bufs[0] + BS) as *mut u8);
+    let mut rng = XorShift64::new(seed ^ 0x7665_7269_6679);
+    let pattern: Vec<u8> = (0..BS / 8)
+        .flat_map(|_| (rng.next_u64() | 1).to_le_bytes())
+        .collect();
+    // The buffers are only touched while no request is in flight: both lie
+    // inside the 2 * BS bytes mapped for queue 0 (qd 2), and every request
+    // below is waited for before the next access.
+    // SAFETY: see above; `pattern` is BS bytes long.
+    unsafe {
+        std::ptr::copy_nonoverlapping(pattern.as_ptr(), wbuf, BS);
+        std::ptr::write_bytes(rbuf, 0, BS);
+    }
+    let read_back = || -> Vec<u8> {
+        // SAFETY: see above.
+        unsafe { std::slice::from_raw_parts(rbuf, BS).to_vec() }
+    };
+    let one = |q: &mut Blkioq, write: bool, off: u64, what: &str| -> Result<(), String> {
+        if write {
+            q.write(off, wbuf, BS, 0, ReqFlags::empty());
+        } else {
+            q.read(off, rbuf, BS, 0, ReqFlags::empty());
+        }
+        let mut c = [MaybeUninit::<Completion>::uninit()];
+        let mut timeout = STALL;
+        let n = q
+            .do_io(&mut c, 1, Some(&mut timeout), None)
+            .map_err(|e| format!("{what}: {e}"))?;
+        if n != 1 {
+            return Err(format!("{what}: no completion"));
+        }
+        // SAFETY: do_io initialised the one completion it reported.
+        let c = unsafe { c[0].assume_init_read() };
+        if c.ret != 0 {
+            return Err(format!(
+                "{what} failed: {}",
+                std::io::Error::from_raw_os_error(-c.ret)
+            ));
+        }
+        Ok(())
+    };
+    let last = (capacity / BS as u64 - 1) * BS as u64;
+    one(q, true, last, "write of the last block")?;
+    one(q, false, last, "read of the last block")?;
+    if stores_data && read_back() != pattern {
+        return Err("the last block does not read back as written".into());
+    }
+    if stores_data {
+        // SAFETY: see above.
+        unsafe { std::ptr::write_bytes(rbuf, 0, BS) };
+        one(q, false, 0, "read of the first block")?;
+        if read_back().iter().all(|&b| b == 0) {
+            return Err("the first block reads as zeroes, not the image's data".into());
+        }
+    }
+    drop(queues);
+    drop(blkio);
+    Ok(())
+}
+
+/// Why a run failed: before any I/O (the export could not be used at all)
+/// or during it.
+#[derive(Debug)]
+pub enum RunError {
+    Connect(String),
+    Io(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Connect(e) => write!(f, "cannot use the export: {e}"),
+            RunError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Runs one workload against the daemon listening on `socket`.
+pub fn run(
+    socket: &Path,
+    setup: Setup,
+    w: Workload,
+    timing: Timing,
+    seed: u64,
+    probe: &mut dyn Probe,
+) -> Result<RunStats, RunError> {
+    let client = connect(socket, setup, &w).map_err(|e| RunError::Connect(e.to_string()))?;
+    let Client {
+        blkio,
+        queues,
+        bufs,
+        capacity,
+    } = client;
+    let n = queues.len() as u64;
+    let bs = w.bs as u64;
+    let total_blocks = capacity / bs;
+    let go = Instant::now() + Duration::from_millis(20);
+    let warm_end = go + timing.warmup;
+    let end = warm_end + timing.duration;
+
+    let mut handles = Vec::new();
+    for (i, (queue, buf)) in queues.into_iter().zip(bufs).enumerate() {
+        let i = i as u64;
+        // Random: every thread covers the whole device with its own
+        // sequence. Sequential: each streams through its own slice.
+        let (start, blocks) = if w.pattern.is_random() {
+            (0, total_blocks)
+        } else {
+            let per = total_blocks / n;
+            (i * per * bs, per)
+        };
+        let worker = Worker {
+            queue,
+            buf,
+            w,
+            rng: XorShift64::new(seed ^ (i + 1).wrapping_mul(0x9e37_79b9)),
+            start,
+            blocks,
+            next_block: 0,
+        };
+        handles.push(thread::spawn(move || worker.run(go, warm_end, end)));
+    }
+
+    let sleep_until = |t: Instant| {
+        let now = Instant::now();
+        if t > now {
+            thread::sleep(t - now);
+        }
+    };
+    sleep_until(warm_end);
+    let cpu0 = probe.cpu_seconds();
+    let t0 = Instant::now();
+    sleep_until(end);
+    let cpu1 = probe.cpu_seconds();
+    let window = t0.elapsed().as_secs_f64();
+
+    let mut requests = 0u64;
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut err: Option<String> = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(r)) => {
+                requests += r.requests;
+                if latencies.is_empty() {
+                    latencies = r.latencies_ns;
+                } else {
+                    latencies.extend_from_slice(&r.latencies_ns);
+                }
+            }
+            Ok(Err(e)) => {
+                err.get_or_insert(e);
+            }
+            Err(_) => {
+                err.get_or_insert_with(|| "client thread panicked".to_string());
+            }
+        }
+    }
+    let rss = probe.peak_rss_kib();
+    drop(blkio);
+    if let Some(e) = err {
+        return Err(RunError::Io(e));
+    }
+    let cpu = match (cpu0, cpu1) {
+        (Ok(a), Ok(b)) => b - a,
+        (Err(e), _) | (_, Err(e)) => return Err(RunError::Io(format!("backend CPU time: {e}"))),
+    };
+    let rss_kib = rss.map_err(|e| RunError::Io(format!("backend RSS: {e}")))?;
+    if requests == 0 {
+        return Err(RunError::Io("no request completed in the window".into()));
+    }
+    latencies.sort_unstable();
+    let us = |p| percentile(&latencies, p).map_or(f64::NAN, |ns| ns as f64 / 1000.0);
+    let seconds = (end - warm_end).as_secs_f64();
+    let iops = requests as f64 / seconds;
+    Ok(RunStats {
+        requests,
+        seconds,
+        iops,
+        mib_s: iops * w.bs as f64 / (1024.0 * 1024.0),
+        p50_us: us(50.0),
+        p99_us: us(99.0),
+        cpu_s: cpu,
+        // CPU was sampled over `window`, requests counted over `seconds`;
+        // scale so that both refer to the same span.
+        cpu_us_per_req: cpu * 1e6 / (iops * window),
+        rss_mib: rss_kib as f64 / 1024.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_names_and_setups() {
+        let w = Workload {
+            pattern: Pattern::SeqWrite,
+            bs: 128 * 1024,
+            qd: 8,
+        };
+        assert_eq!(w.name(), "seqwrite 128k QD8");
+        assert_eq!(Setup::TwoQueues.queues(), 2);
+        assert_eq!(Setup::OneQueue.workloads().len(), 6);
+        assert!(Setup::Poll.workloads().iter().all(|w| w.qd == 1));
+        // reads come before writes in every session
+        for s in Setup::ALL {
+            let ws = s.workloads();
+            let first_write = ws.iter().position(|w| w.pattern.is_write());
+            let last_read = ws.iter().rposition(|w| !w.pattern.is_write());
+            assert!(first_write > last_read);
+        }
+        assert_eq!(Setup::parse("poll"), Some(Setup::Poll));
+        assert_eq!(round_up(4097, 4096), 8192);
+    }
+}
