@@ -76,9 +76,10 @@ enum Engine {
 /// The I/O engine of one thread.
 pub struct IoContext {
     engine: Engine,
-    /// Operations that finished without reaching the engine.
+    /// Operations that finished without reaching the engine; the owner
+    /// reaps them after its own submissions (see [`Self::has_immediate`]).
     immediate: Vec<Completion>,
-    /// Signalled when `immediate` gains entries, so the event loop wakes.
+    /// Signalled by the engine when completions are ready.
     wake: vmm_sys_util::eventfd::EventFd,
 }
 
@@ -132,14 +133,16 @@ impl IoContext {
         }
     }
 
-    /// Completes an operation that needed no I/O.
+    /// Completes an operation that needed no I/O. No wake-up is sent: the
+    /// thread that called this is the one that reaps, and checks
+    /// [`Self::has_immediate`] after submitting.
     pub fn complete_now(&mut self, tag: u64, result: i32) {
-        if self.immediate.is_empty() {
-            // Only an error is possible (counter overflow), which cannot
-            // happen with one write per empty-to-non-empty transition.
-            let _ = self.wake.write(1);
-        }
         self.immediate.push(Completion { tag, result });
+    }
+
+    /// Whether operations completed without I/O wait to be reaped.
+    pub fn has_immediate(&self) -> bool {
+        !self.immediate.is_empty()
     }
 
     /// Starts every queued operation (one system call for a batch).
@@ -155,10 +158,10 @@ impl IoContext {
 
     /// Moves every finished operation into `out`.
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.immediate);
         // Clear the wake-up first so completions arriving after this point
         // signal again.
         let _ = self.wake.read();
-        out.append(&mut self.immediate);
         match &mut self.engine {
             Engine::Uring(u) => u.reap(out),
             Engine::Threads(p) => p.reap(out),

@@ -397,14 +397,30 @@ impl Worker {
         if let Err(e) = self.ctx.submit() {
             log::error!("I/O submission failed: {e}");
         }
+        if self.ctx.has_immediate() {
+            self.reap();
+            return;
+        }
         self.notify();
         self.finish_stops();
     }
 
     fn reap(&mut self) {
+        loop {
+            self.reap_once();
+            if !self.ctx.has_immediate() {
+                break;
+            }
+        }
+        self.notify();
+        self.finish_stops();
+    }
+
+    fn reap_once(&mut self) {
         self.completions.clear();
         self.ctx.reap(&mut self.completions);
-        for c in std::mem::take(&mut self.completions).iter() {
+        let mut done = std::mem::take(&mut self.completions);
+        for c in done.iter() {
             let qi = (c.tag >> 32) as usize;
             let si = (c.tag & 0xffff_ffff) as usize;
             let Some(Some(q)) = self.queues.get_mut(qi) else {
@@ -413,11 +429,11 @@ impl Worker {
             };
             complete(q, qi, si, c.result, &mut self.ctx);
         }
+        done.clear();
+        self.completions = done;
         if let Err(e) = self.ctx.submit() {
             log::error!("I/O submission failed: {e}");
         }
-        self.notify();
-        self.finish_stops();
     }
 
     fn notify(&mut self) {
