@@ -460,8 +460,6 @@ fn size_member_with_a_bad_suffix_is_refused() {
 }
 
 #[test]
-#[ignore = "vubd bug: a malformed 'size' value says \"expects a non-negative number \
-            below 2^64\", QEMU says \"expects size\""]
 fn size_member_with_a_bad_suffix_is_refused_in_qemu_words() {
     let dir = TempDir::new("vubd-cli");
     let run = run_to_exit(

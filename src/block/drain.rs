@@ -235,17 +235,24 @@ mod tests {
         let first = tagged(1);
         let slot = Arc::new(RootSlot::new(Some(first.clone() as Root)));
         let stop = Arc::new(AtomicBool::new(false));
+        let saw_new = Arc::new(AtomicU64::new(0));
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 let mut local = slot.register();
                 let stop = stop.clone();
+                let saw_new = saw_new.clone();
                 std::thread::spawn(move || {
                     let mut seen = Vec::new();
+                    let mut counted = false;
                     while !stop.load(Ordering::SeqCst) {
                         if local.enter() {
                             let tag = local.root().map(|r| r.length().unwrap_or(0));
                             std::thread::yield_now();
                             local.leave();
+                            if tag == Some(2) && !counted {
+                                counted = true;
+                                saw_new.fetch_add(1, Ordering::SeqCst);
+                            }
                             seen.push(tag);
                         }
                     }
@@ -260,7 +267,11 @@ mod tests {
             first.retired.store(true, Ordering::SeqCst);
             drained.publish(Some(second.clone() as Root));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Wait (on a loaded machine, a while) until both workers used it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while saw_new.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         stop.store(true, Ordering::SeqCst);
         let seen: Vec<Vec<Option<u64>>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
         assert_eq!(first.late_uses.load(Ordering::SeqCst), 0);

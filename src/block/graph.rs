@@ -167,6 +167,14 @@ impl Graph {
         Ok(())
     }
 
+    /// Lets every node re-read lengths it keeps in memory (after a resize).
+    pub fn refresh_lengths(&self) {
+        // Children first, so parents see their children's new sizes.
+        for n in self.nodes.iter() {
+            n.driver.io().refresh_length();
+        }
+    }
+
     /// A name QEMU would generate: `#block` and a counter, plus two more
     /// digits so that names are not reused across runs by accident.
     pub fn generate_node_name(&mut self) -> String {

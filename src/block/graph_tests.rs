@@ -44,7 +44,7 @@ fn writer_use(node: &str) -> Use {
         name: "disk0".into(),
         node: node.into(),
         perm: Perm::CONSISTENT_READ | Perm::WRITE,
-        shared: Perm::ALL,
+        shared: Perm::ALL - Perm::WRITE,
         slot: None,
     }
 }
@@ -126,7 +126,7 @@ fn node_with_parent_or_user_cannot_be_deleted() {
 }
 
 #[test]
-fn raw_node_locks_its_file_against_other_writers() {
+fn a_writer_locks_its_image_against_writers_in_other_processes() {
     let img = TempImage::new("lock");
     let mut first = Graph::default();
     add(
@@ -139,6 +139,7 @@ fn raw_node_locks_its_file_against_other_writers() {
         json!({"driver": "raw", "node-name": "r0", "file": "f0"}),
     )
     .unwrap();
+    let first_writer = first.change(|d| Ok(d.add_use(writer_use("r0")))).unwrap();
     let mut second = Graph::default();
     add(
         &mut second,
@@ -159,12 +160,17 @@ fn raw_node_locks_its_file_against_other_writers() {
         second.uses().is_empty(),
         "a failed change must leave the graph as it was"
     );
-    first.change(|d| d.remove_node("r0")).unwrap();
+    first
+        .change(|d| {
+            d.remove_use(first_writer);
+            Ok(())
+        })
+        .unwrap();
     second.change(|d| Ok(d.add_use(writer_use("r1")))).unwrap();
 }
 
 #[test]
-fn resize_under_raw_conflicts_with_raw_but_not_through_it() {
+fn resize_under_a_raw_window_conflicts_with_it_but_not_through_it() {
     let img = TempImage::new("resize");
     let mut g = Graph::default();
     add(
@@ -174,7 +180,7 @@ fn resize_under_raw_conflicts_with_raw_but_not_through_it() {
     .unwrap();
     add(
         &mut g,
-        json!({"driver": "raw", "node-name": "r0", "file": "f0"}),
+        json!({"driver": "raw", "node-name": "r0", "file": "f0", "offset": 512}),
     )
     .unwrap();
     let resize = |node: &str| Use {
@@ -263,4 +269,42 @@ fn raw_window_must_fit_in_file() {
     .unwrap();
     let len = g.node("r1").map(|n| n.driver.io().length().unwrap());
     assert_eq!(len, Some(8192));
+}
+
+#[test]
+fn plain_raw_is_a_filter_and_lets_its_file_be_resized() {
+    let img = TempImage::new("filter");
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "file", "node-name": "f0", "filename": img.path()}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r0", "file": "f0"}),
+    )
+    .unwrap();
+    let resize = Use {
+        id: 0,
+        kind: UserKind::Command,
+        name: "block_resize".into(),
+        node: "f0".into(),
+        perm: Perm::RESIZE,
+        shared: Perm::ALL,
+        slot: None,
+    };
+    assert!(g.change(|d| Ok(d.add_use(resize))).is_ok());
+}
+
+#[test]
+fn a_writer_export_keeps_another_writer_of_the_same_node_out() {
+    let mut g = Graph::default();
+    add(&mut g, json!({"driver": "null-co", "node-name": "n0"})).unwrap();
+    g.change(|d| Ok(d.add_use(writer_use("n0")))).unwrap();
+    let err = g.change(|d| Ok(d.add_use(writer_use("n0")))).err();
+    assert!(
+        matches!(err, Some(BlockError::PermConflict { .. })),
+        "{err:?}"
+    );
 }

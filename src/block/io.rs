@@ -133,6 +133,9 @@ pub trait BlockIo: Send + Sync + 'static {
         1
     }
 
+    /// Re-reads a length kept in memory after a node below was resized.
+    fn refresh_length(&self) {}
+
     /// Makes written data stable (synchronously, for the control plane).
     fn flush(&self) -> Result<(), BlockError>;
 

@@ -96,6 +96,7 @@ fn open_node(
                 .ok_or_else(|| BlockError::NoSuchNode(child.clone()))?;
             let driver = RawDriver::open(
                 child_node.driver.io(),
+                child_node.driver.name(),
                 child_node.driver.filename(),
                 r.offset,
                 r.size,

@@ -64,9 +64,9 @@ pub fn device_info(node: &Node) -> BlockDeviceInfo {
     }
 }
 
-/// Every named node, in the order they were opened.
+/// Every named node, the newest first (as QEMU lists them).
 pub fn named_nodes(graph: &Graph) -> Vec<BlockDeviceInfo> {
-    graph.nodes().iter().map(device_info).collect()
+    graph.nodes().iter().rev().map(device_info).collect()
 }
 
 /// Statistics of a node and, below it, of its file child (`parent` in

@@ -29,6 +29,12 @@ pub struct Exports {
     list: Vec<Export>,
 }
 
+impl Export {
+    pub fn device(&self) -> &Arc<Device> {
+        self.server.device()
+    }
+}
+
 impl Exports {
     pub fn iter(&self) -> impl Iterator<Item = &Export> {
         self.list.iter()
@@ -115,7 +121,10 @@ impl Exports {
                 name: opts.id.clone(),
                 node: opts.node_name.clone(),
                 perm: Perm::CONSISTENT_READ | if writable { Perm::WRITE } else { Perm::NONE },
-                shared: Perm::ALL,
+                // Like a QEMU guest device without share-rw: nobody else
+                // may write under the guest (in this process or, through
+                // the image locks, another), but the disk may be resized.
+                shared: Perm::ALL - Perm::WRITE,
                 slot: Some(slot.clone()),
             }))
         })?;

@@ -292,7 +292,7 @@ pub fn size(v: &Value, at: &At<'_>) -> Res<u64> {
             .as_u64()
             .ok_or_else(|| InputError::expects(at, "uint64_t")),
         (Value::String(s), Syntax::Keyval) => {
-            parse_size(s).ok_or_else(|| InputError::expects(at, "a non-negative number below 2^64"))
+            parse_size(s).ok_or_else(|| InputError::expects(at, "size"))
         }
         _ => Err(InputError::wrong_type(at, "integer")),
     }

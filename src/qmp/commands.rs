@@ -171,9 +171,20 @@ impl qapi::Commands for Cx<'_> {
             log::warn!("dropping block_resize's hold on '{node}': {e}");
         }
         result?;
+        g.refresh_lengths();
         log::info!("node '{node}' resized to {} bytes", arg.size);
-        for dev in self.daemon.exports.devices_on(&node) {
-            dev.resize(arg.size as u64);
+        // Every export whose node's size changed (the resized node, or one
+        // above it) tells its frontend.
+        let g = &self.daemon.graph;
+        for (id, node, _) in self.daemon.exports.stats() {
+            let Some(len) = g.node(&node).and_then(|n| n.driver.io().length().ok()) else {
+                continue;
+            };
+            if let Some(dev) = self.daemon.exports.device(&id) {
+                if dev.capacity.load(std::sync::atomic::Ordering::Relaxed) != len {
+                    dev.resize(len);
+                }
+            }
         }
         Ok(())
     }

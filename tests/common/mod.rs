@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod frontend;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};

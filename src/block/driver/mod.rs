@@ -18,6 +18,8 @@ pub enum DriverKind {
     Protocol,
     /// Interprets the bytes of its `file` child.
     Format,
+    /// Passes requests to its child unchanged (raw without a window).
+    Filter,
 }
 
 /// The role of a child edge, as QEMU names it in messages.

@@ -31,9 +31,10 @@ impl BlockIo for NullIo {
         Some(0)
     }
 
-    fn truncate(&self, size: u64) -> Result<(), BlockError> {
-        self.size.store(size, Ordering::Relaxed);
-        Ok(())
+    fn truncate(&self, _size: u64) -> Result<(), BlockError> {
+        Err(BlockError::invalid(
+            "Image format driver does not support resize",
+        ))
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -96,16 +97,15 @@ impl NullDriver {
 /// `null-co://` when no option was given, else `json:{...}` with the
 /// driver and the options, as QEMU names such nodes.
 fn pseudo_filename(driver: &str, opts: &BlockdevOptionsNull) -> String {
+    // Only the options that change what the node contains count (QEMU's
+    // "strong" options): latency-ns does not.
     let mut map = serde_json::Map::new();
+    if let Some(z) = opts.read_zeroes {
+        map.insert("read-zeroes".into(), z.into());
+    }
     map.insert("driver".into(), driver.into());
     if let Some(size) = opts.size {
         map.insert("size".into(), size.into());
-    }
-    if let Some(ns) = opts.latency_ns {
-        map.insert("latency-ns".into(), ns.into());
-    }
-    if let Some(z) = opts.read_zeroes {
-        map.insert("read-zeroes".into(), z.into());
     }
     if map.len() == 1 {
         return format!("{driver}://");

@@ -14,9 +14,8 @@ pub struct RawIo {
     offset: u64,
     /// The window's length when `size` was given; it cannot be resized.
     fixed_size: Option<u64>,
-    /// The current length, kept so requests need no system call. Only a
-    /// truncate through this node can change it: the node never lets
-    /// anyone else resize its file.
+    /// The current length, kept so requests need no system call; a resize
+    /// anywhere in the graph refreshes it (Graph::refresh_lengths).
     size: AtomicU64,
 }
 
@@ -41,6 +40,15 @@ impl BlockIo for RawIo {
 
     fn mem_alignment(&self) -> usize {
         self.child.mem_alignment()
+    }
+
+    fn refresh_length(&self) {
+        if self.fixed_size.is_none() {
+            if let Ok(len) = self.child.length() {
+                self.size
+                    .store(len.saturating_sub(self.offset), Ordering::Relaxed);
+            }
+        }
     }
 
     fn truncate(&self, size: u64) -> Result<(), BlockError> {
@@ -76,12 +84,15 @@ impl BlockIo for RawIo {
 pub struct RawDriver {
     io: Arc<RawIo>,
     child_filename: String,
+    /// The child as JSON (its options or its filename), for json: names.
+    child_desc: String,
     read_only: bool,
 }
 
 impl RawDriver {
     pub fn open(
         child: Root,
+        child_driver: &str,
         child_filename: String,
         offset: Option<i64>,
         size: Option<i64>,
@@ -115,7 +126,10 @@ impl RawDriver {
             Some(s) => s,
             None => child_len - offset,
         };
+        let child_desc =
+            serde_json::json!({"driver": child_driver, "filename": child_filename}).to_string();
         Ok(RawDriver {
+            child_desc: child_desc.replace("\":", "\": ").replace(",\"", ", \""),
             io: Arc::new(RawIo {
                 child,
                 offset,
@@ -134,7 +148,13 @@ impl Driver for RawDriver {
     }
 
     fn kind(&self) -> DriverKind {
-        DriverKind::Format
+        // Without a window raw changes nothing, and QEMU treats it as a
+        // filter: it takes from its file only what its parents take.
+        if self.io.offset == 0 && self.io.fixed_size.is_none() {
+            DriverKind::Filter
+        } else {
+            DriverKind::Format
+        }
     }
 
     fn io(&self) -> Root {
@@ -142,7 +162,18 @@ impl Driver for RawDriver {
     }
 
     fn filename(&self) -> String {
-        self.child_filename.clone()
+        match self.io.fixed_size {
+            // A window is described by its options, as QEMU does.
+            Some(size) => format!(
+                "json:{{\"driver\": \"raw\", \"offset\": {}, \"size\": {size}, \"file\": {}}}",
+                self.io.offset, self.child_desc
+            ),
+            None if self.io.offset > 0 => format!(
+                "json:{{\"driver\": \"raw\", \"offset\": {}, \"file\": {}}}",
+                self.io.offset, self.child_desc
+            ),
+            None => self.child_filename.clone(),
+        }
     }
 
     fn is_read_only(&self) -> bool {
