@@ -5785,9 +5785,9 @@ pub struct BlockExportOptionsVhostUserBlk {
     pub logical_block_size: Option<u64>,
     /// how many request virtqueues to offer, 1 or more (default: 1)
     pub num_queues: Option<u16>,
-    /// serial number reported to the guest (default: empty); vubd extension
+    /// serial number the guest reads with GET_ID, at most 20 bytes (default: the export's id); vubd extension
     pub serial: Option<String>,
-    /// largest virtqueue size offered (default: chosen by vubd); vubd extension
+    /// largest virtqueue size offered (default: 1024); vubd extension
     pub queue_size: Option<u16>,
     /// microseconds to busy-poll a virtqueue before waiting for a notification, 0 to never poll (default: chosen by vubd); vubd extension
     pub poll_us: Option<u32>,

@@ -116,6 +116,10 @@ struct QueueRun {
     deferred: bool,
     event_idx: bool,
     inflight: Option<InflightQueue>,
+    /// The guest put the ring in an impossible state (an avail index more
+    /// than a ring ahead): the queue is left alone until the index makes
+    /// sense again; said once per episode.
+    broken: bool,
 }
 
 struct Worker {
@@ -314,6 +318,7 @@ impl Worker {
             deferred: true,
             event_idx,
             inflight,
+            broken: false,
         });
         if !resubmit.is_empty() {
             if let Some(q) = self.queues[i].as_mut() {
@@ -368,7 +373,7 @@ impl Worker {
             for q in self.queues.iter_mut().flatten() {
                 let mem = q.mem.memory();
                 let avail = q.queue.avail_idx(&*mem, Ordering::Acquire).map(|w| w.0);
-                if avail.is_ok_and(|a| a != q.queue.next_avail()) {
+                if avail.is_ok_and(|a| a != q.queue.next_avail()) && !ring_is_broken(q, &mem) {
                     q.deferred = true;
                 }
             }
@@ -457,6 +462,9 @@ impl Worker {
 /// re-enable notifications, look again) and starts them.
 fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
     let mem = q.mem.memory();
+    if ring_is_broken(q, &mem) {
+        return;
+    }
     let capacity = q.dev.capacity.load(Ordering::Relaxed);
     if capacity != q.capacity_seen {
         q.limits.set_capacity_bytes(capacity);
@@ -483,10 +491,31 @@ fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
             return;
         }
         match q.queue.enable_notification(&*mem) {
-            Ok(true) => continue,
+            Ok(true) if !ring_is_broken(q, &mem) => continue,
             _ => return,
         }
     }
+}
+
+/// Whether the guest claims more new entries than the ring holds; such a
+/// queue is marked broken (and said so once).
+fn ring_is_broken(q: &mut QueueRun, mem: &Mem) -> bool {
+    let Ok(avail) = q.queue.avail_idx(mem, Ordering::Acquire) else {
+        return true;
+    };
+    let pending = avail.0.wrapping_sub(q.queue.next_avail());
+    let broken = pending > q.queue.size();
+    if broken && !q.broken {
+        log::warn!(
+            "queue {} of '{}': the guest announced {pending} new requests in a ring of {}; \
+             the queue waits until that makes sense",
+            q.key.1,
+            q.dev.id,
+            q.queue.size()
+        );
+    }
+    q.broken = broken;
+    broken
 }
 
 /// Marks, parses and starts one chain taken from the ring.
@@ -804,12 +833,28 @@ fn finish(q: &mut QueueRun, si: usize, mem: &Mem, status: u8) {
 
 fn release(q: &mut QueueRun, si: usize, mem: &Mem, used: u32) {
     let head = q.slots[si].head;
-    if let Err(e) = q.queue.add_used(mem, head, used) {
+    if head >= q.queue.size() {
+        // The guest named a descriptor outside the ring: there is no valid
+        // id to return it under.
         log::debug!(
-            "queue {} of '{}': returning a request: {e}",
+            "queue {} of '{}': dropping head {head} outside the ring",
             q.key.1,
             q.dev.id
         );
+    } else {
+        if let Some(iq) = q.inflight.as_ref() {
+            iq.returning(head);
+        }
+        if let Err(e) = q.queue.add_used(mem, head, used) {
+            log::debug!(
+                "queue {} of '{}': returning a request: {e}",
+                q.key.1,
+                q.dev.id
+            );
+        }
+        if let Some(iq) = q.inflight.as_ref() {
+            iq.returned(head, q.queue.next_used());
+        }
     }
     q.slots[si].mem = None;
     q.free.push(si as u16);
