@@ -2,6 +2,7 @@
 //! helpers.  Each test file includes it with `mod common;`.
 #![allow(dead_code)]
 
+pub mod blk;
 pub mod daemon;
 pub mod frontend;
 pub mod qmp;
