@@ -1916,7 +1916,6 @@ fn direct_io_with_odd_buffers_on_two_queues_at_depth_keeps_the_data() {
 /// With `detect-zeroes=unmap` (and `discard=unmap`), a write of zeroes
 /// becomes a write-zeroes that may unmap: the range turns into a hole.
 #[test]
-#[ignore = "vubd bug: detect-zeroes is accepted and shown by query-named-block-nodes but never applied to writes"]
 fn zero_write_on_detect_zeroes_unmap_node_leaves_a_hole() {
     // Arrange
     let opts = ",discard=unmap,detect-zeroes=unmap";
@@ -1960,7 +1959,6 @@ fn zero_write_without_detect_zeroes_stays_allocated() {
 /// qsd 10.0.2 starts this (its exports share every permission; even two
 /// writable exports of one node start).
 #[test]
-#[ignore = "vubd bug: a read-only export of a node another export writes is a permission conflict ('write' unshared); qsd allows it"]
 fn two_exports_of_one_node_see_each_others_writes() {
     // Arrange: e0 writable, e1 read-only, both on d0.
     let args = [

@@ -34,6 +34,9 @@ pub struct Node {
     /// child): only such nodes can be deleted by blockdev-del.
     pub monitor_owned: bool,
     pub driver: Arc<dyn Driver>,
+    /// What parents and users send requests to: the driver's data face,
+    /// wrapped by node-level policies (detect-zeroes).
+    pub io: super::drain::Root,
     pub flags: NodeFlags,
     pub children: Vec<Edge>,
     pub write_threshold: u64,
@@ -148,7 +151,7 @@ impl Graph {
     fn publish_roots(&self, draft: &Graph) -> Result<(), BlockError> {
         for u in &draft.uses {
             let Some(slot) = &u.slot else { continue };
-            let new_root = draft.node(&u.node).map(|n| n.driver.io());
+            let new_root = draft.node(&u.node).map(|n| n.io.clone());
             let old_root = slot.current();
             let same = match (&new_root, &old_root) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -171,7 +174,7 @@ impl Graph {
     pub fn refresh_lengths(&self) {
         // Children first, so parents see their children's new sizes.
         for n in self.nodes.iter() {
-            n.driver.io().refresh_length();
+            n.io.refresh_length();
         }
     }
 

@@ -139,6 +139,10 @@ pub trait BlockIo: Send + Sync + 'static {
     /// Makes written data stable (synchronously, for the control plane).
     fn flush(&self) -> Result<(), BlockError>;
 
-    /// Starts a request on the calling thread's context.
+    /// Starts a request on the calling thread's context. It completes with
+    /// a negative errno on failure; otherwise with the bytes a read
+    /// transferred (fewer at the end of a file), and for the other kinds
+    /// with the bytes done or 0 (done as a whole: a write turned into
+    /// write-zeroes reports 0).
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest);
 }

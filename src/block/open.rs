@@ -95,7 +95,7 @@ fn open_node(
                 .node(&child)
                 .ok_or_else(|| BlockError::NoSuchNode(child.clone()))?;
             let driver = RawDriver::open(
-                child_node.driver.io(),
+                child_node.io.clone(),
                 child_node.driver.name(),
                 child_node.driver.filename(),
                 r.offset,
@@ -115,9 +115,17 @@ fn open_node(
         ..flags
     };
     log::info!("opened node '{name}' ({})", driver.name());
+    let io: crate::block::drain::Root = match flags.detect_zeroes {
+        BlockdevDetectZeroesOptions::Off => driver.io(),
+        mode => Arc::new(crate::block::detect_zeroes::DetectZeroes::new(
+            driver.io(),
+            mode == BlockdevDetectZeroesOptions::Unmap,
+        )),
+    };
     graph.insert(Node {
         name: name.clone(),
         monitor_owned,
+        io,
         driver,
         flags,
         children,

@@ -112,8 +112,8 @@ impl Exports {
             }
         };
         let workers = threads.for_export(opts)?;
-        let slot = Arc::new(RootSlot::new(Some(node.driver.io())));
-        let length = node.driver.io().length()?;
+        let slot = Arc::new(RootSlot::new(Some(node.io.clone())));
+        let length = node.io.length()?;
         let use_id = graph.change(|g| {
             Ok(g.add_use(Use {
                 id: 0,
@@ -121,10 +121,15 @@ impl Exports {
                 name: opts.id.clone(),
                 node: opts.node_name.clone(),
                 perm: Perm::CONSISTENT_READ | if writable { Perm::WRITE } else { Perm::NONE },
-                // Like a QEMU guest device without share-rw: nobody else
-                // may write under the guest (in this process or, through
-                // the image locks, another), but the disk may be resized.
-                shared: Perm::ALL - Perm::WRITE,
+                // A writer is like a QEMU guest device without share-rw:
+                // nobody else may write under the guest (in this process
+                // or, through the image locks, another), but the disk may
+                // be resized. A reader shares everything, as qsd's exports.
+                shared: if writable {
+                    Perm::ALL - Perm::WRITE
+                } else {
+                    Perm::ALL
+                },
                 slot: Some(slot.clone()),
             }))
         })?;

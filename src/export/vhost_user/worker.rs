@@ -770,10 +770,14 @@ fn complete(q: &mut QueueRun, qi: usize, si: usize, result: i32, ctx: &mut IoCon
                 zero_tail(&slot.iov, done);
                 VIRTIO_BLK_S_OK
             }
-            RequestType::Out if done != slot.expect && !slot.flush_pending => VIRTIO_BLK_S_IOERR,
+            // A write completes with its byte count, or 0 when it was done
+            // as a whole some other way (detect-zeroes).
+            RequestType::Out if done != slot.expect && done != 0 && !slot.flush_pending => {
+                VIRTIO_BLK_S_IOERR
+            }
             RequestType::Out if slot.flush_pending => {
                 slot.flush_pending = false;
-                if done != slot.expect {
+                if done != slot.expect && done != 0 {
                     VIRTIO_BLK_S_IOERR
                 } else if let Some(root) = q.root.root() {
                     // Writethrough: the write completes once flushed.
