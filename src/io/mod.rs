@@ -145,6 +145,16 @@ impl IoContext {
         !self.immediate.is_empty()
     }
 
+    /// Whether completions can be reaped right now: immediate ones, or
+    /// io_uring's (which often completes cached I/O while submitting).
+    pub fn has_ready(&mut self) -> bool {
+        !self.immediate.is_empty()
+            || match &mut self.engine {
+                Engine::Uring(u) => u.ready(),
+                Engine::Threads(_) => false,
+            }
+    }
+
     /// Starts every queued operation (one system call for a batch).
     pub fn submit(&mut self) -> std::io::Result<()> {
         match &mut self.engine {

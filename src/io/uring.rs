@@ -35,6 +35,12 @@ impl Uring {
         self.in_flight
     }
 
+    /// Whether completions wait in the completion queue (no system call:
+    /// the queue is shared memory).
+    pub fn ready(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// # Safety
     /// See [`super::IoContext::push`].
     pub unsafe fn push(&mut self, op: Op, tag: u64) {

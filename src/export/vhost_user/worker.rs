@@ -402,7 +402,7 @@ impl Worker {
         if let Err(e) = self.ctx.submit() {
             log::error!("I/O submission failed: {e}");
         }
-        if self.ctx.has_immediate() {
+        if self.ctx.has_ready() {
             self.reap();
             return;
         }
@@ -413,7 +413,7 @@ impl Worker {
     fn reap(&mut self) {
         loop {
             self.reap_once();
-            if !self.ctx.has_immediate() {
+            if !self.ctx.has_ready() {
                 break;
             }
         }
