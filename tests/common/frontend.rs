@@ -20,9 +20,15 @@
 //!
 //! Every vhost-user exchange and every wait has a timeout ([`TIMEOUT`]): a
 //! wedged backend fails the test instead of hanging it.
+//!
+//! With [`Options::inflight`] the frontend negotiates INFLIGHT_SHMFD and
+//! keeps the backend's inflight area as QEMU does; [`TestFrontend::reconnect`]
+//! then connects again (to the same backend or to a new one on the same
+//! socket) keeping guest memory, rings, indices and the area.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
@@ -31,7 +37,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -185,6 +192,10 @@ pub struct Options {
     /// Where the avail and used indices start (SET_VRING_BASE and the used
     /// index in memory), to test wrap-around.
     pub base: u16,
+    /// Negotiate INFLIGHT_SHMFD: GET_INFLIGHT_FD before the ring starts,
+    /// then SET_INFLIGHT_FD with what came back (as QEMU does); the area
+    /// is kept for [`TestFrontend::reconnect`].
+    pub inflight: bool,
 }
 
 impl Default for Options {
@@ -195,6 +206,7 @@ impl Default for Options {
             mem_slots: false,
             queue_size: 256,
             base: 0,
+            inflight: false,
         }
     }
 }
@@ -251,6 +263,8 @@ impl Drop for Watchdog {
 struct Conn {
     fe: Frontend,
     watchdog: Watchdog,
+    /// The socket, to close the connection while `fe` lives on.
+    sock: UnixStream,
 }
 
 impl Conn {
@@ -258,9 +272,15 @@ impl Conn {
         let sock = connect_socket(path);
         let watchdog = Watchdog::new(sock.try_clone().expect("dup socket"));
         Conn {
-            fe: Frontend::from_stream(sock, 1),
+            fe: Frontend::from_stream(sock.try_clone().expect("dup socket"), 1),
             watchdog,
+            sock,
         }
+    }
+
+    /// Ends the connection as a frontend that goes away does.
+    fn close(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }
 
     /// Runs one exchange; panics if it fails or takes over [`TIMEOUT`].
@@ -302,6 +322,9 @@ pub struct TestFrontend {
     notified_upto: u16,
     /// Notifications received.
     pub calls: u64,
+    /// The inflight area the backend gave (GET_INFLIGHT_FD), kept as a
+    /// VMM keeps it across reconnections.
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 fn memfd(name: &str, size: u64) -> File {
@@ -352,47 +375,85 @@ fn poll_in(fd: i32, timeout: Duration) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
+/// Claims the backend and negotiates features (virtio and protocol) as
+/// `opts` asks; returns the connection, acknowledging every message from
+/// then on, and the virtio features acked.
+fn handshake(path: &Path, opts: &Options) -> (Conn, u64) {
+    let mut conn = Conn::connect(path);
+    conn.call("SET_OWNER", |fe| fe.set_owner());
+    let offered = conn.call("GET_FEATURES", |fe| fe.get_features());
+    let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    assert!(offered & protocol_bit != 0, "no PROTOCOL_FEATURES offered");
+    assert!(offered & VIRTIO_F_VERSION_1 != 0, "no VERSION_1 offered");
+    let mut features = offered;
+    if !opts.event_idx {
+        features &= !VIRTIO_RING_F_EVENT_IDX;
+    }
+    if !opts.indirect {
+        features &= !VIRTIO_RING_F_INDIRECT_DESC;
+    }
+    if opts.event_idx {
+        assert!(offered & VIRTIO_RING_F_EVENT_IDX != 0, "no EVENT_IDX");
+    }
+    conn.call("SET_FEATURES", |fe| fe.set_features(features));
+    let offered_protocol = conn.call("GET_PROTOCOL_FEATURES", |fe| fe.get_protocol_features());
+    let mut protocol = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    if opts.mem_slots {
+        protocol |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    }
+    if opts.inflight {
+        protocol |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    assert!(
+        offered_protocol.contains(protocol),
+        "protocol features {offered_protocol:?} lack some of {protocol:?}"
+    );
+    conn.call("SET_PROTOCOL_FEATURES", |fe| {
+        fe.set_protocol_features(protocol)
+    });
+    // From here on every message is acknowledged: when a call returns,
+    // the backend has handled the message.
+    conn.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let queues = conn.call("GET_QUEUE_NUM", |fe| fe.get_queue_num());
+    assert!(queues >= 1, "backend has {queues} queues");
+    (conn, features)
+}
+
+/// Shares the guest memory window (SET_MEM_TABLE, or ADD_MEM_REG).
+fn share_memory(conn: &mut Conn, opts: &Options, region: &VhostUserMemoryRegionInfo) {
+    if opts.mem_slots {
+        let slots = conn.call("GET_MAX_MEM_SLOTS", |fe| fe.get_max_mem_slots());
+        assert!(slots >= 1);
+        conn.call("ADD_MEM_REG", |fe| fe.add_mem_region(region));
+    } else {
+        conn.call("SET_MEM_TABLE", |fe| {
+            fe.set_mem_table(std::slice::from_ref(region))
+        });
+    }
+}
+
 impl TestFrontend {
     /// Connects to the vhost-user socket at `path` and brings up queue 0.
     pub fn connect(path: &Path, opts: Options) -> TestFrontend {
         let qs = opts.queue_size;
         assert!(qs.is_power_of_two() && qs <= 1024, "queue size {qs}");
-        let mut conn = Conn::connect(path);
-        conn.call("SET_OWNER", |fe| fe.set_owner());
-        let offered = conn.call("GET_FEATURES", |fe| fe.get_features());
-        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        assert!(offered & protocol_bit != 0, "no PROTOCOL_FEATURES offered");
-        assert!(offered & VIRTIO_F_VERSION_1 != 0, "no VERSION_1 offered");
-        let mut features = offered;
-        if !opts.event_idx {
-            features &= !VIRTIO_RING_F_EVENT_IDX;
-        }
-        if !opts.indirect {
-            features &= !VIRTIO_RING_F_INDIRECT_DESC;
-        }
-        if opts.event_idx {
-            assert!(offered & VIRTIO_RING_F_EVENT_IDX != 0, "no EVENT_IDX");
-        }
-        conn.call("SET_FEATURES", |fe| fe.set_features(features));
-        let offered_protocol = conn.call("GET_PROTOCOL_FEATURES", |fe| fe.get_protocol_features());
-        let mut protocol = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK;
-        if opts.mem_slots {
-            protocol |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        }
-        assert!(
-            offered_protocol.contains(protocol),
-            "protocol features {offered_protocol:?} lack some of {protocol:?}"
-        );
-        conn.call("SET_PROTOCOL_FEATURES", |fe| {
-            fe.set_protocol_features(protocol)
+        let (mut conn, features) = handshake(path, &opts);
+        let inflight = opts.inflight.then(|| {
+            // As QEMU: ask for an area, then give it back at once.
+            let ask = VhostUserInflight::new(0, 0, 1, qs);
+            let (info, file) = conn.call("GET_INFLIGHT_FD", |fe| fe.get_inflight_fd(&ask));
+            assert!(
+                info.mmap_size > 0,
+                "GET_INFLIGHT_FD answered an empty area ({} bytes)",
+                info.mmap_size
+            );
+            conn.call("SET_INFLIGHT_FD", |fe| {
+                fe.set_inflight_fd(&info, file.as_raw_fd())
+            });
+            (info, file)
         });
-        // From here on every message is acknowledged: when a call returns,
-        // the backend has handled the message.
-        conn.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let queues = conn.call("GET_QUEUE_NUM", |fe| fe.get_queue_num());
-        assert!(queues >= 1, "backend has {queues} queues");
 
         let memfd = memfd("vubd-test-guest", MEM_SIZE + 2 * GUARD);
         let (backing, _) = map(&memfd, 0, MEM_SIZE + 2 * GUARD);
@@ -407,13 +468,7 @@ impl TestFrontend {
             )
             .unwrap();
         assert_eq!(region.mmap_offset, GUARD);
-        if opts.mem_slots {
-            let slots = conn.call("GET_MAX_MEM_SLOTS", |fe| fe.get_max_mem_slots());
-            assert!(slots >= 1);
-            conn.call("ADD_MEM_REG", |fe| fe.add_mem_region(&region));
-        } else {
-            conn.call("SET_MEM_TABLE", |fe| fe.set_mem_table(&[region]));
-        }
+        share_memory(&mut conn, &opts, &region);
 
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -431,6 +486,7 @@ impl TestFrontend {
             last_used: opts.base,
             notified_upto: opts.base,
             calls: 0,
+            inflight,
         };
         // The ring as a fresh driver leaves it.
         t.mem
@@ -441,6 +497,71 @@ impl TestFrontend {
         t.set_used_event(opts.base);
         t.start_ring(opts.base);
         t
+    }
+
+    /// Closes the connection, as a frontend that goes away does (no
+    /// GET_VRING_BASE, no RESET_OWNER).  Guest memory, rings and the
+    /// inflight area stay; [`reconnect`](Self::reconnect) picks them up.
+    pub fn disconnect(&mut self) {
+        self.conn.close();
+    }
+
+    /// Connects again to the socket at `path` (the same backend after
+    /// [`disconnect`](Self::disconnect), or a new one after the old died)
+    /// and starts queue 0 again on the same guest memory, descriptor table,
+    /// avail and used rings, and call and kick eventfds.  As QEMU does, the
+    /// kept inflight area is given back with SET_INFLIGHT_FD before the
+    /// ring starts, and the ring's base is `base`, or the ring's used index
+    /// when `None` (what QEMU sets once the backend's last avail index is
+    /// lost).  Does not kick.
+    pub fn reconnect(&mut self, path: &Path, base: Option<u16>) {
+        self.conn.close();
+        let (mut conn, features) = handshake(path, &self.opts);
+        assert_eq!(
+            features, self.features,
+            "the backend offers other features after reconnecting"
+        );
+        if let Some((info, file)) = &self.inflight {
+            conn.call("SET_INFLIGHT_FD", |fe| {
+                fe.set_inflight_fd(info, file.as_raw_fd())
+            });
+        }
+        share_memory(&mut conn, &self.opts, &self.region);
+        // The old connection (and its watchdog) goes only now: the new
+        // one is up.
+        self.conn = conn;
+        let base = base.unwrap_or_else(|| self.used_idx());
+        self.start_ring(base);
+    }
+
+    /// The inflight area this frontend keeps: what GET_INFLIGHT_FD
+    /// answered.
+    pub fn inflight_info(&self) -> Option<VhostUserInflight> {
+        self.inflight.as_ref().map(|(info, _)| *info)
+    }
+
+    /// The heads the inflight area marks as in flight for queue `queue`,
+    /// read as the vhost-user spec lays out a split queue's region
+    /// (a 16-byte header, then 16 bytes per descriptor whose first byte is
+    /// the `inflight` flag; the area split evenly between the queues).
+    /// A frontend does not need to read the area; tests do, to see what
+    /// the backend recorded.
+    pub fn inflight_marks(&self, queue: u16) -> Vec<u16> {
+        let (info, file) = self
+            .inflight
+            .as_ref()
+            .expect("no inflight area (Options::inflight)");
+        assert!(queue < info.num_queues, "queue {queue} outside the area");
+        let per_queue = info.mmap_size / u64::from(info.num_queues);
+        let at = info.mmap_offset + per_queue * u64::from(queue);
+        let mut region = vec![0u8; per_queue as usize];
+        file.read_exact_at(&mut region, at)
+            .expect("reading the inflight area");
+        let descs = (region.len().saturating_sub(16) / 16).min(usize::from(self.opts.queue_size));
+        (0..descs)
+            .filter(|&h| region[16 + 16 * h] != 0)
+            .map(|h| h as u16)
+            .collect()
     }
 
     /// SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue 0.
