@@ -749,8 +749,6 @@ fn clean_reconnect_with_inflight_area_resubmits_nothing() {
 /// avail index is the used index, whatever the base says (as
 /// libvhost-user computes it: used index + requests marked).
 #[test]
-#[ignore = "vubd bug: with an inflight area and no marks, vubd starts the ring at the \
-            frontend's stale base instead of the used index and replays completed requests"]
 fn frontend_reconnects_after_losing_the_connection_with_requests_in_flight() {
     if no_inflight_in_daemon() {
         return;

@@ -185,11 +185,12 @@ impl InflightQueue {
         unsafe { std::ptr::write_volatile(self.at(Self::desc(head)), u8::from(on)) }
     }
 
-    /// Prepares the region for a ring whose used index is `used_idx` and
-    /// returns the heads to resubmit, oldest first. A fresh region is
-    /// initialised; a region that comes back is repaired as described in
-    /// the module documentation.
-    pub fn recover(&mut self, used_idx: u16) -> Vec<u16> {
+    /// Prepares the region for a ring whose used index is `used_idx`. A
+    /// fresh region is initialised (None: the frontend's base stands); a
+    /// region that comes back is repaired as described in the module
+    /// documentation, and the heads to resubmit are returned oldest first
+    /// (the next avail index is then the used index plus their number).
+    pub fn recover(&mut self, used_idx: u16) -> Option<Vec<u16>> {
         let desc_num = self.read_u16(10);
         if desc_num == 0 || self.read_u16(8) != VERSION || desc_num != self.ring_size {
             // New (or foreign) region: start clean.
@@ -202,7 +203,7 @@ impl InflightQueue {
                 self.set_flag(head, false);
                 self.write_u64(Self::desc(head) + 8, 0);
             }
-            return Vec::new();
+            return None;
         }
         if self.read_u16(14) != used_idx {
             let last = self.read_u16(12);
@@ -217,7 +218,7 @@ impl InflightQueue {
             .collect();
         heads.sort_unstable();
         self.counter = heads.last().map(|(c, _)| c + 1).unwrap_or(0);
-        heads.into_iter().map(|(_, h)| h).collect()
+        Some(heads.into_iter().map(|(_, h)| h).collect())
     }
 
     /// A request was taken from the ring.
@@ -252,7 +253,7 @@ mod tests {
     fn marks_survive_and_are_resubmitted_oldest_first() {
         let area = InflightArea::create(2, 8).unwrap();
         let mut q = area.queue(1, 8).unwrap();
-        assert!(q.recover(0).is_empty());
+        assert_eq!(q.recover(0), None);
         q.taken(5);
         q.taken(2);
         q.taken(7);
@@ -260,7 +261,7 @@ mod tests {
         q.returned(2, 1);
         // A new view of the same memory, as after a restart.
         let mut again = area.queue(1, 8).unwrap();
-        assert_eq!(again.recover(1), vec![5, 7]);
+        assert_eq!(again.recover(1), Some(vec![5, 7]));
     }
 
     #[test]
@@ -274,7 +275,7 @@ mod tests {
         // mark was cleared.
         q.returning(3);
         let mut again = area.queue(0, 4).unwrap();
-        assert_eq!(again.recover(1), vec![1]);
+        assert_eq!(again.recover(1), Some(vec![1]));
     }
 
     #[test]

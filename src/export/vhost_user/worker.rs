@@ -40,6 +40,11 @@ const TOKEN_QUEUE: u64 = 2;
 /// Which queue of which device.
 pub type QueueKey = (u64, u16);
 
+/// A queue's own handle on a guest memory snapshot. Requests clone this
+/// queue-local `Arc` rather than the shared one, so queues on different
+/// threads never write the same reference count.
+type Snap = Arc<GuestMemoryLoadGuard<Mem>>;
+
 /// A queue handed to a thread.
 pub struct QueueStart {
     pub dev: Arc<Device>,
@@ -73,7 +78,7 @@ struct Slot {
     req: Request,
     iov: Vec<libc::iovec>,
     /// The memory the request's pointers refer to, held until completion.
-    mem: Option<GuestMemoryLoadGuard<Mem>>,
+    mem: Option<Snap>,
     /// Bytes a read or write must transfer.
     expect: u64,
     /// A write in writethrough mode: a flush follows before completing.
@@ -104,6 +109,8 @@ struct QueueRun {
     kick: EventFd,
     call: EventFd,
     mem: AtomicMem,
+    /// The current snapshot of `mem` (see [`Snap`]).
+    snap: Snap,
     root: LocalRoot,
     limits: RequestLimits,
     capacity_seen: u64,
@@ -275,14 +282,17 @@ impl Worker {
         let event_idx = s.queue.event_idx_enabled();
         let mut queue = s.queue;
         let mut inflight = s.inflight;
-        let resubmit = match inflight.as_mut() {
-            Some(iq) => {
+        let resubmit = match inflight
+            .as_mut()
+            .and_then(|iq| iq.recover(queue.next_used()))
+        {
+            Some(heads) => {
+                // An area given back: every request taken and not returned
+                // is marked, so the ring's next entry follows them, whatever
+                // base the frontend sent (QEMU sends the used index).
                 let used = queue.next_used();
-                let heads = iq.recover(used);
+                queue.set_next_avail(used.wrapping_add(heads.len() as u16));
                 if !heads.is_empty() {
-                    // Every request taken and not returned is marked, so the
-                    // ring's next entry follows them.
-                    queue.set_next_avail(used.wrapping_add(heads.len() as u16));
                     log::info!(
                         "queue {} of '{}': resubmitting {} requests that were in flight",
                         s.index,
@@ -306,6 +316,7 @@ impl Worker {
             queue,
             kick: s.kick,
             call: s.call,
+            snap: Arc::new(s.mem.memory()),
             mem: s.mem,
             limits,
             capacity_seen: u64::MAX,
@@ -461,8 +472,9 @@ impl Worker {
 /// Takes every available request of a queue (the EVENT_IDX loop: take,
 /// re-enable notifications, look again) and starts them.
 fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
-    let mem = q.mem.memory();
-    if ring_is_broken(q, &mem) {
+    let snap = snapshot(q);
+    let mem: &Mem = &snap;
+    if ring_is_broken(q, mem) {
         return;
     }
     let capacity = q.dev.capacity.load(Ordering::Relaxed);
@@ -472,7 +484,7 @@ fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
     }
     loop {
         if q.event_idx {
-            let _ = q.queue.disable_notification(&*mem);
+            let _ = q.queue.disable_notification(mem);
         }
         while let Some(si) = q.free.pop() {
             if !q.root.enter() {
@@ -480,21 +492,31 @@ fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
                 q.deferred = true;
                 return;
             }
-            let Some(chain) = q.queue.pop_descriptor_chain(&*mem) else {
+            let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
                 q.root.leave();
                 q.free.push(si);
                 break;
             };
-            handle_chain(q, qi, si as usize, chain, &mem, ctx);
+            handle_chain(q, qi, si as usize, chain, &snap, ctx);
         }
         if !q.event_idx {
             return;
         }
-        match q.queue.enable_notification(&*mem) {
-            Ok(true) if !ring_is_broken(q, &mem) => continue,
+        match q.queue.enable_notification(mem) {
+            Ok(true) if !ring_is_broken(q, mem) => continue,
             _ => return,
         }
     }
+}
+
+/// The queue's snapshot of guest memory, renewed when the frontend changed
+/// the memory table.
+fn snapshot(q: &mut QueueRun) -> Snap {
+    let current = q.mem.memory();
+    if !std::ptr::eq::<Mem>(&*current, &**q.snap) {
+        q.snap = Arc::new(current);
+    }
+    q.snap.clone()
 }
 
 /// Whether the guest claims more new entries than the ring holds; such a
@@ -524,7 +546,7 @@ fn handle_chain<M>(
     qi: usize,
     si: usize,
     chain: virtio_queue::DescriptorChain<M>,
-    mem: &GuestMemoryLoadGuard<Mem>,
+    mem: &Snap,
     ctx: &mut IoContext,
 ) where
     M: std::ops::Deref,
@@ -541,11 +563,12 @@ fn handle_chain<M>(
         Ok(()) => start_request(q, qi, si, mem, ctx),
         Err(e) => {
             e.log();
+            let m: &Mem = mem;
             let used = match slot.req.status_addr() {
-                Some(a) if write_status(&**mem, a, e.status()).is_ok() => e.used_len(),
+                Some(a) if write_status(m, a, e.status()).is_ok() => e.used_len(),
                 _ => 0,
             };
-            release(q, si, mem, used);
+            release(q, si, m, used);
         }
     }
 }
@@ -557,7 +580,7 @@ fn handle_chain<M>(
 /// descriptor table.
 fn resubmit_heads(q: &mut QueueRun, qi: usize, heads: &[u16], ctx: &mut IoContext) {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
-    let mem = q.mem.memory();
+    let mem = snapshot(q);
     let end = mem
         .iter()
         .map(|r| r.start_addr().0.saturating_add(r.len()))
@@ -655,16 +678,11 @@ fn tag(qi: usize, si: usize) -> u64 {
 }
 
 /// Starts a parsed request on the node.
-fn start_request(
-    q: &mut QueueRun,
-    qi: usize,
-    si: usize,
-    mem: &GuestMemoryLoadGuard<Mem>,
-    ctx: &mut IoContext,
-) {
+fn start_request(q: &mut QueueRun, qi: usize, si: usize, mem: &Snap, ctx: &mut IoContext) {
+    let m: &Mem = mem;
     let Some(root) = q.root.root().cloned() else {
         // No medium: the request fails.
-        return finish(q, si, mem, VIRTIO_BLK_S_IOERR);
+        return finish(q, si, m, VIRTIO_BLK_S_IOERR);
     };
     let slot = &mut q.slots[si];
     let t = tag(qi, si);
@@ -688,15 +706,15 @@ fn start_request(
     slot.acct_end = slot.req.offset().saturating_add(slot.acct_bytes);
     let io = match kind {
         RequestType::GetId => {
-            let status = match slot.req.write_device_id(&**mem, &q.dev.device_id) {
+            let status = match slot.req.write_device_id(m, &q.dev.device_id) {
                 Ok(_) => VIRTIO_BLK_S_OK,
                 Err(_) => VIRTIO_BLK_S_IOERR,
             };
-            return finish(q, si, mem, status);
+            return finish(q, si, m, status);
         }
         RequestType::In | RequestType::Out => {
-            if slot.req.host_iovecs(&**mem, &mut slot.iov).is_err() {
-                return finish(q, si, mem, VIRTIO_BLK_S_IOERR);
+            if slot.req.host_iovecs(m, &mut slot.iov).is_err() {
+                return finish(q, si, m, VIRTIO_BLK_S_IOERR);
             }
             slot.expect = u64::from(slot.req.data_len());
             slot.mem = Some(mem.clone());
@@ -709,7 +727,7 @@ fn start_request(
             let align = root.mem_alignment();
             slot.bounced = align > 1 && !is_aligned(&slot.iov, align);
             if slot.bounced && !prepare_bounce(slot, align, kind == IoKind::Write) {
-                return finish(q, si, mem, VIRTIO_BLK_S_IOERR);
+                return finish(q, si, m, VIRTIO_BLK_S_IOERR);
             }
             let (iov, iovcnt) = if slot.bounced {
                 (&slot.bounce_iov as *const libc::iovec, 1)
@@ -726,7 +744,7 @@ fn start_request(
         RequestType::Flush => IoRequest::without_data(IoKind::Flush, 0, 0, t),
         RequestType::Discard | RequestType::WriteZeroes => {
             let Some(range) = slot.req.ranges().first().copied() else {
-                return finish(q, si, mem, VIRTIO_BLK_S_OK);
+                return finish(q, si, m, VIRTIO_BLK_S_OK);
             };
             let kind = if kind == RequestType::Discard {
                 IoKind::Discard
@@ -741,10 +759,13 @@ fn start_request(
 
 /// A completion from the engine.
 fn complete(q: &mut QueueRun, qi: usize, si: usize, result: i32, ctx: &mut IoContext) {
+    let mem = match q.slots.get(si).and_then(|s| s.mem.clone()) {
+        Some(m) => m,
+        None => snapshot(q),
+    };
     let Some(slot) = q.slots.get_mut(si) else {
         return;
     };
-    let mem = q.mem.memory();
     let kind = slot.req.request_type();
     if slot.bounced && kind == RequestType::In && result > 0 {
         if let Some(b) = slot.bounce.as_ref() {
