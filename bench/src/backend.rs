@@ -37,6 +37,9 @@ impl Kind {
     }
 }
 
+/// The iothreads' polling time, QEMU's default.
+const POLL_MAX_NS: u64 = 32768;
+
 /// What the exported node sits on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Config {
@@ -140,9 +143,11 @@ pub fn daemon_args(
         Threads::Single => 1,
         Threads::PerQueue => num_queues.max(1),
     };
+    // QEMU's iothreads busy-poll for up to 32 µs by default, vubd's only
+    // when asked: both are given the same polling explicitly.
     for i in 0..n_threads {
         args.push("--object".to_string());
-        args.push(format!("iothread,id=io{i}"));
+        args.push(format!("iothread,id=io{i},poll-max-ns={POLL_MAX_NS}"));
     }
     let iothread = match threads {
         Threads::Single => "iothread=io0".to_string(),
@@ -404,7 +409,7 @@ mod tests {
                 "--blockdev",
                 "driver=null-co,node-name=n0,size=1073741824,read-zeroes=off",
                 "--object",
-                "iothread,id=io0",
+                "iothread,id=io0,poll-max-ns=32768",
                 "--export",
                 "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/x,,y.sock,writable=on,num-queues=1,iothread=io0",
             ]
@@ -416,8 +421,8 @@ mod tests {
             "driver=file,node-name=f0,filename=/var/tmp/a.img,aio=io_uring,cache.direct=off"
         );
         assert_eq!(a[3], "driver=raw,node-name=n0,file=f0");
-        assert_eq!(a[5], "iothread,id=io0");
-        assert_eq!(a[7], "iothread,id=io1");
+        assert_eq!(a[5], "iothread,id=io0,poll-max-ns=32768");
+        assert_eq!(a[7], "iothread,id=io1,poll-max-ns=32768");
         assert!(a[9].ends_with("num-queues=2,iothread.0=io0,iothread.1=io1"));
         let a = daemon_args(Config::Qcow2, Some(img), 0, sock, 1, Threads::Single).unwrap();
         assert_eq!(a[3], "driver=qcow2,node-name=n0,file=f0");
