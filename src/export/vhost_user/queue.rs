@@ -1,0 +1,502 @@
+//! One virtqueue on its I/O thread: taking chains from the ring, starting
+//! them on the node, completing them, and the state each request keeps.
+
+use super::inflight::InflightQueue;
+use super::memory::{AtomicMem, Mem};
+use super::Device;
+use crate::block::drain::LocalRoot;
+use crate::block::io::{IoKind, IoRequest};
+use crate::block::stats::Acct;
+use crate::export::virtio_blk::{
+    write_status, Request, RequestLimits, RequestType, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use crate::io::aligned::{gather, scatter, AlignedBuf};
+use crate::io::IoContext;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryLoadGuard};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::QueueKey;
+
+/// A queue's own handle on a guest memory snapshot. Requests clone this
+/// queue-local `Arc` rather than the shared one, so queues on different
+/// threads never write the same reference count.
+pub(super) type Snap = Arc<GuestMemoryLoadGuard<Mem>>;
+
+pub(super) struct Slot {
+    pub(super) head: u16,
+    pub(super) req: Request,
+    pub(super) iov: Vec<libc::iovec>,
+    /// The memory the request's pointers refer to, held until completion.
+    pub(super) mem: Option<Snap>,
+    /// Bytes a read or write must transfer.
+    pub(super) expect: u64,
+    /// A write in writethrough mode: a flush follows before completing.
+    pub(super) flush_pending: bool,
+    /// What to account the request as (GET_ID is not accounted).
+    pub(super) acct: Option<Acct>,
+    /// Bytes the request covers, and where a write ends.
+    pub(super) acct_bytes: u64,
+    pub(super) acct_end: u64,
+    /// When the request started, in the device's accounting clock.
+    pub(super) started_ns: u64,
+    /// An aligned copy of the data, for nodes that need aligned buffers
+    /// (O_DIRECT) when the guest's are not; grown on demand, then reused.
+    pub(super) bounce: Option<AlignedBuf>,
+    pub(super) bounce_iov: libc::iovec,
+    pub(super) bounced: bool,
+}
+
+// SAFETY: the raw pointers in `iov` point into guest memory kept mapped by
+// `mem`; a slot is only ever used by the thread that owns its queue (it
+// moves once, with the queue, when the queue is handed to the thread).
+unsafe impl Send for Slot {}
+
+pub(super) struct QueueRun {
+    pub(super) key: QueueKey,
+    pub(super) dev: Arc<Device>,
+    pub(super) queue: Queue,
+    pub(super) kick: EventFd,
+    pub(super) call: EventFd,
+    pub(super) mem: AtomicMem,
+    /// The current snapshot of `mem` (see [`Snap`]).
+    pub(super) snap: Snap,
+    pub(super) root: LocalRoot,
+    pub(super) limits: RequestLimits,
+    pub(super) capacity_seen: u64,
+    pub(super) slots: Vec<Slot>,
+    pub(super) free: Vec<u16>,
+    pub(super) in_flight: usize,
+    pub(super) stopping: Option<Sender<u16>>,
+    pub(super) need_notify: bool,
+    /// Held back by a drain: look again shortly.
+    pub(super) deferred: bool,
+    pub(super) event_idx: bool,
+    pub(super) inflight: Option<InflightQueue>,
+    /// The guest put the ring in an impossible state (an avail index more
+    /// than a ring ahead): the queue is left alone until the index makes
+    /// sense again; said once per episode.
+    pub(super) broken: bool,
+}
+
+/// Takes every available request of a queue (the EVENT_IDX loop: take,
+/// re-enable notifications, look again) and starts them.
+pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
+    let snap = snapshot(q);
+    let mem: &Mem = &snap;
+    if ring_is_broken(q, mem) {
+        return;
+    }
+    let capacity = q.dev.capacity.load(Ordering::Relaxed);
+    if capacity != q.capacity_seen {
+        q.limits.set_capacity_bytes(capacity);
+        q.capacity_seen = capacity;
+    }
+    loop {
+        if q.event_idx {
+            let _ = q.queue.disable_notification(mem);
+        }
+        while let Some(si) = q.free.pop() {
+            if !q.root.enter() {
+                q.free.push(si);
+                q.deferred = true;
+                return;
+            }
+            let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
+                q.root.leave();
+                q.free.push(si);
+                break;
+            };
+            handle_chain(q, qi, si as usize, chain, &snap, ctx);
+        }
+        if !q.event_idx {
+            return;
+        }
+        match q.queue.enable_notification(mem) {
+            Ok(true) if !ring_is_broken(q, mem) => continue,
+            _ => return,
+        }
+    }
+}
+
+/// The queue's snapshot of guest memory, renewed when the frontend changed
+/// the memory table.
+pub(super) fn snapshot(q: &mut QueueRun) -> Snap {
+    let current = q.mem.memory();
+    if !std::ptr::eq::<Mem>(&*current, &**q.snap) {
+        q.snap = Arc::new(current);
+    }
+    q.snap.clone()
+}
+
+/// Whether the guest claims more new entries than the ring holds; such a
+/// queue is marked broken (and said so once).
+pub(super) fn ring_is_broken(q: &mut QueueRun, mem: &Mem) -> bool {
+    let Ok(avail) = q.queue.avail_idx(mem, Ordering::Acquire) else {
+        return true;
+    };
+    let pending = avail.0.wrapping_sub(q.queue.next_avail());
+    let broken = pending > q.queue.size();
+    if broken && !q.broken {
+        log::warn!(
+            "queue {} of '{}': the guest announced {pending} new requests in a ring of {}; \
+             the queue waits until that makes sense",
+            q.key.1,
+            q.dev.id,
+            q.queue.size()
+        );
+    }
+    q.broken = broken;
+    broken
+}
+
+/// Marks, parses and starts one chain taken from the ring.
+fn handle_chain<M>(
+    q: &mut QueueRun,
+    qi: usize,
+    si: usize,
+    chain: virtio_queue::DescriptorChain<M>,
+    mem: &Snap,
+    ctx: &mut IoContext,
+) where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    q.in_flight += 1;
+    let head = chain.head_index();
+    if let Some(iq) = q.inflight.as_mut() {
+        iq.taken(head);
+    }
+    let slot = &mut q.slots[si];
+    slot.head = head;
+    match slot.req.parse(chain, &q.limits) {
+        Ok(()) => start_request(q, qi, si, mem, ctx),
+        Err(e) => {
+            e.log();
+            let m: &Mem = mem;
+            let used = match slot.req.status_addr() {
+                Some(a) if write_status(m, a, e.status()).is_ok() => e.used_len(),
+                _ => 0,
+            };
+            release(q, si, m, used);
+        }
+    }
+}
+
+/// Starts again the requests a previous connection (or vubd process) took
+/// and never returned. `virtio_queue` builds chains only from an avail
+/// ring, so the heads are listed in a private ring placed in a page after
+/// guest memory, and popped from a second queue that shares the real
+/// descriptor table.
+pub(super) fn resubmit_heads(q: &mut QueueRun, qi: usize, heads: &[u16], ctx: &mut IoContext) {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+    let mem = snapshot(q);
+    let end = mem
+        .iter()
+        .map(|r| r.start_addr().0.saturating_add(r.len()))
+        .max()
+        .unwrap_or(0);
+    let Some(base) = end.checked_add(0xfff).map(|e| e & !0xfff) else {
+        return;
+    };
+    let ring_bytes = 4 + 2 * heads.len() + 2;
+    let shadow = MmapRegion::<()>::new(ring_bytes.div_ceil(4096) * 4096)
+        .ok()
+        .and_then(|r| GuestRegionMmap::new(r, vm_memory::GuestAddress(base)))
+        .and_then(|r| mem.insert_region(Arc::new(r)).ok());
+    let Some(shadow) = shadow else {
+        log::error!(
+            "queue {} of '{}': cannot resubmit in-flight requests",
+            q.key.1,
+            q.dev.id
+        );
+        return;
+    };
+    let mut ring = Vec::with_capacity(ring_bytes);
+    ring.extend_from_slice(&0u16.to_le_bytes());
+    ring.extend_from_slice(&(heads.len() as u16).to_le_bytes());
+    for h in heads {
+        ring.extend_from_slice(&h.to_le_bytes());
+    }
+    if shadow
+        .write_slice(&ring, vm_memory::GuestAddress(base))
+        .is_err()
+    {
+        return;
+    }
+    let Ok(mut sq) = Queue::new(q.queue.max_size()) else {
+        return;
+    };
+    sq.set_size(q.queue.size());
+    sq.set_desc_table_address(
+        Some(q.queue.desc_table() as u32),
+        Some((q.queue.desc_table() >> 32) as u32),
+    );
+    sq.set_avail_ring_address(Some(base as u32), Some((base >> 32) as u32));
+    sq.set_used_ring_address(
+        Some(q.queue.used_ring() as u32),
+        Some((q.queue.used_ring() >> 32) as u32),
+    );
+    sq.set_ready(true);
+    for _ in heads {
+        let Some(si) = q.free.pop() else { break };
+        if !q.root.enter() {
+            q.free.push(si);
+            break;
+        }
+        let Some(chain) = sq.pop_descriptor_chain(&shadow) else {
+            q.root.leave();
+            q.free.push(si);
+            break;
+        };
+        handle_chain(q, qi, si as usize, chain, &mem, ctx);
+    }
+    if let Err(e) = ctx.submit() {
+        log::error!("I/O submission failed: {e}");
+    }
+}
+
+/// Whether every buffer starts and ends on `align`.
+fn is_aligned(iov: &[libc::iovec], align: usize) -> bool {
+    iov.iter()
+        .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+}
+
+/// Points the slot's bounce iovec at an aligned buffer big enough for the
+/// request, filled with the guest's data for a write.
+fn prepare_bounce(slot: &mut Slot, align: usize, write: bool) -> bool {
+    let len = slot.expect as usize;
+    if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
+        slot.bounce = AlignedBuf::new(len.div_ceil(align) * align, align);
+    }
+    let Some(buf) = slot.bounce.as_mut() else {
+        return false;
+    };
+    if write {
+        // SAFETY: the iovecs describe readable guest memory, still mapped.
+        unsafe { gather(&slot.iov, &mut buf.as_mut_slice()[..len]) };
+    }
+    slot.bounce_iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    true
+}
+
+fn tag(qi: usize, si: usize) -> u64 {
+    ((qi as u64) << 32) | si as u64
+}
+
+/// Starts a parsed request on the node.
+fn start_request(q: &mut QueueRun, qi: usize, si: usize, mem: &Snap, ctx: &mut IoContext) {
+    let m: &Mem = mem;
+    let Some(root) = q.root.root().cloned() else {
+        // No medium: the request fails.
+        return finish(q, si, m, VIRTIO_BLK_S_IOERR);
+    };
+    let slot = &mut q.slots[si];
+    let t = tag(qi, si);
+    slot.flush_pending = false;
+    let kind = slot.req.request_type();
+    slot.started_ns = q.dev.epoch.now_ns();
+    slot.acct = match kind {
+        RequestType::In => Some(Acct::Read),
+        RequestType::Out => Some(Acct::Write),
+        RequestType::Flush => Some(Acct::Flush),
+        RequestType::Discard | RequestType::WriteZeroes => Some(Acct::Unmap),
+        RequestType::GetId => None,
+    };
+    slot.acct_bytes = match kind {
+        RequestType::In | RequestType::Out => u64::from(slot.req.data_len()),
+        RequestType::Discard | RequestType::WriteZeroes => {
+            slot.req.ranges().iter().map(|r| r.len_bytes()).sum()
+        }
+        _ => 0,
+    };
+    slot.acct_end = slot.req.offset().saturating_add(slot.acct_bytes);
+    let io = match kind {
+        RequestType::GetId => {
+            let status = match slot.req.write_device_id(m, &q.dev.device_id) {
+                Ok(_) => VIRTIO_BLK_S_OK,
+                Err(_) => VIRTIO_BLK_S_IOERR,
+            };
+            return finish(q, si, m, status);
+        }
+        RequestType::In | RequestType::Out => {
+            if slot.req.host_iovecs(m, &mut slot.iov).is_err() {
+                return finish(q, si, m, VIRTIO_BLK_S_IOERR);
+            }
+            slot.expect = u64::from(slot.req.data_len());
+            slot.mem = Some(mem.clone());
+            let kind = if kind == RequestType::In {
+                IoKind::Read
+            } else {
+                IoKind::Write
+            };
+            slot.flush_pending = kind == IoKind::Write && !q.dev.writeback.load(Ordering::Relaxed);
+            let align = root.mem_alignment();
+            slot.bounced = align > 1 && !is_aligned(&slot.iov, align);
+            if slot.bounced && !prepare_bounce(slot, align, kind == IoKind::Write) {
+                return finish(q, si, m, VIRTIO_BLK_S_IOERR);
+            }
+            let (iov, iovcnt) = if slot.bounced {
+                (&slot.bounce_iov as *const libc::iovec, 1)
+            } else {
+                (slot.iov.as_ptr(), slot.iov.len() as u32)
+            };
+            // SAFETY: the iovecs point into guest memory kept mapped by
+            // `slot.mem` (or into the slot's bounce buffer), and neither
+            // `slot.iov`, `slot.bounce_iov` nor the buffer is touched or
+            // moved until this tag completes (the slot is not reused
+            // before).
+            unsafe { IoRequest::new(kind, slot.req.offset(), slot.expect, iov, iovcnt, t) }
+        }
+        RequestType::Flush => IoRequest::without_data(IoKind::Flush, 0, 0, t),
+        RequestType::Discard | RequestType::WriteZeroes => {
+            let Some(range) = slot.req.ranges().first().copied() else {
+                return finish(q, si, m, VIRTIO_BLK_S_OK);
+            };
+            let kind = if kind == RequestType::Discard {
+                IoKind::Discard
+            } else {
+                IoKind::WriteZeroes { unmap: range.unmap }
+            };
+            IoRequest::without_data(kind, range.offset(), range.len_bytes(), t)
+        }
+    };
+    root.submit(ctx, &io);
+}
+
+/// A completion from the engine.
+pub(super) fn complete(q: &mut QueueRun, qi: usize, si: usize, result: i32, ctx: &mut IoContext) {
+    let mem = match q.slots.get(si).and_then(|s| s.mem.clone()) {
+        Some(m) => m,
+        None => snapshot(q),
+    };
+    let Some(slot) = q.slots.get_mut(si) else {
+        return;
+    };
+    let kind = slot.req.request_type();
+    if slot.bounced && kind == RequestType::In && result > 0 {
+        if let Some(b) = slot.bounce.as_ref() {
+            let n = (result as usize).min(b.len());
+            // SAFETY: the iovecs describe writable guest memory of a read
+            // request, still mapped (the slot holds the memory).
+            unsafe { scatter(&b.as_slice()[..n], &slot.iov) };
+        }
+    }
+    slot.bounced = false;
+    let status = if result < 0 {
+        log::debug!(
+            "request on '{}' failed: {}",
+            q.dev.id,
+            std::io::Error::from_raw_os_error(-result)
+        );
+        VIRTIO_BLK_S_IOERR
+    } else {
+        let done = result as u64;
+        match kind {
+            RequestType::In if done < slot.expect => {
+                // Past the end of the file: the rest reads as zeroes.
+                zero_tail(&slot.iov, done);
+                VIRTIO_BLK_S_OK
+            }
+            // A write completes with its byte count, or 0 when it was done
+            // as a whole some other way (detect-zeroes).
+            RequestType::Out if done != slot.expect && done != 0 && !slot.flush_pending => {
+                VIRTIO_BLK_S_IOERR
+            }
+            RequestType::Out if slot.flush_pending => {
+                slot.flush_pending = false;
+                if done != slot.expect && done != 0 {
+                    VIRTIO_BLK_S_IOERR
+                } else if let Some(root) = q.root.root() {
+                    // Writethrough: the write completes once flushed.
+                    root.submit(
+                        ctx,
+                        &IoRequest::without_data(IoKind::Flush, 0, 0, tag(qi, si)),
+                    );
+                    slot.expect = 0;
+                    return;
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                }
+            }
+            _ => VIRTIO_BLK_S_OK,
+        }
+    };
+    finish(q, si, &mem, status);
+}
+
+/// Zeroes the buffers from byte `from` on.
+fn zero_tail(iov: &[libc::iovec], from: u64) {
+    let mut skip = from as usize;
+    for v in iov {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        // SAFETY: the iovec points into mapped guest memory the request
+        // may write (it is a read request's buffer).
+        unsafe { std::ptr::write_bytes((v.iov_base as *mut u8).add(skip), 0, v.iov_len - skip) };
+        skip = 0;
+    }
+}
+
+/// Writes the status, returns the chain to the guest and frees the slot.
+fn finish(q: &mut QueueRun, si: usize, mem: &Mem, status: u8) {
+    let slot = &mut q.slots[si];
+    if let (Some(kind), Some(stats)) = (slot.acct.take(), q.dev.stats.get(usize::from(q.key.1))) {
+        let now = q.dev.epoch.now_ns();
+        let ns = now.saturating_sub(slot.started_ns);
+        stats.done(
+            kind,
+            slot.acct_bytes,
+            ns,
+            status == VIRTIO_BLK_S_OK,
+            slot.acct_end,
+            now,
+        );
+    }
+    let slot = &q.slots[si];
+    let used = match slot.req.status_addr() {
+        Some(a) if write_status(mem, a, status).is_ok() => slot.req.used_len(status),
+        _ => 0,
+    };
+    release(q, si, mem, used);
+}
+
+fn release(q: &mut QueueRun, si: usize, mem: &Mem, used: u32) {
+    let head = q.slots[si].head;
+    if head >= q.queue.size() {
+        // The guest named a descriptor outside the ring: there is no valid
+        // id to return it under.
+        log::debug!(
+            "queue {} of '{}': dropping head {head} outside the ring",
+            q.key.1,
+            q.dev.id
+        );
+    } else {
+        if let Some(iq) = q.inflight.as_ref() {
+            iq.returning(head);
+        }
+        if let Err(e) = q.queue.add_used(mem, head, used) {
+            log::debug!(
+                "queue {} of '{}': returning a request: {e}",
+                q.key.1,
+                q.dev.id
+            );
+        }
+        if let Some(iq) = q.inflight.as_ref() {
+            iq.returned(head, q.queue.next_used());
+        }
+    }
+    q.slots[si].mem = None;
+    q.free.push(si as u16);
+    q.in_flight -= 1;
+    q.root.leave();
+    q.need_notify = true;
+}
