@@ -6551,6 +6551,45 @@ impl Serialize for BlockCommitArg {
 }
 rt::deserialize_via_qapi!(BlockCommitArg);
 
+/// Arguments of the `query-named-block-nodes` command.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QueryNamedBlockNodesArg {
+    /// leave out the image information of backing images (each node is listed on its own anyway) (default: false) (since 2.10)
+    pub flat: Option<bool>,
+}
+
+impl QueryNamedBlockNodesArg {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let flat = obj.opt("flat", <bool as rt::FromQapi>::from_qapi)?;
+        Ok(Self { flat })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        if let Some(v) = &self.flat { map.serialize_entry("flat", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for QueryNamedBlockNodesArg {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for QueryNamedBlockNodesArg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(QueryNamedBlockNodesArg);
+
 /// Arguments of the `blockdev-mirror` command.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevMirrorArg {
@@ -8039,7 +8078,7 @@ pub trait Commands {
 
     /// Describe every block node that has a node name.
     /// Since: 2.0
-    fn query_named_block_nodes(&mut self) -> Result<Vec<BlockDeviceInfo>, Self::Error>;
+    fn query_named_block_nodes(&mut self, arg: QueryNamedBlockNodesArg) -> Result<Vec<BlockDeviceInfo>, Self::Error>;
 
     /// Describe every block device.
     /// Since: 0.14
@@ -8091,7 +8130,7 @@ pub fn dispatch<C: Commands + ?Sized>(c: &mut C, name: &str, args: &Value) -> Op
         "blockdev-add" => <BlockdevOptions as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_add(a)).map(|()| Value::Object(Default::default())),
         "blockdev-del" => <BlockdevDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_del(a)).map(|()| Value::Object(Default::default())),
         "x-blockdev-del" => <XBlockdevDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.x_blockdev_del(a)).map(|()| Value::Object(Default::default())),
-        "query-named-block-nodes" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_named_block_nodes()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "query-named-block-nodes" => <QueryNamedBlockNodesArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.query_named_block_nodes(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "query-block" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_block()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "query-blockstats" => <QueryBlockstatsArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.query_blockstats(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "block_resize" => <BlockResizeArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_resize(a)).map(|()| Value::Object(Default::default())),
