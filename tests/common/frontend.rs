@@ -25,6 +25,14 @@
 //! keeps the backend's inflight area as QEMU does; [`TestFrontend::reconnect`]
 //! then connects again (to the same backend or to a new one on the same
 //! socket) keeping guest memory, rings, indices and the area.
+//!
+//! With [`Options::backend_req`] it negotiates BACKEND_REQ and, with
+//! [`Options::backend_channel`], gives the backend one end of a socket pair
+//! with SET_BACKEND_REQ_FD (as QEMU does, right after the feature
+//! negotiation); [`TestFrontend::recv_backend`] reads what the backend sends
+//! there and [`TestFrontend::answer_backend`] answers it.  With
+//! [`Options::reply_ack`] off, REPLY_ACK is not negotiated and messages are
+//! sent without NEED_REPLY.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -196,6 +204,15 @@ pub struct Options {
     /// then SET_INFLIGHT_FD with what came back (as QEMU does); the area
     /// is kept for [`TestFrontend::reconnect`].
     pub inflight: bool,
+    /// Negotiate REPLY_ACK and ask for an acknowledgement of every message
+    /// (on by default).  Off, a call that expects no reply returns once
+    /// the message is sent.
+    pub reply_ack: bool,
+    /// Negotiate BACKEND_REQ.
+    pub backend_req: bool,
+    /// Send SET_BACKEND_REQ_FD with one end of a socket pair, keeping the
+    /// other as the backend channel (needs `backend_req`).
+    pub backend_channel: bool,
 }
 
 impl Default for Options {
@@ -207,8 +224,43 @@ impl Default for Options {
             queue_size: 256,
             base: 0,
             inflight: false,
+            reply_ack: true,
+            backend_req: false,
+            backend_channel: false,
         }
     }
+}
+
+/// VHOST_USER_VERSION, in the flags of every message.
+pub const VU_VERSION: u32 = 0x1;
+/// Header flag of a reply.
+pub const VU_REPLY: u32 = 0x4;
+/// Header flag asking for a reply.
+pub const VU_NEED_REPLY: u32 = 0x8;
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG.
+pub const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+/// The largest backend-channel payload [`TestFrontend::recv_backend`]
+/// accepts (the spec's messages are far smaller).
+const BACKEND_PAYLOAD_MAX: u32 = 4096;
+
+/// What [`TestFrontend::backend_state`] saw on the backend channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// Nothing within the wait.
+    Quiet,
+    /// Bytes of a message.
+    Data,
+    /// The backend closed its end.
+    Closed,
+}
+
+/// A message the backend sent on the backend channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendMsg {
+    pub request: u32,
+    pub flags: u32,
+    pub size: u32,
+    pub payload: Vec<u8>,
 }
 
 /// Cuts a connection whose answer is late.
@@ -325,6 +377,9 @@ pub struct TestFrontend {
     /// The inflight area the backend gave (GET_INFLIGHT_FD), kept as a
     /// VMM keeps it across reconnections.
     inflight: Option<(VhostUserInflight, File)>,
+    /// The frontend's end of the backend channel
+    /// ([`Options::backend_channel`]).
+    backend: Option<UnixStream>,
 }
 
 fn memfd(name: &str, size: u64) -> File {
@@ -376,9 +431,11 @@ fn poll_in(fd: i32, timeout: Duration) -> bool {
 }
 
 /// Claims the backend and negotiates features (virtio and protocol) as
-/// `opts` asks; returns the connection, acknowledging every message from
-/// then on, and the virtio features acked.
-fn handshake(path: &Path, opts: &Options) -> (Conn, u64) {
+/// `opts` asks, and sets up the backend channel if asked; returns the
+/// connection (acknowledging every message from then on, with
+/// [`Options::reply_ack`]), the virtio features acked and the frontend's
+/// end of the backend channel.
+fn handshake(path: &Path, opts: &Options) -> (Conn, u64, Option<UnixStream>) {
     let mut conn = Conn::connect(path);
     conn.call("SET_OWNER", |fe| fe.set_owner());
     let offered = conn.call("GET_FEATURES", |fe| fe.get_features());
@@ -397,9 +454,13 @@ fn handshake(path: &Path, opts: &Options) -> (Conn, u64) {
     }
     conn.call("SET_FEATURES", |fe| fe.set_features(features));
     let offered_protocol = conn.call("GET_PROTOCOL_FEATURES", |fe| fe.get_protocol_features());
-    let mut protocol = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK;
+    let mut protocol = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
+    if opts.reply_ack {
+        protocol |= VhostUserProtocolFeatures::REPLY_ACK;
+    }
+    if opts.backend_req {
+        protocol |= VhostUserProtocolFeatures::BACKEND_REQ;
+    }
     if opts.mem_slots {
         protocol |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
     }
@@ -415,10 +476,24 @@ fn handshake(path: &Path, opts: &Options) -> (Conn, u64) {
     });
     // From here on every message is acknowledged: when a call returns,
     // the backend has handled the message.
-    conn.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    if opts.reply_ack {
+        conn.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
     let queues = conn.call("GET_QUEUE_NUM", |fe| fe.get_queue_num());
     assert!(queues >= 1, "backend has {queues} queues");
-    (conn, features)
+    assert!(
+        opts.backend_req || !opts.backend_channel,
+        "Options::backend_channel needs Options::backend_req"
+    );
+    let backend = opts.backend_channel.then(|| {
+        let (ours, theirs) = UnixStream::pair().expect("socket pair for the backend channel");
+        conn.call("SET_BACKEND_REQ_FD", |fe| {
+            fe.set_backend_request_fd(&theirs)
+        });
+        // `theirs` closes here: the backend holds its own copy.
+        ours
+    });
+    (conn, features, backend)
 }
 
 /// Shares the guest memory window (SET_MEM_TABLE, or ADD_MEM_REG).
@@ -439,7 +514,7 @@ impl TestFrontend {
     pub fn connect(path: &Path, opts: Options) -> TestFrontend {
         let qs = opts.queue_size;
         assert!(qs.is_power_of_two() && qs <= 1024, "queue size {qs}");
-        let (mut conn, features) = handshake(path, &opts);
+        let (mut conn, features, backend) = handshake(path, &opts);
         let inflight = opts.inflight.then(|| {
             // As QEMU: ask for an area, then give it back at once.
             let ask = VhostUserInflight::new(0, 0, 1, qs);
@@ -487,6 +562,7 @@ impl TestFrontend {
             notified_upto: opts.base,
             calls: 0,
             inflight,
+            backend,
         };
         // The ring as a fresh driver leaves it.
         t.mem
@@ -516,7 +592,7 @@ impl TestFrontend {
     /// lost).  Does not kick.
     pub fn reconnect(&mut self, path: &Path, base: Option<u16>) {
         self.conn.close();
-        let (mut conn, features) = handshake(path, &self.opts);
+        let (mut conn, features, backend) = handshake(path, &self.opts);
         assert_eq!(
             features, self.features,
             "the backend offers other features after reconnecting"
@@ -530,6 +606,7 @@ impl TestFrontend {
         // The old connection (and its watchdog) goes only now: the new
         // one is up.
         self.conn = conn;
+        self.backend = backend;
         let base = base.unwrap_or_else(|| self.used_idx());
         self.start_ring(base);
     }
@@ -617,6 +694,97 @@ impl TestFrontend {
 
     pub fn queue_size(&self) -> u16 {
         self.opts.queue_size
+    }
+
+    // ---- The backend channel.
+
+    fn backend(&self) -> &UnixStream {
+        self.backend
+            .as_ref()
+            .expect("no backend channel (Options::backend_channel, or closed)")
+    }
+
+    /// Waits up to `timeout` for a message on the backend channel and
+    /// reads it whole (header and payload, the rest with [`TIMEOUT`]);
+    /// `None` if none started within `timeout`.  Panics if the backend
+    /// closed the channel or sent a malformed message.
+    pub fn recv_backend(&mut self, timeout: Duration) -> Option<BackendMsg> {
+        let sock = self.backend();
+        if !poll_in(sock.as_raw_fd(), timeout) {
+            return None;
+        }
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut hdr = [0u8; 12];
+        let mut r = sock;
+        std::io::Read::read_exact(&mut r, &mut hdr)
+            .unwrap_or_else(|e| panic!("backend channel: reading a header: {e}"));
+        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+        let (request, flags, size) = (word(0), word(4), word(8));
+        assert!(
+            size <= BACKEND_PAYLOAD_MAX,
+            "backend channel: request {request} announces a {size}-byte payload"
+        );
+        let mut payload = vec![0u8; size as usize];
+        std::io::Read::read_exact(&mut r, &mut payload).unwrap_or_else(|e| {
+            panic!("backend channel: reading the {size}-byte payload of request {request}: {e}")
+        });
+        Some(BackendMsg {
+            request,
+            flags,
+            size,
+            payload,
+        })
+    }
+
+    /// Answers `msg` as QEMU does: its request, VERSION | REPLY, and the
+    /// u64 `status` (0 for success).
+    pub fn answer_backend(&mut self, msg: &BackendMsg, status: u64) {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&msg.request.to_le_bytes());
+        reply[4..8].copy_from_slice(&(VU_VERSION | VU_REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&status.to_le_bytes());
+        let sock = self.backend();
+        sock.set_write_timeout(Some(TIMEOUT)).unwrap();
+        let mut w = sock;
+        std::io::Write::write_all(&mut w, &reply)
+            .unwrap_or_else(|e| panic!("backend channel: answering request {}: {e}", msg.request));
+    }
+
+    /// What waits on the backend channel within `wait`, without reading
+    /// it.
+    pub fn backend_state(&self, wait: Duration) -> BackendState {
+        let sock = self.backend();
+        if !poll_in(sock.as_raw_fd(), wait) {
+            return BackendState::Quiet;
+        }
+        let mut byte = 0u8;
+        // SAFETY: recv into one byte that lives across the call; MSG_PEEK
+        // leaves it on the socket.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => BackendState::Closed,
+            n if n > 0 => BackendState::Data,
+            _ => BackendState::Quiet,
+        }
+    }
+
+    /// Closes the frontend's end of the backend channel.
+    pub fn close_backend_channel(&mut self) {
+        self.backend = None;
+    }
+
+    /// Whether the backend sent anything unasked on the main socket
+    /// within `wait` (it must not: every message there is a reply).
+    pub fn main_socket_has_data(&self, wait: Duration) -> bool {
+        poll_in(self.conn.sock.as_raw_fd(), wait)
     }
 
     /// The device's config space (GET_CONFIG of 60 bytes).
