@@ -350,10 +350,6 @@ fn frontend_that_does_not_answer_does_not_wedge_vubd() {
 }
 
 #[test]
-#[ignore = "vubd bug: an answer that comes after the 5 s timeout stays on the backend \
-            channel and is read as the answer to the next CONFIG_CHANGE_MSG, so that \
-            block_resize returns before the frontend answered (and every later answer \
-            is off by one)"]
 fn frontend_that_answers_after_the_timeout_does_not_confuse_the_next_resize() {
     let mut rig = Rig::start(Options {
         backend_req: true,

@@ -29,6 +29,7 @@ impl BackendChannel {
     /// Sends CONFIG_CHANGE_MSG and, when acknowledgements were negotiated,
     /// waits for the frontend's answer.
     pub fn config_changed(&mut self) -> std::io::Result<()> {
+        self.discard_stale_replies()?;
         let flags = VERSION | if self.reply_ack { NEED_REPLY } else { 0 };
         // The header: request, flags, payload size (none), little-endian.
         let request: u32 = BackendReq::CONFIG_CHANGE_MSG.into();
@@ -41,7 +42,17 @@ impl BackendChannel {
         }
         self.sock.set_read_timeout(Some(ACK_TIMEOUT))?;
         let mut reply = [0u8; 12 + 8];
-        self.sock.read_exact(&mut reply)?;
+        self.sock
+            .read_exact(&mut reply)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    std::io::Error::other(format!(
+                        "no acknowledgement within {} s",
+                        ACK_TIMEOUT.as_secs()
+                    ))
+                }
+                _ => e,
+            })?;
         let status = u64::from_le_bytes([
             reply[12], reply[13], reply[14], reply[15], reply[16], reply[17], reply[18], reply[19],
         ]);
@@ -50,6 +61,26 @@ impl BackendChannel {
         } else {
             Err(std::io::Error::other(format!("frontend answered {status}")))
         }
+    }
+}
+
+impl BackendChannel {
+    /// Drops answers to earlier messages that came after their wait ended,
+    /// so they are not taken for the answer to the next one.
+    fn discard_stale_replies(&mut self) -> std::io::Result<()> {
+        self.sock.set_nonblocking(true)?;
+        let mut buf = [0u8; 256];
+        let result = loop {
+            match self.sock.read(&mut buf) {
+                Ok(0) => break Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+                Ok(n) => log::debug!("backend channel: dropped {n} stale bytes"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.sock.set_nonblocking(false)?;
+        result
     }
 }
 
