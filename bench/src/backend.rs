@@ -144,10 +144,15 @@ pub fn daemon_args(
         Threads::PerQueue => num_queues.max(1),
     };
     // QEMU's iothreads busy-poll for up to 32 µs by default, vubd's only
-    // when asked: both are given the same polling explicitly.
+    // when asked: both are given the same polling explicitly
+    // (VUBD_BENCH_POLL_MAX_NS changes it; 0 turns polling off for both).
+    let poll_max_ns = std::env::var("VUBD_BENCH_POLL_MAX_NS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(POLL_MAX_NS);
     for i in 0..n_threads {
         args.push("--object".to_string());
-        args.push(format!("iothread,id=io{i},poll-max-ns={POLL_MAX_NS}"));
+        args.push(format!("iothread,id=io{i},poll-max-ns={poll_max_ns}"));
     }
     let iothread = match threads {
         Threads::Single => "iothread=io0".to_string(),

@@ -29,6 +29,9 @@ alternating the backends, and reports medians and vubd/qsd ratios.
   --qemu-img PATH       qemu-img, to make the qcow2 image (default: from PATH)
   --no-drop-caches      do not drop the page cache before each session
   --seed N              seed of the offset generator (default 1)
+
+Both daemons' iothreads poll for 32768 ns (QEMU's default); set
+VUBD_BENCH_POLL_MAX_NS=0 in the environment to turn polling off for both.
   --json PATH           write all runs, medians and ratios as JSON
   --markdown PATH       write the results as a markdown table
   -h, --help            this text
