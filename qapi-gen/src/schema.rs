@@ -180,7 +180,7 @@ fn include_of(top: &TopLevel) -> Result<Option<String>, Error> {
     };
     match entries.first() {
         Some((k, v)) if k == "include" => {
-            check_keys(&top.expr, entries, &["include"])?;
+            check_keys(entries, &["include"])?;
             Ok(Some(string(v, "include")?))
         }
         _ => Ok(None),
@@ -201,7 +201,7 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
     };
     let pos = expr.pos.clone();
     if meta == "pragma" {
-        return add_pragma(schema, &expr, entries, name_val);
+        return add_pragma(schema, entries, name_val);
     }
     let name = string(name_val, meta)?;
     if let Some((doc, doc_pos)) = &doc {
@@ -220,7 +220,7 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
     let get = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
     match meta.as_str() {
         "enum" => {
-            check_keys(&expr, entries, &["enum", "data", "prefix"])?;
+            check_keys(entries, &["enum", "data", "prefix"])?;
             let data = required(&expr, get("data"), "data")?;
             let Value::List(items) = &data.value else {
                 return Err(kind_error(data, "'data' of an enum", "a list"));
@@ -238,7 +238,7 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
             push_type(schema, name, Kind::Enum(values), doc, pos)
         }
         "struct" => {
-            check_keys(&expr, entries, &["struct", "data", "base"])?;
+            check_keys(entries, &["struct", "data", "base"])?;
             let members = match get("data") {
                 Some(d) => members(d, &doc_of)?,
                 None => Vec::new(),
@@ -250,7 +250,7 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
             push_type(schema, name, Kind::Struct { base, members }, doc, pos)
         }
         "union" => {
-            check_keys(&expr, entries, &["union", "data", "base", "discriminator"])?;
+            check_keys(entries, &["union", "data", "base", "discriminator"])?;
             let data = required(&expr, get("data"), "data")?;
             let branches = branches(data, &doc_of)?;
             let kind = match (get("base"), get("discriminator")) {
@@ -273,13 +273,13 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
             push_type(schema, name, kind, doc, pos)
         }
         "alternate" => {
-            check_keys(&expr, entries, &["alternate", "data"])?;
+            check_keys(entries, &["alternate", "data"])?;
             let data = required(&expr, get("data"), "data")?;
             let branches = branches(data, &doc_of)?;
             push_type(schema, name, Kind::Alternate(branches), doc, pos)
         }
         "command" => {
-            check_keys(&expr, entries, &["command", "data", "returns", "boxed"])?;
+            check_keys(entries, &["command", "data", "returns", "boxed"])?;
             let data = get("data").map(|d| members_or_name(d, &doc_of)).transpose()?;
             let returns = get("returns").map(type_ref).transpose()?;
             let boxed = match get("boxed") {
@@ -304,7 +304,7 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
             Ok(())
         }
         "event" => {
-            check_keys(&expr, entries, &["event", "data"])?;
+            check_keys(entries, &["event", "data"])?;
             let data = get("data").map(|d| members_or_name(d, &doc_of)).transpose()?;
             if name_taken(schema, &name, |s| s.events.iter().map(|e| &e.name)) {
                 return Err(Error::new(pos, format!("event '{name}' is defined twice")));
@@ -366,11 +366,10 @@ fn push_type(
 
 fn add_pragma(
     schema: &mut Schema,
-    expr: &Spanned,
     entries: &[(String, Spanned)],
     body: &Spanned,
 ) -> Result<(), Error> {
-    check_keys(expr, entries, &["pragma"])?;
+    check_keys(entries, &["pragma"])?;
     let Value::Dict(pragmas) = &body.value else {
         return Err(kind_error(body, "'pragma'", "a dictionary"));
     };
@@ -400,11 +399,7 @@ fn add_pragma(
     Ok(())
 }
 
-fn check_keys(
-    expr: &Spanned,
-    entries: &[(String, Spanned)],
-    allowed: &[&str],
-) -> Result<(), Error> {
+fn check_keys(entries: &[(String, Spanned)], allowed: &[&str]) -> Result<(), Error> {
     for (k, v) in entries {
         if !allowed.contains(&k.as_str()) {
             return Err(Error::new(
@@ -413,7 +408,6 @@ fn check_keys(
             ));
         }
     }
-    let _ = expr;
     Ok(())
 }
 

@@ -542,13 +542,6 @@ impl PermLock {
         self.shared = Perm::ALL;
         Ok(())
     }
-
-    /// Forgets the held bytes without touching the descriptor, e.g. after it
-    /// was closed (closing the last descriptor of an open file description
-    /// drops its locks). The committed permissions are kept.
-    pub fn forget_locks(&mut self) {
-        self.held = LockedBytes::NONE;
-    }
 }
 
 /// Whether the host supports open-file-description locks.

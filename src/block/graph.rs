@@ -110,10 +110,6 @@ impl Graph {
         self.nodes.iter().find(|n| n.name == name)
     }
 
-    pub fn node_mut(&mut self, name: &str) -> Option<&mut Node> {
-        self.nodes.iter_mut().find(|n| n.name == name)
-    }
-
     /// The permissions a node holds since the last check.
     pub fn perm_of(&self, name: &str) -> Option<NodePerm> {
         self.perms.get(name).copied()
@@ -130,7 +126,7 @@ impl Graph {
         let plan = draft.check()?;
         apply_plan(&draft, &plan)?;
         draft.perms = plan;
-        self.publish_roots(&draft)?;
+        publish_roots(&draft)?;
         let removed: Vec<Arc<dyn Driver>> = self
             .nodes
             .iter()
@@ -144,30 +140,6 @@ impl Graph {
             }
         }
         Ok(out)
-    }
-
-    /// Drains every data-plane user whose root node changed, installs the
-    /// new roots, and lets requests flow again.
-    fn publish_roots(&self, draft: &Graph) -> Result<(), BlockError> {
-        for u in &draft.uses {
-            let Some(slot) = &u.slot else { continue };
-            let new_root = draft.node(&u.node).map(|n| n.io.clone());
-            let old_root = slot.current();
-            let same = match (&new_root, &old_root) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if same {
-                continue;
-            }
-            let drained = slot
-                .drain(DRAIN_TIMEOUT)
-                .map_err(|e| BlockError::invalid(format!("Cannot drain '{}': {e}", u.name)))?;
-            drained.publish(new_root);
-        }
-        let _ = self;
-        Ok(())
     }
 
     /// Lets every node re-read lengths it keeps in memory (after a resize).
@@ -416,6 +388,29 @@ fn apply_plan(graph: &Graph, plan: &HashMap<String, NodePerm>) -> Result<(), Blo
         if let Some(np) = plan.get(&node.name) {
             node.driver.commit_perm(np.perm, np.shared);
         }
+    }
+    Ok(())
+}
+
+/// Drains every data-plane user whose root node changed, installs the
+/// new roots, and lets requests flow again.
+fn publish_roots(draft: &Graph) -> Result<(), BlockError> {
+    for u in &draft.uses {
+        let Some(slot) = &u.slot else { continue };
+        let new_root = draft.node(&u.node).map(|n| n.io.clone());
+        let old_root = slot.current();
+        let same = match (&new_root, &old_root) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        let drained = slot
+            .drain(DRAIN_TIMEOUT)
+            .map_err(|e| BlockError::invalid(format!("Cannot drain '{}': {e}", u.name)))?;
+        drained.publish(new_root);
     }
     Ok(())
 }

@@ -52,28 +52,11 @@ impl Exports {
             .collect()
     }
 
-    /// The device of an export, by id (resize notifications, queries).
-    pub fn device(&self, id: &str) -> Option<&Arc<Device>> {
-        self.list
-            .iter()
-            .find(|e| e.id == id)
-            .map(|e| e.server.device())
-    }
-
     /// The exports, with their devices' I/O counters.
     pub fn stats(&self) -> Vec<(String, String, crate::qapi::BlockDeviceStats)> {
         self.list
             .iter()
             .map(|e| (e.id.clone(), e.node.clone(), e.server.device().io_stats()))
-            .collect()
-    }
-
-    /// Devices exporting `node`.
-    pub fn devices_on(&self, node: &str) -> Vec<Arc<Device>> {
-        self.list
-            .iter()
-            .filter(|e| e.node == node)
-            .map(|e| e.server.device().clone())
             .collect()
     }
 

@@ -58,13 +58,6 @@ pub enum Op {
 // the description of the operation to a pool thread does not change that.
 unsafe impl Send for Op {}
 
-/// Which engine a context uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineKind {
-    IoUring,
-    Threads,
-}
-
 // One per I/O thread: the size difference costs nothing, boxing would add an
 // indirection on every request.
 #[allow(clippy::large_enum_variant)]
@@ -104,13 +97,6 @@ impl IoContext {
             immediate: Vec::new(),
             wake,
         })
-    }
-
-    pub fn kind(&self) -> EngineKind {
-        match self.engine {
-            Engine::Uring(_) => EngineKind::IoUring,
-            Engine::Threads(_) => EngineKind::Threads,
-        }
     }
 
     /// Readable when completions are waiting to be reaped.

@@ -181,14 +181,13 @@ impl qapi::Commands for Cx<'_> {
         // Every export whose node's size changed (the resized node, or one
         // above it) tells its frontend.
         let g = &self.daemon.graph;
-        for (id, node, _) in self.daemon.exports.stats() {
-            let Some(len) = g.node(&node).and_then(|n| n.driver.io().length().ok()) else {
+        for e in self.daemon.exports.iter() {
+            let Some(len) = g.node(&e.node).and_then(|n| n.io.length().ok()) else {
                 continue;
             };
-            if let Some(dev) = self.daemon.exports.device(&id) {
-                if dev.capacity.load(std::sync::atomic::Ordering::Relaxed) != len {
-                    dev.resize(len);
-                }
+            let dev = e.device();
+            if dev.capacity.load(std::sync::atomic::Ordering::Relaxed) != len {
+                dev.resize(len);
             }
         }
         Ok(())

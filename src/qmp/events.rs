@@ -44,10 +44,6 @@ impl EventHub {
         self.listeners.retain(|(id, _)| *id != session);
     }
 
-    pub fn is_listening(&self, session: u64) -> bool {
-        self.listeners.iter().any(|(id, _)| *id == session)
-    }
-
     /// Sends an event to every negotiated monitor; a monitor that cannot
     /// take it is dropped (its session thread notices the closed socket).
     pub fn emit(&mut self, event: &Event) {

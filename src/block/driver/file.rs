@@ -126,7 +126,6 @@ pub struct FileDriver {
     name: &'static str,
     read_only: bool,
     locking: bool,
-    aio: BlockdevAioOptions,
     lock: Mutex<LockState>,
 }
 
@@ -177,16 +176,11 @@ impl FileDriver {
             name: if host_device { "host_device" } else { "file" },
             read_only,
             locking,
-            aio,
             lock: Mutex::new(LockState {
                 tracker: PermLock::new(),
                 pending: None,
             }),
         })
-    }
-
-    pub fn aio(&self) -> BlockdevAioOptions {
-        self.aio
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, LockState> {

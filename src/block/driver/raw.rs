@@ -19,16 +19,6 @@ pub struct RawIo {
     size: AtomicU64,
 }
 
-impl RawIo {
-    pub fn child(&self) -> &Root {
-        &self.child
-    }
-
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-}
-
 impl BlockIo for RawIo {
     fn length(&self) -> Result<u64, BlockError> {
         Ok(self.size.load(Ordering::Relaxed))

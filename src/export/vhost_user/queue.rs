@@ -372,7 +372,8 @@ fn start_request(q: &mut QueueRun, qi: usize, si: usize, mem: &Snap, ctx: &mut I
 
 /// A completion from the engine.
 pub(super) fn complete(q: &mut QueueRun, qi: usize, si: usize, result: i32, ctx: &mut IoContext) {
-    let mem = match q.slots.get(si).and_then(|s| s.mem.clone()) {
+    // The request's own snapshot; given back below if the request goes on.
+    let mem = match q.slots.get_mut(si).and_then(|s| s.mem.take()) {
         Some(m) => m,
         None => snapshot(q),
     };
@@ -398,32 +399,29 @@ pub(super) fn complete(q: &mut QueueRun, qi: usize, si: usize, result: i32, ctx:
         VIRTIO_BLK_S_IOERR
     } else {
         let done = result as u64;
+        // A write completes with its byte count, or 0 when it was done as a
+        // whole some other way (detect-zeroes).
+        let written = done == slot.expect || done == 0;
         match kind {
             RequestType::In if done < slot.expect => {
                 // Past the end of the file: the rest reads as zeroes.
                 zero_tail(&slot.iov, done);
                 VIRTIO_BLK_S_OK
             }
-            // A write completes with its byte count, or 0 when it was done
-            // as a whole some other way (detect-zeroes).
-            RequestType::Out if done != slot.expect && done != 0 && !slot.flush_pending => {
-                VIRTIO_BLK_S_IOERR
-            }
+            RequestType::Out if !written => VIRTIO_BLK_S_IOERR,
             RequestType::Out if slot.flush_pending => {
                 slot.flush_pending = false;
-                if done != slot.expect && done != 0 {
-                    VIRTIO_BLK_S_IOERR
-                } else if let Some(root) = q.root.root() {
-                    // Writethrough: the write completes once flushed.
-                    root.submit(
-                        ctx,
-                        &IoRequest::without_data(IoKind::Flush, 0, 0, tag(qi, si)),
-                    );
-                    slot.expect = 0;
-                    return;
-                } else {
-                    VIRTIO_BLK_S_IOERR
-                }
+                let Some(root) = q.root.root() else {
+                    return finish(q, si, &mem, VIRTIO_BLK_S_IOERR);
+                };
+                // Writethrough: the write completes once flushed.
+                root.submit(
+                    ctx,
+                    &IoRequest::without_data(IoKind::Flush, 0, 0, tag(qi, si)),
+                );
+                slot.expect = 0;
+                slot.mem = Some(mem);
+                return;
             }
             _ => VIRTIO_BLK_S_OK,
         }
