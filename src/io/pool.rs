@@ -103,6 +103,7 @@ fn run(op: Op) -> i32 {
             offset,
             iov,
             iovcnt,
+            ..
         } => {
             // SAFETY: the submitter guarantees the iovecs and their buffers
             // stay valid until completion (IoContext::push's contract).

@@ -80,6 +80,7 @@ fn write_then_read(threads_only: bool) {
                 offset: 4096,
                 iov: riov.as_ptr(),
                 iovcnt: 1,
+                cached: true,
             },
             3,
         );
@@ -118,4 +119,55 @@ fn uring_engine_writes_reads_flushes_and_sleeps() {
 #[test]
 fn pool_engine_gives_the_same_results() {
     write_then_read(true);
+}
+
+/// A batch of one cached read finishes during submit, without the ring; a
+/// lone read the page cache cannot fully serve (here: one crossing the end
+/// of the file) still completes through the ring with its real count.
+#[test]
+fn lone_cached_read_finishes_at_submit_and_short_ones_use_the_ring() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let (path, file) = temp_file("lone");
+    file.write_all_at(&[0x5a; 4096], 8192).unwrap();
+    let mut ctx = IoContext::new(64, false).unwrap();
+    let mut back = vec![0u8; 4096];
+    let iov = [libc::iovec {
+        iov_base: back.as_mut_ptr() as *mut libc::c_void,
+        iov_len: back.len(),
+    }];
+    let read = |offset| Op::Readv {
+        fd: file.as_raw_fd(),
+        offset,
+        iov: iov.as_ptr(),
+        iovcnt: 1,
+        cached: true,
+    };
+    // SAFETY: `back` and `iov` outlive the waits below.
+    unsafe { ctx.push(read(8192), 1) };
+    assert!(ctx.busy(), "a held-back read counts as in flight");
+    ctx.submit().unwrap();
+    assert!(ctx.has_immediate(), "the cached read finished inline");
+    assert_eq!(
+        wait(&mut ctx, 1),
+        [Completion {
+            tag: 1,
+            result: 4096
+        }]
+    );
+    assert!(back.iter().all(|&b| b == 0x5a));
+    // The file is 1 MiB long: 1024 bytes remain from here.
+    // SAFETY: as above.
+    unsafe { ctx.push(read((1 << 20) - 1024), 2) };
+    ctx.submit().unwrap();
+    assert!(!ctx.has_immediate(), "a short read is not taken inline");
+    assert_eq!(
+        wait(&mut ctx, 1),
+        [Completion {
+            tag: 2,
+            result: 1024
+        }]
+    );
+    assert!(!ctx.busy());
+    let _ = std::fs::remove_file(path);
 }

@@ -21,8 +21,10 @@ pub struct Uring {
 
 impl Uring {
     pub fn new(depth: u32, wake: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<Self> {
-        let ring: IoUring = IoUring::builder().build(depth.max(8))?;
+        let mut ring: IoUring = IoUring::builder().build(depth.max(8))?;
         ring.submitter().register_eventfd(wake.as_raw_fd())?;
+        // The owner is awake until it arms the eventfd.
+        ring.completion().disable_eventfd();
         Ok(Uring {
             ring,
             in_flight: 0,
@@ -41,6 +43,31 @@ impl Uring {
         !self.ring.completion().is_empty()
     }
 
+    /// See [`super::IoContext::arm`].
+    pub fn arm(&mut self) -> bool {
+        let mut cq = self.ring.completion();
+        cq.enable_eventfd();
+        // The flag must be visible to the kernel before the queue is looked
+        // at again: a completion posted after this reload signals, one
+        // posted before is seen by it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        cq.sync();
+        if cq.is_empty() {
+            return true;
+        }
+        cq.disable_eventfd();
+        false
+    }
+
+    pub fn disarm(&mut self) {
+        self.ring.completion().disable_eventfd();
+    }
+
+    /// Whether entries wait in the submission queue.
+    pub fn has_queued(&mut self) -> bool {
+        !self.ring.submission().is_empty()
+    }
+
     /// # Safety
     /// See [`super::IoContext::push`].
     pub unsafe fn push(&mut self, op: Op, tag: u64) {
@@ -50,6 +77,7 @@ impl Uring {
                 offset,
                 iov,
                 iovcnt,
+                ..
             } => opcode::Readv::new(types::Fd(fd), iov, iovcnt)
                 .offset(offset)
                 .build()

@@ -1,6 +1,7 @@
 //! The `file` and `host_device` protocol drivers: an image in a regular
 //! file or a block device, locked as QEMU locks it.
 
+use super::inline_write::{InlineWrites, Outcome};
 use super::{Driver, DriverKind, NodeFlags};
 use crate::block::drain::Root;
 use crate::block::error::BlockError;
@@ -25,6 +26,9 @@ pub struct FileIo {
     unmap: bool,
     /// With O_DIRECT, the alignment buffers need; 1 otherwise.
     align: usize,
+    /// Buffered writes to a regular file are tried on the submitting
+    /// thread first (see [`super::inline_write`]).
+    inline_writes: Option<InlineWrites>,
 }
 
 impl BlockIo for FileIo {
@@ -84,13 +88,25 @@ impl BlockIo for FileIo {
                 offset: req.offset(),
                 iov,
                 iovcnt,
+                // `align` is 1 exactly when the file is not opened O_DIRECT.
+                cached: self.align == 1,
             },
-            IoKind::Write => Op::Writev {
-                fd,
-                offset: req.offset(),
-                iov,
-                iovcnt,
-            },
+            IoKind::Write => {
+                if let Some(w) = &self.inline_writes {
+                    // SAFETY: the iovecs describe `len` readable bytes until
+                    // completion (IoRequest's contract), so for this call.
+                    let done = unsafe { w.write(fd, iov, iovcnt, req.offset(), req.len()) };
+                    if let Outcome::Done(result) = done {
+                        return ctx.complete_now(req.tag(), result);
+                    }
+                }
+                Op::Writev {
+                    fd,
+                    offset: req.offset(),
+                    iov,
+                    iovcnt,
+                }
+            }
             IoKind::Flush if self.no_flush => return ctx.complete_now(req.tag(), 0),
             IoKind::Flush => Op::Flush { fd },
             IoKind::Discard if !self.unmap => return ctx.complete_now(req.tag(), 0),
@@ -172,6 +188,8 @@ impl FileDriver {
                 block_device,
                 unmap: flags.discard == crate::qapi::BlockdevDiscardOptions::Unmap,
                 align,
+                inline_writes: (!flags.cache_direct && meta.file_type().is_file())
+                    .then(InlineWrites::new),
             }),
             name: if host_device { "host_device" } else { "file" },
             read_only,

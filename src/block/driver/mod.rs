@@ -3,6 +3,7 @@
 //! face ([`BlockIo`](super::io::BlockIo)) shared with the I/O threads.
 
 pub mod file;
+mod inline_write;
 pub mod null;
 pub mod raw;
 

@@ -95,30 +95,21 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) {
         q.limits.set_capacity_bytes(capacity);
         q.capacity_seen = capacity;
     }
-    loop {
-        if q.event_idx {
-            let _ = q.queue.disable_notification(mem);
-        }
-        while let Some(si) = q.free.pop() {
-            if !q.root.enter() {
-                q.free.push(si);
-                q.deferred = true;
-                return;
-            }
-            let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
-                q.root.leave();
-                q.free.push(si);
-                break;
-            };
-            handle_chain(q, qi, si as usize, chain, &snap, ctx);
-        }
-        if !q.event_idx {
+    // Kicks stay off until the thread is about to sleep (Worker::arm turns
+    // them on and looks again).
+    let _ = q.queue.disable_notification(mem);
+    while let Some(si) = q.free.pop() {
+        if !q.root.enter() {
+            q.free.push(si);
+            q.deferred = true;
             return;
         }
-        match q.queue.enable_notification(mem) {
-            Ok(true) if !ring_is_broken(q, mem) => continue,
-            _ => return,
-        }
+        let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
+            q.root.leave();
+            q.free.push(si);
+            break;
+        };
+        handle_chain(q, qi, si as usize, chain, &snap, ctx);
     }
 }
 

@@ -27,6 +27,12 @@ use vmm_sys_util::eventfd::EventFd;
 const RING_DEPTH: u32 = 1024;
 /// How often a queue held back by a drain looks again.
 const DRAIN_RETRY: Duration = Duration::from_millis(1);
+/// How long a thread with I/O in flight sleeps at most before it looks at
+/// the completion queue itself. Completions wake it through the engine's
+/// eventfd; this only bounds the delay should a wake-up be lost in the
+/// window where the eventfd is re-enabled (the kernel reads that flag
+/// after publishing the completion, without a full barrier between).
+const COMPLETION_RECHECK: Duration = Duration::from_millis(10);
 
 const TOKEN_CONTROL: u64 = 0;
 const TOKEN_IO: u64 = 1;
@@ -82,16 +88,26 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
     };
     let mut events = vec![EpollEvent::default(); 64];
     loop {
-        let timeout = if w.queues.iter().flatten().any(|q| q.deferred) {
-            DRAIN_RETRY.as_millis() as i32
-        } else {
-            -1
-        };
         if !w.poll.is_zero() && w.poll_for_work() {
             w.process_all();
             continue;
         }
-        let n = match w.epoll.wait(timeout, &mut events) {
+        if !w.arm() {
+            w.process_all();
+            continue;
+        }
+        let timeout = if w.queues.iter().flatten().any(|q| q.deferred) {
+            DRAIN_RETRY
+        } else if w.ctx.busy() {
+            COMPLETION_RECHECK
+        } else {
+            Duration::MAX
+        };
+        let waited = w
+            .epoll
+            .wait(timeout.as_millis().try_into().unwrap_or(-1), &mut events);
+        w.ctx.disarm();
+        let n = match waited {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -99,6 +115,10 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
                 return;
             }
         };
+        if n == 0 && w.ctx.busy() {
+            // The safety net below COMPLETION_RECHECK.
+            w.reap();
+        }
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_CONTROL => {
@@ -110,7 +130,10 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
                         }
                     }
                 }
-                TOKEN_IO => w.reap(),
+                TOKEN_IO => {
+                    w.ctx.clear_wake();
+                    w.reap();
+                }
                 t => {
                     let i = (t - TOKEN_QUEUE) as usize;
                     if let Some(Some(q)) = w.queues.get_mut(i) {
@@ -303,6 +326,42 @@ impl Worker {
             self.reap();
             std::thread::sleep(Duration::from_micros(100));
         }
+    }
+
+    /// Prepares to sleep: turns the guest's kicks and the engine's
+    /// wake-ups back on, then looks once more for work that arrived before
+    /// they were on. Returns false when there is some (the caller
+    /// processes it instead of sleeping).
+    ///
+    /// Kicks stay off for as long as the thread is awake (see
+    /// `take_requests`), so a guest that adds requests while it works, or
+    /// polls, does not pay for a kick nobody waits for.
+    fn arm(&mut self) -> bool {
+        let mut work = false;
+        for q in self.queues.iter_mut().flatten() {
+            // A queue held back by a drain is retried on a timer, a
+            // stopping queue takes nothing more, and one whose every slot
+            // is busy (only a misbehaving guest gets there) waits for a
+            // completion, which wakes the thread anyway.
+            if q.deferred || q.stopping.is_some() || q.free.is_empty() {
+                continue;
+            }
+            let mem = q.mem.memory();
+            match q.queue.enable_notification(&*mem) {
+                Ok(true) if !ring_is_broken(q, &mem) => {
+                    q.deferred = true;
+                    work = true;
+                }
+                _ => {}
+            }
+        }
+        if !self.ctx.arm() {
+            work = true;
+        }
+        if work {
+            self.ctx.disarm();
+        }
+        !work
     }
 
     /// Busy-waits up to the polling time for new requests or completions.
