@@ -88,25 +88,40 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
     };
     let mut events = vec![EpollEvent::default(); 64];
     loop {
-        if !w.poll.is_zero() && w.poll_for_work() {
-            w.process_all();
-            continue;
-        }
-        if !w.arm() {
-            w.process_all();
-            continue;
-        }
+        // A queue that stopped at the batch limit goes on at once; the
+        // events are still collected (without waiting) so that the other
+        // queues, completions and control messages are not starved.
         let timeout = if w.queues.iter().flatten().any(|q| q.deferred) {
-            DRAIN_RETRY
-        } else if w.ctx.busy() {
-            COMPLETION_RECHECK
+            Duration::ZERO
         } else {
-            Duration::MAX
+            if !w.poll.is_zero() && w.poll_for_work() {
+                w.process_all();
+                continue;
+            }
+            if !w.arm() {
+                w.process_all();
+                continue;
+            }
+            if w.queues.iter().flatten().any(|q| q.held) {
+                DRAIN_RETRY
+            } else if w.ctx.busy() {
+                COMPLETION_RECHECK
+            } else {
+                Duration::MAX
+            }
         };
         let waited = w
             .epoll
             .wait(timeout.as_millis().try_into().unwrap_or(-1), &mut events);
-        w.ctx.disarm();
+        if !timeout.is_zero() {
+            w.ctx.disarm();
+        }
+        for q in w.queues.iter_mut().flatten() {
+            if q.held {
+                q.held = false;
+                q.deferred = true;
+            }
+        }
         let n = match waited {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -284,6 +299,7 @@ impl Worker {
             need_notify: false,
             // Requests may already wait (a reconnect): look right away.
             deferred: true,
+            held: false,
             event_idx,
             inflight,
             broken: false,
@@ -343,7 +359,7 @@ impl Worker {
             // stopping queue takes nothing more, and one whose every slot
             // is busy (only a misbehaving guest gets there) waits for a
             // completion, which wakes the thread anyway.
-            if q.deferred || q.stopping.is_some() || q.free.is_empty() {
+            if q.held || q.stopping.is_some() || q.free.is_empty() {
                 continue;
             }
             let mem = q.mem.memory();
@@ -375,6 +391,9 @@ impl Worker {
                 }
             }
             for q in self.queues.iter_mut().flatten() {
+                if q.held {
+                    continue;
+                }
                 let mem = q.mem.memory();
                 let avail = q.queue.avail_idx(&*mem, Ordering::Acquire).map(|w| w.0);
                 if avail.is_ok_and(|a| a != q.queue.next_avail()) && !ring_is_broken(q, &mem) {
@@ -393,14 +412,16 @@ impl Worker {
 
     /// Takes new requests from every queue that has some, submits the
     /// batch, and notifies the guest where needed.
+    ///
+    /// A queue gives at most [`super::queue::MAX_BATCH`] requests per
+    /// round; one that has more stays `deferred` for the next.
     fn process_all(&mut self) {
         for i in 0..self.queues.len() {
             let Some(q) = self.queues[i].as_mut() else {
                 continue;
             };
             if q.deferred && q.stopping.is_none() {
-                q.deferred = false;
-                take_requests(q, i, &mut self.ctx);
+                q.deferred = take_requests(q, i, &mut self.ctx);
             }
         }
         if let Err(e) = self.ctx.submit() {
