@@ -148,13 +148,14 @@ impl IoContext {
         !self.immediate.is_empty()
     }
 
-    /// Whether completions can be reaped right now: immediate ones, or
-    /// io_uring's (which often completes cached I/O while submitting).
+    /// Whether completions can be reaped right now: immediate ones,
+    /// io_uring's (which often completes cached I/O while submitting) or
+    /// the pool's. Costs no system call.
     pub fn has_ready(&mut self) -> bool {
         !self.immediate.is_empty()
             || match &mut self.engine {
                 Engine::Uring(u) => u.ready(),
-                Engine::Threads(_) => false,
+                Engine::Threads(p) => p.ready(),
             }
     }
 

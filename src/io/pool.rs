@@ -2,7 +2,7 @@
 //! operations as plain system calls on two worker threads.
 
 use super::{Completion, Op};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use vmm_sys_util::eventfd::EventFd;
@@ -11,6 +11,9 @@ const WORKERS: usize = 2;
 
 struct Shared {
     done: Mutex<Vec<Completion>>,
+    /// Set after a completion was added to `done` (may be set spuriously,
+    /// never missed).
+    ready: AtomicBool,
     wake: EventFd,
     in_flight: AtomicUsize,
 }
@@ -27,6 +30,7 @@ impl Pool {
         let rx = Arc::new(Mutex::new(rx));
         let shared = Arc::new(Shared {
             done: Mutex::new(Vec::new()),
+            ready: AtomicBool::new(false),
             wake,
             in_flight: AtomicUsize::new(0),
         });
@@ -61,12 +65,18 @@ impl Pool {
         }
     }
 
+    /// Whether completions may be waiting (no system call, no lock).
+    pub fn ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         let mut done = self
             .shared
             .done
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.shared.ready.store(false, Ordering::Relaxed);
         out.append(&mut done);
     }
 }
@@ -81,6 +91,7 @@ fn worker(rx: &Mutex<Receiver<(Op, u64)>>, shared: &Shared) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(Completion { tag, result });
+        shared.ready.store(true, Ordering::Release);
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         let _ = shared.wake.write(1);
     }

@@ -33,6 +33,8 @@ const DRAIN_RETRY: Duration = Duration::from_millis(1);
 /// window where the eventfd is re-enabled (the kernel reads that flag
 /// after publishing the completion, without a full barrier between).
 const COMPLETION_RECHECK: Duration = Duration::from_millis(10);
+/// Polling looks at the clock once per this many iterations.
+const POLL_CLOCK_EVERY: u32 = 16;
 
 const TOKEN_CONTROL: u64 = 0;
 const TOKEN_IO: u64 = 1;
@@ -381,29 +383,40 @@ impl Worker {
     }
 
     /// Busy-waits up to the polling time for new requests or completions.
+    ///
+    /// An iteration is kept to a few loads from shared memory: the avail
+    /// index through the queue's current snapshot (a memory table change is
+    /// picked up when requests are taken), the completion queue's tail, and
+    /// the clock only every [`POLL_CLOCK_EVERY`] iterations.
     fn poll_for_work(&mut self) -> bool {
-        let end = Instant::now() + self.poll;
+        let start = Instant::now();
+        let mut spins = 0u32;
         loop {
-            if self.ctx.busy() {
+            if self.ctx.has_ready() {
                 self.reap();
                 if self.queues.iter().flatten().any(|q| q.need_notify) {
                     return true;
                 }
             }
+            let mut found = false;
             for q in self.queues.iter_mut().flatten() {
                 if q.held {
                     continue;
                 }
-                let mem = q.mem.memory();
-                let avail = q.queue.avail_idx(&*mem, Ordering::Acquire).map(|w| w.0);
-                if avail.is_ok_and(|a| a != q.queue.next_avail()) && !ring_is_broken(q, &mem) {
-                    q.deferred = true;
+                let avail = q.queue.avail_idx(&**q.snap, Ordering::Acquire);
+                if avail.is_ok_and(|a| a.0 != q.queue.next_avail()) {
+                    let mem = q.snap.clone();
+                    if !ring_is_broken(q, &mem) {
+                        q.deferred = true;
+                        found = true;
+                    }
                 }
             }
-            if self.queues.iter().flatten().any(|q| q.deferred) {
+            if found {
                 return true;
             }
-            if Instant::now() >= end {
+            spins = spins.wrapping_add(1);
+            if spins % POLL_CLOCK_EVERY == 0 && start.elapsed() >= self.poll {
                 return false;
             }
             std::hint::spin_loop();
