@@ -77,6 +77,9 @@ pub(super) struct QueueRun {
     pub(super) deferred: bool,
     /// Held back by a drain: looked at again shortly.
     pub(super) held: bool,
+    /// The accounting clock read once per round of requests taken or
+    /// completed (see [`round_clock`]); `None` at the start of a round.
+    pub(super) clock: Option<u64>,
     pub(super) event_idx: bool,
     pub(super) inflight: Option<InflightQueue>,
     /// The guest put the ring in an impossible state (an avail index more
@@ -111,6 +114,7 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
         q.limits.set_capacity_bytes(capacity);
         q.capacity_seen = capacity;
     }
+    q.clock = None;
     // Kicks stay off until the thread is about to sleep (Worker::arm turns
     // them on and looks again).
     let _ = q.queue.disable_notification(mem);
@@ -300,6 +304,13 @@ fn prepare_bounce(slot: &mut Slot, align: usize, write: bool) -> bool {
     true
 }
 
+/// The accounting time of the current round: requests taken, or
+/// completions reaped, together share one reading of the clock (they are
+/// microseconds apart; a reading per request cost as much as parsing one).
+fn round_clock(clock: &mut Option<u64>, dev: &Device) -> u64 {
+    *clock.get_or_insert_with(|| dev.epoch.now_ns())
+}
+
 fn tag(qi: usize, si: usize) -> u64 {
     ((qi as u64) << 32) | si as u64
 }
@@ -315,7 +326,7 @@ fn start_request(q: &mut QueueRun, qi: usize, si: usize, mem: &Snap, ctx: &mut I
     let t = tag(qi, si);
     slot.flush_pending = false;
     let kind = slot.req.request_type();
-    slot.started_ns = q.dev.epoch.now_ns();
+    slot.started_ns = round_clock(&mut q.clock, &q.dev);
     slot.acct = match kind {
         RequestType::In => Some(Acct::Read),
         RequestType::Out => Some(Acct::Write),
@@ -462,7 +473,8 @@ fn zero_tail(iov: &[libc::iovec], from: u64) {
 fn finish(q: &mut QueueRun, si: usize, mem: &Mem, status: u8) {
     let slot = &mut q.slots[si];
     if let (Some(kind), Some(stats)) = (slot.acct.take(), q.dev.stats.get(usize::from(q.key.1))) {
-        let now = q.dev.epoch.now_ns();
+        let now = round_clock(&mut q.clock, &q.dev);
+        let slot = &q.slots[si];
         let ns = now.saturating_sub(slot.started_ns);
         stats.done(
             kind,

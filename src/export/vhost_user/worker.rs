@@ -302,6 +302,7 @@ impl Worker {
             // Requests may already wait (a reconnect): look right away.
             deferred: true,
             held: false,
+            clock: None,
             event_idx,
             inflight,
             broken: false,
@@ -462,6 +463,10 @@ impl Worker {
     fn reap_once(&mut self) {
         self.completions.clear();
         self.ctx.reap(&mut self.completions);
+        // A new round for the accounting clock.
+        for q in self.queues.iter_mut().flatten() {
+            q.clock = None;
+        }
         let mut done = std::mem::take(&mut self.completions);
         for c in done.iter() {
             let qi = (c.tag >> 32) as usize;
