@@ -1052,6 +1052,15 @@ impl TestFrontend {
         // enabled does.
         self.set_used_event(self.last_used);
         fence(Ordering::SeqCst);
+        // And, as a driver must, look at the used index once more: entries
+        // the device published before it could see the new used_event are
+        // found this way and need no notification. Entries published after
+        // this read must still be notified.
+        let idx = self.used_idx();
+        let ahead = |v: u16| v.wrapping_sub(self.last_used);
+        if ahead(idx) < 0x8000 && ahead(idx) > ahead(self.notified_upto) {
+            self.notified_upto = idx;
+        }
         used
     }
 
