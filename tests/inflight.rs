@@ -789,36 +789,79 @@ fn frontend_reconnects_after_losing_the_connection_with_requests_in_flight() {
     rig.alive();
 }
 
-/// A guest that put a head outside the ring before a request that then
-/// was in flight at the kill: vubd drops the bad entry (no used entry,
-/// no mark), so counting "used index + marks" after the restart falls one
-/// short, and the slow request is both resubmitted and taken again from
-/// the ring.  Only the guest's own ring is at stake, but it gets one head
-/// completed twice.
+/// A guest that put a head outside the ring between a request that then
+/// was in flight at the kill and another one: the queue stops at the bad
+/// entry (a device that needs a reset), so nothing after it is taken or
+/// marked, and after the restart "used index + marks" leads to the bad
+/// entry again. The request in flight completes exactly once, the one
+/// after the bad entry is not served, and nothing completes twice.
 #[test]
-#[ignore = "vubd bug: an avail entry with a head outside the ring is neither marked nor \
-            used, so after a restart the next avail index is one short and the request \
-            after it completes twice"]
-fn bad_head_before_a_request_in_flight_does_not_make_it_complete_twice() {
+fn bad_head_after_a_request_in_flight_stops_the_queue_consistently() {
     if no_inflight_in_daemon() {
         return;
     }
     let mut rig = Rig::null(LATENCY_NS);
     let mut fe = TestFrontend::connect(&rig.sock, inflight_opts());
-    let slow = reqs(0, &[Write]);
+    let rs = reqs(0, &[Write, Read]);
+    let (slow, after) = (&rs[..1], &rs[1..]);
     place(&fe, &slow[0]);
-    fe.push_avail(fe.queue_size() + 44);
+    place(&fe, &after[0]);
     fe.push_avail(slow[0].head());
+    fe.push_avail(fe.queue_size() + 44);
+    fe.push_avail(after[0].head());
     fe.kick();
     fe.expect_no_used(QUIET);
-    assert_eq!(fe.inflight_marks(0), heads(&slow));
+    assert_eq!(fe.inflight_marks(0), heads(slow), "marked before the kill");
 
     rig.kill_and_restart();
-    check_untouched_and_repoison(&fe, &slow);
+    check_untouched_and_repoison(&fe, &rs);
     fe.reconnect(&rig.sock, None);
     fe.kick();
     let used = collect(&mut fe, slow.len());
-    check_completed(&fe, &slow, &used);
+    check_completed(&fe, slow, &used);
+    fe.expect_no_used(QUIET);
+    assert_eq!(
+        fe.read_u8(after[0].status()),
+        SENTINEL,
+        "the request after the bad entry was served"
+    );
+    assert!(
+        fe.inflight_marks(0).is_empty(),
+        "marks left after completion"
+    );
+    rig.alive();
+}
+
+/// The bad entry first: nothing is taken, nothing marked, before or after a
+/// restart.
+#[test]
+fn bad_head_before_a_request_stops_the_queue_across_a_restart() {
+    if no_inflight_in_daemon() {
+        return;
+    }
+    let mut rig = Rig::null(LATENCY_NS);
+    let mut fe = TestFrontend::connect(&rig.sock, inflight_opts());
+    let rs = reqs(0, &[Write]);
+    place(&fe, &rs[0]);
+    fe.push_avail(fe.queue_size() + 44);
+    fe.push_avail(rs[0].head());
+    fe.kick();
+    fe.expect_no_used(QUIET);
+    assert!(
+        fe.inflight_marks(0).is_empty(),
+        "a request after the bad entry was taken"
+    );
+
+    rig.kill_and_restart();
+    fe.reconnect(&rig.sock, None);
+    fe.kick();
+    fe.expect_no_used(QUIET);
+    assert_eq!(
+        fe.read_u8(rs[0].status()),
+        SENTINEL,
+        "served after the bad entry"
+    );
+    assert!(fe.inflight_marks(0).is_empty());
     rig.alive();
 }
 

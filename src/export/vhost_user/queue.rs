@@ -77,9 +77,19 @@ pub(super) struct QueueRun {
     pub(super) deferred: bool,
     /// Held back by a drain: looked at again shortly.
     pub(super) held: bool,
+    /// The guest made a head outside the ring available. Like a virtio
+    /// device that needs a reset (and like QEMU), the queue takes nothing
+    /// more until the frontend sets the ring up again: there is no id to
+    /// return that entry under, and skipping it silently would make the
+    /// inflight count (used index + marked heads) one short after a
+    /// restart, so that a request would complete twice.
+    pub(super) failed: bool,
     /// The accounting clock read once per round of requests taken or
     /// completed (see [`round_clock`]); `None` at the start of a round.
     pub(super) clock: Option<u64>,
+    /// Where the avail index lies in the mapping of `snap` (see
+    /// [`polled_avail_idx`]); cleared whenever `snap` is replaced.
+    pub(super) avail_idx_at: Option<*const std::sync::atomic::AtomicU16>,
     pub(super) event_idx: bool,
     pub(super) inflight: Option<InflightQueue>,
     /// The guest put the ring in an impossible state (an avail index more
@@ -104,6 +114,9 @@ pub(super) const MAX_BATCH: usize = 16;
 /// Takes up to [`MAX_BATCH`] available requests of a queue and starts
 /// them; true when it stopped at that limit with more available.
 pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) -> bool {
+    if q.failed {
+        return false;
+    }
     let snap = snapshot(q);
     let mem: &Mem = &snap;
     if ring_is_broken(q, mem) {
@@ -132,6 +145,20 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
             q.free.push(si);
             return false;
         };
+        let head = chain.head_index();
+        if head >= q.queue.size() {
+            q.root.leave();
+            q.free.push(si);
+            q.failed = true;
+            log::warn!(
+                "queue {} of '{}': the guest made descriptor {head} available in a ring of {}; \
+                 the queue stops until the frontend sets it up again",
+                q.key.1,
+                q.dev.id,
+                q.queue.size()
+            );
+            return false;
+        }
         handle_chain(q, qi, si as usize, chain, &snap, ctx);
     }
     !q.free.is_empty()
@@ -145,9 +172,36 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
 pub(super) fn snapshot(q: &mut QueueRun) -> Snap {
     let current = q.mem.memory();
     if !std::ptr::eq::<Mem>(&*current, &**q.snap) {
+        q.avail_idx_at = None;
         q.snap = Arc::new(current);
     }
     q.snap.clone()
+}
+
+/// The avail index as polling reads it: through a pointer into the
+/// queue's current snapshot, found once per snapshot, instead of a region
+/// lookup on every look. `None` when the index is not plainly addressable
+/// (the caller then reads it the usual way).
+pub(super) fn polled_avail_idx(q: &mut QueueRun) -> Option<u16> {
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    if q.avail_idx_at.is_none() {
+        let at = GuestAddress(q.queue.avail_ring().checked_add(2)?);
+        if !q.snap.check_range(at, 2) {
+            return None;
+        }
+        let p = q.snap.get_host_address(at).ok()?;
+        if (p as usize) % std::mem::align_of::<std::sync::atomic::AtomicU16>() != 0 {
+            return None;
+        }
+        q.avail_idx_at = Some(p as *const std::sync::atomic::AtomicU16);
+    }
+    let p = q.avail_idx_at?;
+    // SAFETY: `p` points at two aligned bytes inside a region of `q.snap`
+    // (checked above), whose mapping the snapshot keeps alive; the pointer
+    // is forgotten whenever `q.snap` is replaced. The guest writes the
+    // index concurrently, hence the atomic load.
+    let v = unsafe { (*p).load(Ordering::Acquire) };
+    Some(u16::from_le(v))
 }
 
 /// Whether the guest claims more new entries than the ring holds; such a

@@ -10,7 +10,9 @@
 
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
-use super::queue::{complete, resubmit_heads, ring_is_broken, take_requests, QueueRun, Slot};
+use super::queue::{
+    complete, polled_avail_idx, resubmit_heads, ring_is_broken, take_requests, QueueRun, Slot,
+};
 use super::Device;
 use crate::export::virtio_blk::{Request, RequestLimits};
 use crate::io::{Completion, IoContext};
@@ -302,7 +304,9 @@ impl Worker {
             // Requests may already wait (a reconnect): look right away.
             deferred: true,
             held: false,
+            failed: false,
             clock: None,
+            avail_idx_at: None,
             event_idx,
             inflight,
             broken: false,
@@ -359,10 +363,10 @@ impl Worker {
         let mut work = false;
         for q in self.queues.iter_mut().flatten() {
             // A queue held back by a drain is retried on a timer, a
-            // stopping queue takes nothing more, and one whose every slot
+            // stopping or failed queue takes nothing more, and one whose every slot
             // is busy (only a misbehaving guest gets there) waits for a
             // completion, which wakes the thread anyway.
-            if q.held || q.stopping.is_some() || q.free.is_empty() {
+            if q.held || q.failed || q.stopping.is_some() || q.free.is_empty() {
                 continue;
             }
             let mem = q.mem.memory();
@@ -390,7 +394,9 @@ impl Worker {
     /// picked up when requests are taken), the completion queue's tail, and
     /// the clock only every [`POLL_CLOCK_EVERY`] iterations.
     fn poll_for_work(&mut self) -> bool {
-        let start = Instant::now();
+        // The clock is first read after POLL_CLOCK_EVERY iterations: work
+        // found sooner costs no reading at all.
+        let mut start: Option<Instant> = None;
         let mut spins = 0u32;
         loop {
             if self.ctx.has_ready() {
@@ -401,11 +407,18 @@ impl Worker {
             }
             let mut found = false;
             for q in self.queues.iter_mut().flatten() {
-                if q.held {
+                if q.held || q.failed {
                     continue;
                 }
-                let avail = q.queue.avail_idx(&**q.snap, Ordering::Acquire);
-                if avail.is_ok_and(|a| a.0 != q.queue.next_avail()) {
+                let avail = match polled_avail_idx(q) {
+                    Some(a) => Some(a),
+                    None => q
+                        .queue
+                        .avail_idx(&**q.snap, Ordering::Acquire)
+                        .ok()
+                        .map(|a| a.0),
+                };
+                if avail.is_some_and(|a| a != q.queue.next_avail()) {
                     let mem = q.snap.clone();
                     if !ring_is_broken(q, &mem) {
                         q.deferred = true;
@@ -417,7 +430,9 @@ impl Worker {
                 return true;
             }
             spins = spins.wrapping_add(1);
-            if spins % POLL_CLOCK_EVERY == 0 && start.elapsed() >= self.poll {
+            if spins % POLL_CLOCK_EVERY == 0
+                && start.get_or_insert_with(Instant::now).elapsed() >= self.poll
+            {
                 return false;
             }
             std::hint::spin_loop();
