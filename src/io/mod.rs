@@ -12,6 +12,7 @@
 //! `unsafe` submission functions.
 
 pub mod aligned;
+pub mod mailbox;
 mod pool;
 mod uring;
 
@@ -80,6 +81,8 @@ pub struct IoContext {
     /// The first operation of a batch, held back from the ring while it is
     /// the only one (see [`Self::submit`]).
     lone: Option<(Op, u64)>,
+    /// Completions of operations other threads did for this one.
+    mailbox: std::sync::Arc<mailbox::Mailbox>,
 }
 
 impl IoContext {
@@ -101,9 +104,15 @@ impl IoContext {
         Ok(IoContext {
             engine,
             immediate: Vec::new(),
+            mailbox: std::sync::Arc::new(mailbox::Mailbox::new(wake.try_clone()?)),
             wake,
             lone: None,
         })
+    }
+
+    /// Where other threads post completions of work done for this one.
+    pub fn mailbox(&self) -> &std::sync::Arc<mailbox::Mailbox> {
+        &self.mailbox
     }
 
     /// Readable when completions are waiting to be reaped.
@@ -153,6 +162,7 @@ impl IoContext {
     /// the pool's. Costs no system call.
     pub fn has_ready(&mut self) -> bool {
         !self.immediate.is_empty()
+            || self.mailbox.ready()
             || match &mut self.engine {
                 Engine::Uring(u) => u.ready(),
                 Engine::Threads(p) => p.ready(),
@@ -189,6 +199,7 @@ impl IoContext {
     /// ([`Self::clear_wake`]).
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         out.append(&mut self.immediate);
+        self.mailbox.take(out);
         match &mut self.engine {
             Engine::Uring(u) => u.reap(out),
             Engine::Threads(p) => p.reap(out),
@@ -210,7 +221,9 @@ impl IoContext {
     /// plus the read that resets it, would cost two system calls' worth of
     /// work for nothing.
     pub fn arm(&mut self) -> bool {
-        if !self.immediate.is_empty() {
+        // The mailbox always signals the eventfd after posting, so seeing
+        // it empty here is enough.
+        if !self.immediate.is_empty() || self.mailbox.ready() {
             return false;
         }
         match &mut self.engine {
@@ -231,6 +244,7 @@ impl IoContext {
     pub fn busy(&self) -> bool {
         !self.immediate.is_empty()
             || self.lone.is_some()
+            || self.mailbox.pending() > 0
             || match &self.engine {
                 Engine::Uring(u) => u.in_flight() > 0,
                 Engine::Threads(p) => p.in_flight() > 0,

@@ -28,7 +28,7 @@ pub struct FileIo {
     align: usize,
     /// Buffered writes to a regular file are tried on the submitting
     /// thread first (see [`super::inline_write`]).
-    inline_writes: Option<InlineWrites>,
+    inline_writes: Option<Arc<InlineWrites>>,
 }
 
 impl BlockIo for FileIo {
@@ -93,11 +93,25 @@ impl BlockIo for FileIo {
             },
             IoKind::Write => {
                 if let Some(w) = &self.inline_writes {
+                    let mailbox = ctx.mailbox().clone();
                     // SAFETY: the iovecs describe `len` readable bytes until
-                    // completion (IoRequest's contract), so for this call.
-                    let done = unsafe { w.write(fd, iov, iovcnt, req.offset(), req.len()) };
-                    if let Outcome::Done(result) = done {
-                        return ctx.complete_now(req.tag(), result);
+                    // the completion tagged with the request's tag has been
+                    // reaped from this context (IoRequest's contract).
+                    let done = unsafe {
+                        w.write(
+                            &mailbox,
+                            fd,
+                            iov,
+                            iovcnt,
+                            req.offset(),
+                            req.len(),
+                            req.tag(),
+                        )
+                    };
+                    match done {
+                        Outcome::Done(result) => return ctx.complete_now(req.tag(), result),
+                        Outcome::HandedOver => return,
+                        Outcome::ToEngine => {}
                     }
                 }
                 Op::Writev {

@@ -18,13 +18,16 @@
 //! again, so a throttled file costs the other requests of the queue at most
 //! one slow write in that many.
 
+use crate::io::mailbox::{Mailbox, Serve};
+use crate::io::Completion;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 /// An inline write slower than this sends the following writes to the
 /// engine for a while.
-pub const SLOW_WRITE: Duration = Duration::from_millis(1);
+pub const SLOW_WRITE: Duration = Duration::from_millis(4);
 /// How many writes go to the engine after a slow inline write.
 pub const BACKOFF_WRITES: u32 = 256;
 
@@ -32,13 +35,50 @@ pub const BACKOFF_WRITES: u32 = 256;
 const MODE_NOWAIT: u8 = 0;
 const MODE_BLOCKING: u8 = 1;
 
-/// The per-file decision state. Shared by every thread writing the file;
-/// it changes rarely (a mode switch, a slow write), so its cache line stays
-/// shared between them.
-#[derive(Debug, Default)]
+/// A write one thread handed to the thread writing the file.
+struct Handed {
+    fd: RawFd,
+    iov: *const libc::iovec,
+    iovcnt: u32,
+    offset: u64,
+    len: u64,
+    tag: u64,
+    to: Arc<Mailbox>,
+}
+
+// SAFETY: the iovecs and the buffers they describe stay valid until the
+// completion tagged `tag` has been reaped by the thread owning `to`
+// (IoRequest's contract), which happens only after this write was done
+// and posted; the writing thread only reads them.
+unsafe impl Send for Handed {}
+
+/// The per-file state. Shared by every thread writing the file.
+///
+/// ext4 takes a file's inode lock exclusively for every buffered write, so
+/// two threads writing the same file inline would take turns on it, and
+/// spin on it while the other one writes (and pull the page cache's
+/// buffer heads back and forth between their caches). Instead, one thread
+/// at a time writes the file (`busy`); a thread that finds it busy hands
+/// its write over and gets the completion through its mailbox. The writing
+/// thread does its own write, then what was handed over at most twice (so
+/// its own queue is not starved by another that keeps handing writes
+/// over), then asks a thread whose writes are still waiting to take over.
 pub struct InlineWrites {
     mode: AtomicU8,
     backoff: AtomicU32,
+    busy: AtomicBool,
+    handed: Mutex<Vec<Handed>>,
+    queued: AtomicUsize,
+    me: Weak<InlineWrites>,
+}
+
+impl std::fmt::Debug for InlineWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineWrites")
+            .field("mode", &self.mode)
+            .field("queued", &self.queued)
+            .finish()
+    }
 }
 
 /// What became of a write tried inline.
@@ -48,25 +88,39 @@ pub enum Outcome {
     Done(i32),
     /// Not started; the engine must do it.
     ToEngine,
+    /// Another thread writes it; the completion arrives in the mailbox.
+    HandedOver,
 }
 
 impl InlineWrites {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new() -> Arc<Self> {
+        Arc::new_cyclic(|me| InlineWrites {
+            mode: AtomicU8::new(MODE_NOWAIT),
+            backoff: AtomicU32::new(0),
+            busy: AtomicBool::new(false),
+            handed: Mutex::new(Vec::new()),
+            queued: AtomicUsize::new(0),
+            me: me.clone(),
+        })
     }
 
-    /// Writes `len` bytes described by `iov` at `offset`, or declines.
+    /// Writes `len` bytes described by `iov` at `offset`, hands the write to
+    /// the thread writing this file, or declines.
     ///
     /// # Safety
     /// `iov` must point to `iovcnt` iovecs describing `len` readable bytes,
-    /// valid for the duration of the call.
+    /// valid until the completion tagged `tag` has been reaped from the
+    /// context whose mailbox is `mailbox` (IoRequest's contract).
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn write(
         &self,
+        mailbox: &Arc<Mailbox>,
         fd: RawFd,
         iov: *const libc::iovec,
         iovcnt: u32,
         offset: u64,
         len: u64,
+        tag: u64,
     ) -> Outcome {
         if len > i32::MAX as u64 || iovcnt > libc::c_int::MAX as u32 {
             return Outcome::ToEngine;
@@ -95,11 +149,117 @@ impl InlineWrites {
         if self.backing_off() {
             return Outcome::ToEngine;
         }
+        if !self.acquire() {
+            mailbox.expect();
+            {
+                let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
+                handed.push(Handed {
+                    fd,
+                    iov,
+                    iovcnt,
+                    offset,
+                    len,
+                    tag,
+                    to: mailbox.clone(),
+                });
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            // The writer may have let go just before: then this thread
+            // writes what is waiting, its own write among it.
+            fence(Ordering::SeqCst);
+            if self.acquire() {
+                self.serve_handed();
+                self.release();
+            }
+            return Outcome::HandedOver;
+        }
+        // First in, first written: what was handed over before this write
+        // goes first.
+        self.serve_handed();
+        // SAFETY: the caller's contract on `iov`.
+        let r = unsafe { self.timed_write(fd, iov, iovcnt, offset, len) };
+        self.release();
+        Outcome::Done(r)
+    }
+
+    fn acquire(&self) -> bool {
+        self.busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Writes inline and notes how long it took.
+    ///
+    /// # Safety
+    /// As [`Self::write`].
+    unsafe fn timed_write(
+        &self,
+        fd: RawFd,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+        offset: u64,
+        len: u64,
+    ) -> i32 {
         let start = Instant::now();
         // SAFETY: the caller's contract on `iov`.
         let r = unsafe { write_all_from(fd, iov, iovcnt, offset, 0) };
         self.record(start.elapsed());
-        Outcome::Done(r.map_or_else(|e| -e, |()| len as i32))
+        r.map_or_else(|e| -e, |()| len as i32)
+    }
+
+    /// Writes what other threads handed over until now, posting each
+    /// completion to its thread. Called holding `busy`.
+    fn serve_handed(&self) {
+        let batch = {
+            let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
+            if handed.is_empty() {
+                return;
+            }
+            self.queued.fetch_sub(handed.len(), Ordering::Relaxed);
+            std::mem::take(&mut *handed)
+        };
+        // Completions go back in runs per thread, one wake-up each.
+        let mut run: Vec<Completion> = Vec::new();
+        let mut run_to: Option<Arc<Mailbox>> = None;
+        for w in batch {
+            // SAFETY: the handing thread's contract (see `Handed`).
+            let result = unsafe { self.timed_write(w.fd, w.iov, w.iovcnt, w.offset, w.len) };
+            if let Some(to) = run_to.as_ref().filter(|to| !Arc::ptr_eq(to, &w.to)) {
+                to.post_all(&mut run);
+            }
+            run.push(Completion { tag: w.tag, result });
+            run_to = Some(w.to);
+        }
+        if let Some(to) = run_to {
+            to.post_all(&mut run);
+        }
+    }
+
+    /// Lets go of `busy`. Writes handed over meanwhile are not written by
+    /// this thread (its own queue would wait behind them): the thread that
+    /// handed over the first of them is asked to write them, so the work
+    /// alternates between the queues and none waits for a writer that is
+    /// not coming.
+    fn release(&self) {
+        self.busy.store(false, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.queued.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // Another thread took over: the waiting writes are its now.
+        if !self.acquire() {
+            return;
+        }
+        let next = self
+            .handed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first()
+            .map(|w| w.to.clone());
+        self.busy.store(false, Ordering::Release);
+        if let (Some(to), Some(me)) = (next, self.me.upgrade()) {
+            to.nudge(me);
+        }
     }
 
     /// Whether this write is one of those sent to the engine after a slow
@@ -123,6 +283,16 @@ impl InlineWrites {
                 took.as_micros()
             );
             self.backoff.store(BACKOFF_WRITES, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Serve for InlineWrites {
+    /// Asked by a thread that let go with writes of this one's waiting.
+    fn serve(&self) {
+        if self.acquire() {
+            self.serve_handed();
+            self.release();
         }
     }
 }
@@ -205,6 +375,11 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
+    fn mailbox() -> Arc<Mailbox> {
+        let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        Arc::new(Mailbox::new(wake))
+    }
+
     fn iov(b: &[u8]) -> libc::iovec {
         libc::iovec {
             iov_base: b.as_ptr() as *mut libc::c_void,
@@ -233,7 +408,7 @@ mod tests {
         let v = [iov(&a), iov(&b), iov(&c)];
         let w = InlineWrites::new();
         // SAFETY: the iovecs describe the three vectors above, alive here.
-        let r = unsafe { w.write(f.as_raw_fd(), v.as_ptr(), 3, 8192, 6144) };
+        let r = unsafe { w.write(&mailbox(), f.as_raw_fd(), v.as_ptr(), 3, 8192, 6144, 1) };
         assert_eq!(r, Outcome::Done(6144));
         let data = std::fs::read(&p).unwrap();
         assert_eq!(data.len(), 8192 + 6144);
@@ -270,7 +445,7 @@ mod tests {
         let v = [iov(&a)];
         let w = InlineWrites::new();
         // SAFETY: the iovec describes `a`, alive here.
-        let r = unsafe { w.write(ro.as_raw_fd(), v.as_ptr(), 1, 0, 512) };
+        let r = unsafe { w.write(&mailbox(), ro.as_raw_fd(), v.as_ptr(), 1, 0, 512, 1) };
         assert_eq!(r, Outcome::Done(-libc::EBADF));
         std::fs::remove_file(p).unwrap();
     }
@@ -279,6 +454,7 @@ mod tests {
     fn a_slow_write_sends_the_next_ones_to_the_engine() {
         let (p, f) = temp_file("backoff");
         let w = InlineWrites::new();
+        let mb = mailbox();
         w.mode.store(MODE_BLOCKING, Ordering::Relaxed);
         w.record(SLOW_WRITE / 2);
         assert!(!w.backing_off(), "a fast write changes nothing");
@@ -287,12 +463,74 @@ mod tests {
         let v = [iov(&a)];
         for _ in 0..BACKOFF_WRITES {
             // SAFETY: the iovec describes `a`, alive here.
-            let r = unsafe { w.write(f.as_raw_fd(), v.as_ptr(), 1, 0, 512) };
+            let r = unsafe { w.write(&mb, f.as_raw_fd(), v.as_ptr(), 1, 0, 512, 1) };
             assert_eq!(r, Outcome::ToEngine);
         }
         // SAFETY: as above.
-        let r = unsafe { w.write(f.as_raw_fd(), v.as_ptr(), 1, 0, 512) };
+        let r = unsafe { w.write(&mb, f.as_raw_fd(), v.as_ptr(), 1, 0, 512, 1) };
         assert_eq!(r, Outcome::Done(512), "inline again after the back-off");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// Two threads writing one file: one writes at a time, the other
+    /// hands its writes over and gets their completions in its mailbox;
+    /// every write completes once, with its length, and lands.
+    #[test]
+    fn two_threads_writing_one_file_hand_writes_over() {
+        let (p, f) = temp_file("handover");
+        f.set_len(2 * 64 * 4096).unwrap();
+        let w = InlineWrites::new();
+        w.mode.store(MODE_BLOCKING, Ordering::Relaxed);
+        let fd = f.as_raw_fd();
+        let run = |t: u8| {
+            let w = w.clone();
+            std::thread::spawn(move || {
+                let mb = mailbox();
+                let bufs: Vec<Vec<u8>> = (0..64u8).map(|i| vec![t * 64 + i; 4096]).collect();
+                let iovs: Vec<libc::iovec> = bufs.iter().map(|b| iov(b)).collect();
+                let mut done: Vec<Completion> = Vec::new();
+                let mut handed = 0;
+                for round in 0..20u64 {
+                    for (i, v) in iovs.iter().enumerate() {
+                        let off = (u64::from(t) * 64 + i as u64) * 4096;
+                        let tag = round * 64 + i as u64;
+                        // SAFETY: `bufs` and `iovs` outlive every
+                        // completion, which this thread waits for below.
+                        match unsafe { w.write(&mb, fd, v, 1, off, 4096, tag) } {
+                            Outcome::Done(r) => done.push(Completion { tag, result: r }),
+                            Outcome::HandedOver => handed += 1,
+                            Outcome::ToEngine => panic!("declined"),
+                        }
+                    }
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while mb.pending() > 0 {
+                        mb.take(&mut done);
+                        assert!(Instant::now() < deadline, "handed writes never completed");
+                        std::thread::yield_now();
+                    }
+                    mb.take(&mut done);
+                }
+                (done, handed)
+            })
+        };
+        let (a, b) = (run(0), run(1));
+        let (da, ha) = a.join().unwrap();
+        let (db, hb) = b.join().unwrap();
+        for done in [&da, &db] {
+            assert_eq!(done.len(), 20 * 64);
+            let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+            tags.sort_unstable();
+            tags.dedup();
+            assert_eq!(tags.len(), 20 * 64, "a write completed twice or never");
+            assert!(done.iter().all(|c| c.result == 4096));
+        }
+        let data = std::fs::read(&p).unwrap();
+        for blk in 0..128usize {
+            assert!(data[blk * 4096..(blk + 1) * 4096]
+                .iter()
+                .all(|&x| x == blk as u8));
+        }
+        eprintln!("handed over: {ha} and {hb} of {} writes each", 20 * 64);
         std::fs::remove_file(p).unwrap();
     }
 }
