@@ -9,6 +9,8 @@ const SLEEP_BIT: u64 = 1 << 63;
 
 pub struct Uring {
     ring: IoUring,
+    /// Whether the eventfd can be switched off (see `new`).
+    toggle: bool,
     /// Operations pushed but not yet completed.
     in_flight: usize,
     /// Timespecs of sleeps not yet taken by the kernel; boxed so their
@@ -23,9 +25,16 @@ impl Uring {
     pub fn new(depth: u32, wake: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<Self> {
         let mut ring: IoUring = IoUring::builder().build(depth.max(8))?;
         ring.submitter().register_eventfd(wake.as_raw_fd())?;
-        // The owner is awake until it arms the eventfd.
-        ring.completion().disable_eventfd();
+        // The completion queue's flags word exists since Linux 5.8; a
+        // feature flag of 5.9 stands in for it. Without it the eventfd is
+        // simply always signalled.
+        let toggle = ring.params().is_feature_poll_32bits();
+        if toggle {
+            // The owner is awake until it arms the eventfd.
+            ring.completion().disable_eventfd();
+        }
         Ok(Uring {
+            toggle,
             ring,
             in_flight: 0,
             sleeps: Vec::new(),
@@ -45,6 +54,9 @@ impl Uring {
 
     /// See [`super::IoContext::arm`].
     pub fn arm(&mut self) -> bool {
+        if !self.toggle {
+            return self.ring.completion().is_empty();
+        }
         let mut cq = self.ring.completion();
         cq.enable_eventfd();
         // The flag must be visible to the kernel before the queue is looked
@@ -60,7 +72,9 @@ impl Uring {
     }
 
     pub fn disarm(&mut self) {
-        self.ring.completion().disable_eventfd();
+        if self.toggle {
+            self.ring.completion().disable_eventfd();
+        }
     }
 
     /// Whether entries wait in the submission queue.

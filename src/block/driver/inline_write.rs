@@ -241,24 +241,39 @@ impl InlineWrites {
     /// alternates between the queues and none waits for a writer that is
     /// not coming.
     fn release(&self) {
-        self.busy.store(false, Ordering::Release);
-        fence(Ordering::SeqCst);
-        if self.queued.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        // Another thread took over: the waiting writes are its now.
-        if !self.acquire() {
-            return;
-        }
-        let next = self
-            .handed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .first()
-            .map(|w| w.to.clone());
-        self.busy.store(false, Ordering::Release);
-        if let (Some(to), Some(me)) = (next, self.me.upgrade()) {
-            to.nudge(me);
+        loop {
+            // Every letting go is followed by a look at `queued`: a write
+            // handed over while `busy` was held is seen here, or its
+            // hander's own attempt to take over succeeds.
+            self.busy.store(false, Ordering::Release);
+            fence(Ordering::SeqCst);
+            if self.queued.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            // Another thread took over: the waiting writes are its now.
+            if !self.acquire() {
+                return;
+            }
+            let next = self
+                .handed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .first()
+                .map(|w| w.to.clone());
+            match (next, self.me.upgrade()) {
+                // Written by someone else meanwhile: look again.
+                (None, _) => continue,
+                (Some(to), Some(me)) => {
+                    self.busy.store(false, Ordering::Release);
+                    // The nudged thread takes `busy` itself (or whoever
+                    // gets it first writes the list).
+                    to.nudge(me);
+                    return;
+                }
+                // Not reachable while `self` is borrowed (the last Arc
+                // cannot be gone); write them rather than leave them.
+                (Some(_), None) => self.serve_handed(),
+            }
         }
     }
 

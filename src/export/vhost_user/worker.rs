@@ -37,6 +37,10 @@ const DRAIN_RETRY: Duration = Duration::from_millis(1);
 const COMPLETION_RECHECK: Duration = Duration::from_millis(10);
 /// Polling looks at the clock once per this many iterations.
 const POLL_CLOCK_EVERY: u32 = 16;
+/// A thread kept busy by polling or by work found when about to sleep
+/// still collects its events (control messages, other queues' kicks)
+/// after this many rounds.
+const EVENTS_EVERY: u32 = 64;
 
 const TOKEN_CONTROL: u64 = 0;
 const TOKEN_IO: u64 = 1;
@@ -91,19 +95,29 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
         }
     };
     let mut events = vec![EpollEvent::default(); 64];
+    // Rounds of work done since events were last collected.
+    let mut rounds = 0u32;
     loop {
         // A queue that stopped at the batch limit goes on at once; the
         // events are still collected (without waiting) so that the other
-        // queues, completions and control messages are not starved.
-        let timeout = if w.queues.iter().flatten().any(|q| q.deferred) {
+        // queues, completions and control messages are not starved. So
+        // are they every EVENTS_EVERY rounds found by polling or arming.
+        let timeout = if rounds >= EVENTS_EVERY
+            || w.queues
+                .iter()
+                .flatten()
+                .any(|q| q.deferred && q.stopping.is_none())
+        {
             Duration::ZERO
         } else {
             if !w.poll.is_zero() && w.poll_for_work() {
                 w.process_all();
+                rounds += 1;
                 continue;
             }
             if !w.arm() {
                 w.process_all();
+                rounds += 1;
                 continue;
             }
             if w.queues.iter().flatten().any(|q| q.held) {
@@ -114,6 +128,7 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
                 Duration::MAX
             }
         };
+        rounds = 0;
         let waited = w
             .epoll
             .wait(timeout.as_millis().try_into().unwrap_or(-1), &mut events);
@@ -305,6 +320,7 @@ impl Worker {
             deferred: true,
             held: false,
             failed: false,
+            stuck: false,
             clock: None,
             avail_idx_at: None,
             event_idx,
@@ -366,7 +382,7 @@ impl Worker {
             // stopping or failed queue takes nothing more, and one whose every slot
             // is busy (only a misbehaving guest gets there) waits for a
             // completion, which wakes the thread anyway.
-            if q.held || q.failed || q.stopping.is_some() || q.free.is_empty() {
+            if q.held || q.failed || q.stuck || q.stopping.is_some() || q.free.is_empty() {
                 continue;
             }
             let mem = q.mem.memory();
@@ -407,7 +423,8 @@ impl Worker {
             }
             let mut found = false;
             for q in self.queues.iter_mut().flatten() {
-                if q.held || q.failed {
+                // As in `arm`: nothing to take from these.
+                if q.held || q.failed || q.stuck || q.stopping.is_some() || q.free.is_empty() {
                     continue;
                 }
                 let avail = match polled_avail_idx(q) {
