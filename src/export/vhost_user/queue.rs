@@ -84,10 +84,7 @@ pub(super) struct QueueRun {
     /// inflight count (used index + marked heads) one short after a
     /// restart, so that a request would complete twice.
     pub(super) failed: bool,
-    /// The avail index says entries wait but they cannot be read (the
-    /// ring lies partly outside the memory the frontend shared): nothing is
-    /// taken until the memory table changes.
-    pub(super) stuck: bool,
+
     /// The accounting clock read once per round of requests taken or
     /// completed (see [`round_clock`]); `None` at the start of a round.
     pub(super) clock: Option<u64>,
@@ -122,9 +119,6 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
         return false;
     }
     let snap = snapshot(q);
-    if q.stuck {
-        return false;
-    }
     let mem: &Mem = &snap;
     if ring_is_broken(q, mem) {
         return false;
@@ -150,19 +144,6 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
         let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
             q.root.leave();
             q.free.push(si);
-            let pending = q
-                .queue
-                .avail_idx(mem, Ordering::Acquire)
-                .is_ok_and(|a| a.0 != q.queue.next_avail());
-            if pending && !q.stuck {
-                q.stuck = true;
-                log::warn!(
-                    "queue {} of '{}': the avail ring cannot be read where the guest put \
-                     new entries; waiting for the memory table to change",
-                    q.key.1,
-                    q.dev.id
-                );
-            }
             return false;
         };
         let head = chain.head_index();
@@ -193,7 +174,6 @@ pub(super) fn snapshot(q: &mut QueueRun) -> Snap {
     let current = q.mem.memory();
     if !std::ptr::eq::<Mem>(&*current, &**q.snap) {
         q.avail_idx_at = None;
-        q.stuck = false;
         q.snap = Arc::new(current);
     }
     q.snap.clone()

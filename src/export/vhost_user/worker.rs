@@ -320,7 +320,6 @@ impl Worker {
             deferred: true,
             held: false,
             failed: false,
-            stuck: false,
             clock: None,
             avail_idx_at: None,
             event_idx,
@@ -382,7 +381,7 @@ impl Worker {
             // stopping or failed queue takes nothing more, and one whose every slot
             // is busy (only a misbehaving guest gets there) waits for a
             // completion, which wakes the thread anyway.
-            if q.held || q.failed || q.stuck || q.stopping.is_some() || q.free.is_empty() {
+            if q.held || q.failed || q.stopping.is_some() || q.free.is_empty() {
                 continue;
             }
             let mem = q.mem.memory();
@@ -424,7 +423,7 @@ impl Worker {
             let mut found = false;
             for q in self.queues.iter_mut().flatten() {
                 // As in `arm`: nothing to take from these.
-                if q.held || q.failed || q.stuck || q.stopping.is_some() || q.free.is_empty() {
+                if q.held || q.failed || q.stopping.is_some() || q.free.is_empty() {
                     continue;
                 }
                 let avail = match polled_avail_idx(q) {
