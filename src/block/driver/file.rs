@@ -93,13 +93,12 @@ impl BlockIo for FileIo {
             },
             IoKind::Write => {
                 if let Some(w) = &self.inline_writes {
-                    let mailbox = ctx.mailbox().clone();
                     // SAFETY: the iovecs describe `len` readable bytes until
                     // the completion tagged with the request's tag has been
                     // reaped from this context (IoRequest's contract).
                     let done = unsafe {
                         w.write(
-                            &mailbox,
+                            ctx.mailbox(),
                             fd,
                             iov,
                             iovcnt,

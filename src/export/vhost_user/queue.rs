@@ -179,11 +179,32 @@ pub(super) fn snapshot(q: &mut QueueRun) -> Snap {
     q.snap.clone()
 }
 
+impl QueueRun {
+    /// Whether the queue may take requests now: not held back by a drain
+    /// (retried on a timer), not stopping or failed, and with a free slot
+    /// (every slot busy happens only with a misbehaving guest, and a
+    /// completion wakes the thread anyway).
+    pub(super) fn can_take(&self) -> bool {
+        !self.held && !self.failed && self.stopping.is_none() && !self.free.is_empty()
+    }
+}
+
 /// The avail index as polling reads it: through a pointer into the
 /// queue's current snapshot, found once per snapshot, instead of a region
-/// lookup on every look. `None` when the index is not plainly addressable
-/// (the caller then reads it the usual way).
+/// lookup on every look; the usual way where the index is not plainly
+/// addressable. `None` when it cannot be read at all.
 pub(super) fn polled_avail_idx(q: &mut QueueRun) -> Option<u16> {
+    match cached_avail_idx(q) {
+        Some(a) => Some(a),
+        None => q
+            .queue
+            .avail_idx(&**q.snap, Ordering::Acquire)
+            .ok()
+            .map(|a| a.0),
+    }
+}
+
+fn cached_avail_idx(q: &mut QueueRun) -> Option<u16> {
     use vm_memory::{GuestAddress, GuestMemoryBackend};
     if q.avail_idx_at.is_none() {
         let at = GuestAddress(q.queue.avail_ring().checked_add(2)?);

@@ -16,7 +16,6 @@ use super::queue::{
 use super::Device;
 use crate::export::virtio_blk::{Request, RequestLimits};
 use crate::io::{Completion, IoContext};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -377,11 +376,7 @@ impl Worker {
     fn arm(&mut self) -> bool {
         let mut work = false;
         for q in self.queues.iter_mut().flatten() {
-            // A queue held back by a drain is retried on a timer, a
-            // stopping or failed queue takes nothing more, and one whose every slot
-            // is busy (only a misbehaving guest gets there) waits for a
-            // completion, which wakes the thread anyway.
-            if q.held || q.failed || q.stopping.is_some() || q.free.is_empty() {
+            if !q.can_take() {
                 continue;
             }
             let mem = q.mem.memory();
@@ -422,19 +417,10 @@ impl Worker {
             }
             let mut found = false;
             for q in self.queues.iter_mut().flatten() {
-                // As in `arm`: nothing to take from these.
-                if q.held || q.failed || q.stopping.is_some() || q.free.is_empty() {
+                if !q.can_take() {
                     continue;
                 }
-                let avail = match polled_avail_idx(q) {
-                    Some(a) => Some(a),
-                    None => q
-                        .queue
-                        .avail_idx(&**q.snap, Ordering::Acquire)
-                        .ok()
-                        .map(|a| a.0),
-                };
-                if avail.is_some_and(|a| a != q.queue.next_avail()) {
+                if polled_avail_idx(q).is_some_and(|a| a != q.queue.next_avail()) {
                     let mem = q.snap.clone();
                     if !ring_is_broken(q, &mem) {
                         q.deferred = true;
