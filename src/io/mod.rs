@@ -277,11 +277,13 @@ fn read_now(op: &Op) -> Option<i32> {
     // (push's contract); a read that does not finish here is redone in
     // full by the ring, which overwrites whatever this one wrote.
     let r = unsafe {
-        libc::preadv2(
+        libc::syscall(
+            libc::SYS_preadv2,
             fd,
             iov,
             iovcnt as libc::c_int,
             offset as libc::off_t,
+            0 as libc::c_long,
             libc::RWF_NOWAIT,
         )
     };

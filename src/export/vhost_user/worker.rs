@@ -11,7 +11,8 @@
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
 use super::queue::{
-    complete, polled_avail_idx, resubmit_heads, ring_is_broken, take_requests, QueueRun, Slot,
+    account_finished, complete, polled_avail_idx, resubmit_heads, ring_is_broken, take_requests,
+    QueueRun, Slot,
 };
 use super::Device;
 use crate::export::virtio_blk::{Request, RequestLimits};
@@ -320,6 +321,7 @@ impl Worker {
             held: false,
             failed: false,
             clock: None,
+            finished: Vec::with_capacity(usize::from(size)),
             avail_idx_at: None,
             event_idx,
             inflight,
@@ -501,19 +503,20 @@ impl Worker {
         }
     }
 
+    /// Notifies the guest where completions need it, then accounts them.
     fn notify(&mut self) {
         for q in self.queues.iter_mut().flatten() {
-            if !q.need_notify {
-                continue;
-            }
-            q.need_notify = false;
-            let mem = q.mem.memory();
-            let needed = !q.event_idx || q.queue.needs_notification(&*mem).unwrap_or(true);
-            if needed {
-                if let Err(e) = q.call.write(1) {
-                    log::warn!("notifying queue {} of '{}': {e}", q.key.1, q.dev.id);
+            if q.need_notify {
+                q.need_notify = false;
+                let mem = q.mem.memory();
+                let needed = !q.event_idx || q.queue.needs_notification(&*mem).unwrap_or(true);
+                if needed {
+                    if let Err(e) = q.call.write(1) {
+                        log::warn!("notifying queue {} of '{}': {e}", q.key.1, q.dev.id);
+                    }
                 }
             }
+            account_finished(q);
         }
     }
 }

@@ -55,4 +55,6 @@ pub use features::{
 pub use limits::RequestLimits;
 pub use parse::{HEADER_LEN, RANGE_LEN, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP};
 pub use request::{DataSegment, DiscardRange, Request, RequestType};
-pub use status::{write_status, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+pub use status::{
+    prefetch_status, write_status, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+};
