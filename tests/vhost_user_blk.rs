@@ -908,6 +908,36 @@ fn capacity_equals_the_node_size() {
     assert!(blk.get_i32("max-segments") >= 7, "max-segments");
 }
 
+/// The block size of the file system holding `path` (what `statfs` says).
+fn fs_block_size(path: &Path) -> i32 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: an all-zero statfs is a valid value for statfs to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a struct statfs fills.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0, "statfs");
+    st.f_bsize as i32
+}
+
+#[test]
+fn physical_block_is_the_file_systems_block_and_logical_stays_512() {
+    // Arrange
+    let d = start_file_raw(4 * MIB, Fill::Sparse, "", "", "");
+    let fs_block = fs_block_size(&d.dir().join("disk.img"));
+
+    // Act
+    let blk = Blk::connect(&sock(&d));
+
+    // Assert: TOPOLOGY carries the file system's block as the physical
+    // block (libblkio shows it as optimal-io-alignment).
+    assert_eq!(blk.get_i32("request-alignment"), 512);
+    assert_eq!(
+        blk.get_i32("optimal-io-alignment"),
+        fs_block.clamp(512, 65536),
+        "file system block {fs_block}"
+    );
+}
+
 #[test]
 fn logical_block_size_4096_is_the_request_alignment() {
     // Arrange

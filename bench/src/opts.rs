@@ -28,6 +28,10 @@ alternating the backends, and reports medians and vubd/qsd ratios.
   --vubd PATH           vubd binary (default target/release/vubd)
   --qemu-img PATH       qemu-img, to make the qcow2 image (default: from PATH)
   --no-drop-caches      do not drop the page cache before each session
+  --small-pages         read the images back with readahead off, so that the
+                        page cache holds 4 KiB pages instead of large folios
+                        (on ext4 with Linux 6.16+ a 4k buffered write into a
+                        large folio costs several times the CPU)
   --seed N              seed of the offset generator (default 1)
 
 Both daemons' iothreads poll for 32768 ns (QEMU's default); set
@@ -52,6 +56,7 @@ pub struct Opts {
     pub vubd: PathBuf,
     pub qemu_img: PathBuf,
     pub drop_caches: bool,
+    pub small_pages: bool,
     pub seed: u64,
     pub json: Option<PathBuf>,
     pub markdown: Option<PathBuf>,
@@ -73,6 +78,7 @@ impl Default for Opts {
             vubd: PathBuf::from("target/release/vubd"),
             qemu_img: PathBuf::from("qemu-img"),
             drop_caches: true,
+            small_pages: false,
             seed: 1,
             json: None,
             markdown: None,
@@ -128,6 +134,7 @@ pub fn parse(args: &[String]) -> Result<Option<Opts>, String> {
             "--vubd" => o.vubd = PathBuf::from(value()?),
             "--qemu-img" => o.qemu_img = PathBuf::from(value()?),
             "--no-drop-caches" => o.drop_caches = false,
+            "--small-pages" => o.small_pages = true,
             "--seed" => o.seed = num(name, &value()?)?,
             "--json" => o.json = Some(PathBuf::from(value()?)),
             "--markdown" => o.markdown = Some(PathBuf::from(value()?)),

@@ -242,7 +242,7 @@ pub fn markdown(results: &Results) -> String {
          libblkio virtio-blk-vhost-user client, {} CPU(s) ({}), Linux {}. \
          QD is per queue; 2q runs use two client threads, one per queue. \
          CPU is the daemon's user+system time per request (µs/req, equal to s per million requests); \
-         RSS is its peak (VmHWM). × is vubd/qsd.{}",
+         RSS is its peak (VmHWM). × is vubd/qsd.{}{}",
         m.reps,
         m.duration_s,
         m.warmup_s,
@@ -253,6 +253,11 @@ pub fn markdown(results: &Results) -> String {
             ""
         } else {
             " (The page cache was not dropped between backends.)"
+        },
+        if m.small_pages {
+            " Images were read back with readahead off (--small-pages): the page cache holds 4 KiB pages."
+        } else {
+            ""
         }
     );
     let _ = writeln!(s);
@@ -405,13 +410,14 @@ pub fn json(results: &Results) -> String {
     let _ = writeln!(s, "{{");
     let _ = writeln!(
         s,
-        "  \"meta\": {{\"unix_time\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"reps\": {}, \"image_mib\": {}, \"page_cache_dropped\": {}, \"seed\": {}, \"kernel\": {}, \"cpu\": {}, \"cpus\": {}, \"versions\": {{{}}}, \"ratio\": \"vubd/qsd\", \"qd\": \"per queue\"}},",
+        "  \"meta\": {{\"unix_time\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"reps\": {}, \"image_mib\": {}, \"page_cache_dropped\": {}, \"small_pages\": {}, \"seed\": {}, \"kernel\": {}, \"cpu\": {}, \"cpus\": {}, \"versions\": {{{}}}, \"ratio\": \"vubd/qsd\", \"qd\": \"per queue\"}},",
         m.unix_time,
         json_num(Some(m.duration_s)),
         json_num(Some(m.warmup_s)),
         m.reps,
         m.image_mib,
         m.caches_dropped,
+        m.small_pages,
         m.seed,
         json_str(&m.kernel),
         json_str(&m.cpu),

@@ -44,6 +44,8 @@ pub struct Meta {
     pub reps: usize,
     pub image_mib: u64,
     pub caches_dropped: bool,
+    /// Images were read back with readahead off (`--small-pages`).
+    pub small_pages: bool,
     pub seed: u64,
     pub unix_time: u64,
     pub kernel: String,

@@ -189,7 +189,7 @@ impl Runner<'_> {
             return;
         }
         if let Some(img) = self.image_for(config) {
-            match image::settle(img, o.drop_caches) {
+            match image::settle(img, o.drop_caches, o.small_pages) {
                 Ok(dropped) => self.caches_dropped &= dropped,
                 Err(e) => {
                     eprintln!("bench: cannot settle {}: {e}", img.display());
@@ -351,6 +351,7 @@ pub fn run_all(opts: &Opts) -> Result<Results, String> {
         reps: opts.reps,
         image_mib: opts.image_mib,
         caches_dropped: r.caches_dropped,
+        small_pages: opts.small_pages,
         seed: opts.seed,
         unix_time: SystemTime::now()
             .duration_since(UNIX_EPOCH)

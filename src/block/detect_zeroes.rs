@@ -51,6 +51,10 @@ impl BlockIo for DetectZeroes {
         self.inner.mem_alignment()
     }
 
+    fn preferred_alignment(&self) -> u32 {
+        self.inner.preferred_alignment()
+    }
+
     fn refresh_length(&self) {
         self.inner.refresh_length()
     }

@@ -133,6 +133,14 @@ pub trait BlockIo: Send + Sync + 'static {
         1
     }
 
+    /// The write granularity the node's storage works in: a write smaller
+    /// than this, or not aligned to it, costs a read-modify-write further
+    /// down (a file system block, a disk's physical sector). At least
+    /// [`Self::mem_alignment`]; guests see it as the physical block size.
+    fn preferred_alignment(&self) -> u32 {
+        512
+    }
+
     /// Re-reads a length kept in memory after a node below was resized.
     fn refresh_length(&self) {}
 

@@ -5,7 +5,7 @@
 //! named by the export id, with the permissions the export needs, and a
 //! root slot through which its I/O threads reach the node.
 
-use super::vhost_user::{Device, Server};
+use super::vhost_user::{Device, NodeGeometry, Server};
 use crate::block::drain::RootSlot;
 use crate::block::graph::{Graph, Use, UserKind};
 use crate::block::perm::Perm;
@@ -96,7 +96,11 @@ impl Exports {
         };
         let workers = threads.for_export(opts)?;
         let slot = Arc::new(RootSlot::new(Some(node.io.clone())));
-        let length = node.io.length()?;
+        let geometry = NodeGeometry {
+            length: node.io.length()?,
+            alignment: node.io.mem_alignment(),
+            preferred: node.io.preferred_alignment(),
+        };
         let use_id = graph.change(|g| {
             Ok(g.add_use(Use {
                 id: 0,
@@ -116,7 +120,7 @@ impl Exports {
                 slot: Some(slot.clone()),
             }))
         })?;
-        let server = Server::start(opts, vu, length, slot, workers).map_err(|e| {
+        let server = Server::start(opts, vu, &geometry, slot, workers).map_err(|e| {
             let _ = graph.change(|g| {
                 g.remove_use(use_id);
                 Ok(())

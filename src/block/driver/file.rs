@@ -26,6 +26,9 @@ pub struct FileIo {
     unmap: bool,
     /// With O_DIRECT, the alignment buffers need; 1 otherwise.
     align: usize,
+    /// The file system's block or the device's physical sector (see
+    /// [`preferred_alignment`]).
+    preferred: u32,
     /// Buffered writes to a regular file are tried on the submitting
     /// thread first (see [`super::inline_write`]).
     inline_writes: Option<Arc<InlineWrites>>,
@@ -51,6 +54,10 @@ impl BlockIo for FileIo {
 
     fn mem_alignment(&self) -> usize {
         self.align
+    }
+
+    fn preferred_alignment(&self) -> u32 {
+        self.preferred
     }
 
     fn truncate(&self, size: u64) -> Result<(), BlockError> {
@@ -193,6 +200,7 @@ impl FileDriver {
         if meta.is_dir() {
             return Err(BlockError::invalid(format!("'{path}' is a directory")));
         }
+        let preferred = preferred_alignment(&file, block_device, align);
         Ok(FileDriver {
             io: Arc::new(FileIo {
                 file,
@@ -201,6 +209,7 @@ impl FileDriver {
                 block_device,
                 unmap: flags.discard == crate::qapi::BlockdevDiscardOptions::Unmap,
                 align,
+                preferred,
                 inline_writes: (!flags.cache_direct && meta.file_type().is_file())
                     .then(InlineWrites::new),
             }),
@@ -217,6 +226,33 @@ impl FileDriver {
     fn lock_state(&self) -> std::sync::MutexGuard<'_, LockState> {
         self.lock.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The granularity writes to this file are best done in: a block
+/// device's physical sector size, or the block size of the file system
+/// holding a file (a smaller write through the page cache may have to
+/// read the rest of the block first). Never below the O_DIRECT alignment;
+/// 512 when nothing sensible can be found.
+fn preferred_alignment(file: &File, block_device: bool, align: usize) -> u32 {
+    use std::os::fd::AsRawFd;
+    /// `_IO(0x12, 123)`: a block device's physical sector size.
+    const BLKPBSZGET: libc::c_ulong = 0x127b;
+    let probed: Option<u64> = if block_device {
+        let mut size: libc::c_uint = 0;
+        // SAFETY: BLKPBSZGET writes one unsigned int to the pointer given.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKPBSZGET, &mut size) };
+        (rc == 0).then_some(u64::from(size))
+    } else {
+        // SAFETY: an all-zero statfs is a valid value to be overwritten.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs fills the struct it is given.
+        let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+        (rc == 0).then(|| u64::try_from(st.f_bsize).unwrap_or(0))
+    };
+    let probed = probed
+        .filter(|v| v.is_power_of_two() && (512..=65536).contains(v))
+        .unwrap_or(512) as u32;
+    probed.max(u32::try_from(align).unwrap_or(512))
 }
 
 /// The smallest alignment O_DIRECT reads accept on this file: tried with

@@ -32,6 +32,10 @@ impl BlockIo for RawIo {
         self.child.mem_alignment()
     }
 
+    fn preferred_alignment(&self) -> u32 {
+        self.child.preferred_alignment()
+    }
+
     fn refresh_length(&self) {
         if self.fixed_size.is_none() {
             if let Ok(len) = self.child.length() {

@@ -102,21 +102,56 @@ pub struct Server {
     accept: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What the export needs to know of its node.
+pub struct NodeGeometry {
+    pub length: u64,
+    /// Offsets, lengths and buffers must be multiples of this (O_DIRECT);
+    /// 1 when anything goes.
+    pub alignment: usize,
+    /// The node's preferred write granularity (see
+    /// `BlockIo::preferred_alignment`).
+    pub preferred: u32,
+}
+
+/// The logical and physical block sizes an export shows for a node (see
+/// [`device_options`]).
+fn block_sizes(asked: Option<u64>, node: &NodeGeometry) -> Result<(u32, u32), String> {
+    let need = u32::try_from(node.alignment).unwrap_or(u32::MAX).max(512);
+    let block = match asked {
+        Some(b) => {
+            u32::try_from(b).map_err(|_| format!("logical-block-size {b} is out of range"))?
+        }
+        None => need,
+    };
+    if block < need {
+        return Err(format!(
+            "logical-block-size {block} is smaller than the alignment of {need} bytes the node \
+             needs for its requests (O_DIRECT); use at least {need}, or cache.direct=off"
+        ));
+    }
+    Ok((block, node.preferred.max(block)))
+}
+
+/// The device an export shows. Its logical block size is the one asked
+/// for, or 512, or the node's alignment where that is larger (an O_DIRECT
+/// file on a 4K-sector disk); asking for less than the node's alignment is
+/// refused, as such requests would fail. The topology (physical block,
+/// minimum I/O size) is the node's preferred alignment, so that guests
+/// align and size their writes to what the storage below does well.
 fn device_options(
     opts: &BlockExportOptions,
     vu: &BlockExportOptionsVhostUserBlk,
-    length: u64,
+    node: &NodeGeometry,
 ) -> std::io::Result<DeviceOptions> {
     let writable = opts.writable.unwrap_or(false);
-    let block = vu.logical_block_size.unwrap_or(512);
-    let block = u32::try_from(block)
-        .map_err(|_| std::io::Error::other("logical-block-size is too large"))?;
+    let (block, physical) = block_sizes(vu.logical_block_size, node)
+        .map_err(|e| std::io::Error::other(format!("node '{}': {e}", opts.node_name)))?;
     let queue_size = vu.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
     let o = DeviceOptions {
-        capacity_bytes: length,
+        capacity_bytes: node.length,
         logical_block_size: block,
-        physical_block_size: block,
-        min_io_size: block,
+        physical_block_size: physical,
+        min_io_size: physical,
         num_queues: vu.num_queues.unwrap_or(1),
         queue_size,
         seg_max: u32::from(queue_size.min(256)).saturating_sub(2).max(1),
@@ -175,11 +210,12 @@ impl Server {
     pub fn start(
         opts: &BlockExportOptions,
         vu: &BlockExportOptionsVhostUserBlk,
-        length: u64,
+        node: &NodeGeometry,
         slot: Arc<RootSlot>,
         threads: Vec<Arc<IoThread>>,
     ) -> std::io::Result<Server> {
-        let options = device_options(opts, vu, length)?;
+        let options = device_options(opts, vu, node)?;
+        let length = node.length;
         let stats = (0..options.num_queues)
             .map(|_| QueueStats::default())
             .collect();
@@ -305,4 +341,45 @@ fn serve(dev: &Arc<Device>, stream: UnixStream) {
     conn.lock()
         .unwrap_or_else(PoisonError::into_inner)
         .disconnect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{block_sizes, NodeGeometry};
+
+    fn node(alignment: usize, preferred: u32) -> NodeGeometry {
+        NodeGeometry {
+            length: 1 << 20,
+            alignment,
+            preferred,
+        }
+    }
+
+    #[test]
+    fn buffered_file_shows_512_byte_blocks_and_the_file_system_block_as_physical() {
+        assert_eq!(block_sizes(None, &node(1, 4096)), Ok((512, 4096)));
+    }
+
+    #[test]
+    fn asked_block_size_wins_over_a_smaller_preference() {
+        assert_eq!(block_sizes(Some(4096), &node(1, 512)), Ok((4096, 4096)));
+        assert_eq!(block_sizes(Some(4096), &node(512, 4096)), Ok((4096, 4096)));
+        assert_eq!(block_sizes(Some(1024), &node(1, 4096)), Ok((1024, 4096)));
+    }
+
+    #[test]
+    fn direct_io_on_4k_sectors_defaults_to_4k_logical_blocks() {
+        assert_eq!(block_sizes(None, &node(4096, 4096)), Ok((4096, 4096)));
+    }
+
+    #[test]
+    fn asking_for_blocks_below_the_direct_io_alignment_is_refused() {
+        let e = block_sizes(Some(512), &node(4096, 4096)).unwrap_err();
+        assert!(e.contains("4096") && e.contains("cache.direct=off"), "{e}");
+    }
+
+    #[test]
+    fn huge_block_size_is_an_error_not_a_wrap() {
+        assert!(block_sizes(Some(1 << 40), &node(1, 512)).is_err());
+    }
 }
