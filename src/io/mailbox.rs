@@ -87,7 +87,9 @@ impl Mailbox {
     /// Takes what was posted: completions into `out`, then runs the work
     /// the owner was asked to take over (which may post more).
     pub fn take(&self, out: &mut Vec<Completion>) {
-        if !self.ready.swap(false, Ordering::AcqRel) {
+        // A plain load first: most reaps find nothing, and the swap is a
+        // locked instruction.
+        if !self.ready.load(Ordering::Acquire) || !self.ready.swap(false, Ordering::AcqRel) {
             return;
         }
         let nudges =
