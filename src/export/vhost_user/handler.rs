@@ -27,7 +27,6 @@ use vhost::vhost_user::{
     Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddressSpace;
 
 /// The base address a region was mapped at, for postcopy (unused here).
 type VhostUserMemoryRegionBase = u64;

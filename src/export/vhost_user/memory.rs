@@ -4,14 +4,45 @@
 //! addresses) into guest physical addresses.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserSingleMemoryRegion};
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+    GuestRegionMmap,
 };
 
 pub type Mem = GuestMemoryMmap<()>;
-pub type AtomicMem = GuestMemoryAtomic<Mem>;
+
+/// A connection's memory as the I/O threads see it: the current map,
+/// published atomically, and a count of publications, so that a thread can
+/// tell with one plain load whether the snapshot it holds is still the
+/// newest (loading the map itself takes two locked instructions).
+#[derive(Clone)]
+pub struct AtomicMem {
+    map: GuestMemoryAtomic<Mem>,
+    generation: Arc<AtomicU64>,
+}
+
+impl AtomicMem {
+    fn new(mem: Mem) -> Self {
+        AtomicMem {
+            map: GuestMemoryAtomic::new(mem),
+            generation: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The current map.
+    pub fn memory(&self) -> GuestMemoryLoadGuard<Mem> {
+        self.map.memory()
+    }
+
+    /// Changes with every new map. Read it before [`Self::memory`]: a map
+    /// published in between then only makes the next look load it again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -41,7 +72,7 @@ pub struct GuestMem {
 impl Default for GuestMem {
     fn default() -> Self {
         GuestMem {
-            atomic: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            atomic: AtomicMem::new(GuestMemoryMmap::new()),
             mappings: Vec::new(),
         }
     }
@@ -54,10 +85,11 @@ impl GuestMem {
     }
 
     fn publish(&self, mem: Mem) {
-        match self.atomic.lock() {
+        match self.atomic.map.lock() {
             Ok(guard) => guard.replace(mem),
             Err(poisoned) => poisoned.into_inner().replace(mem),
         }
+        self.atomic.generation.fetch_add(1, Ordering::Release);
     }
 
     fn map(

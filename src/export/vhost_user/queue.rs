@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryLoadGuard};
+use vm_memory::GuestMemoryLoadGuard;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::QueueKey;
@@ -63,8 +63,10 @@ pub(super) struct QueueRun {
     pub(super) kick: EventFd,
     pub(super) call: EventFd,
     pub(super) mem: AtomicMem,
-    /// The current snapshot of `mem` (see [`Snap`]).
+    /// The current snapshot of `mem` (see [`Snap`]), and the generation
+    /// of `mem` it was looked up at.
     pub(super) snap: Snap,
+    pub(super) snap_generation: u64,
     pub(super) root: LocalRoot,
     pub(super) limits: RequestLimits,
     pub(super) capacity_seen: u64,
@@ -124,7 +126,7 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
     }
     let snap = snapshot(q);
     let mem: &Mem = &snap;
-    if ring_is_broken(q, mem) {
+    if ring_is_broken(q) {
         return false;
     }
     let capacity = q.dev.capacity.load(Ordering::Relaxed);
@@ -166,19 +168,20 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
         }
         handle_chain(q, qi, si as usize, chain, &snap, ctx);
     }
-    !q.free.is_empty()
-        && q.queue
-            .avail_idx(mem, Ordering::Acquire)
-            .is_ok_and(|a| a.0 != q.queue.next_avail())
+    !q.free.is_empty() && polled_avail_idx(q).is_some_and(|a| a != q.queue.next_avail())
 }
 
 /// The queue's snapshot of guest memory, renewed when the frontend changed
 /// the memory table.
 pub(super) fn snapshot(q: &mut QueueRun) -> Snap {
-    let current = q.mem.memory();
-    if !std::ptr::eq::<Mem>(&*current, &**q.snap) {
-        q.avail_idx_at = None;
-        q.snap = Arc::new(current);
+    let generation = q.mem.generation();
+    if generation != q.snap_generation {
+        let current = q.mem.memory();
+        q.snap_generation = generation;
+        if !std::ptr::eq::<Mem>(&*current, &**q.snap) {
+            q.avail_idx_at = None;
+            q.snap = Arc::new(current);
+        }
     }
     q.snap.clone()
 }
@@ -232,11 +235,11 @@ fn cached_avail_idx(q: &mut QueueRun) -> Option<u16> {
 
 /// Whether the guest claims more new entries than the ring holds; such a
 /// queue is marked broken (and said so once).
-pub(super) fn ring_is_broken(q: &mut QueueRun, mem: &Mem) -> bool {
-    let Ok(avail) = q.queue.avail_idx(mem, Ordering::Acquire) else {
+pub(super) fn ring_is_broken(q: &mut QueueRun) -> bool {
+    let Some(avail) = polled_avail_idx(q) else {
         return true;
     };
-    let pending = avail.0.wrapping_sub(q.queue.next_avail());
+    let pending = avail.wrapping_sub(q.queue.next_avail());
     let broken = pending > q.queue.size();
     if broken && !q.broken {
         log::warn!(

@@ -11,8 +11,8 @@
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
 use super::queue::{
-    account_finished, complete, polled_avail_idx, resubmit_heads, ring_is_broken, take_requests,
-    QueueRun, Slot,
+    account_finished, complete, polled_avail_idx, resubmit_heads, ring_is_broken, snapshot,
+    take_requests, QueueRun, Slot,
 };
 use super::Device;
 use crate::export::virtio_blk::{Request, RequestLimits};
@@ -21,7 +21,6 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -307,6 +306,7 @@ impl Worker {
             queue,
             kick: s.kick,
             call: s.call,
+            snap_generation: s.mem.generation(),
             snap: Arc::new(s.mem.memory()),
             mem: s.mem,
             limits,
@@ -381,9 +381,9 @@ impl Worker {
             if !q.can_take() {
                 continue;
             }
-            let mem = q.mem.memory();
-            match q.queue.enable_notification(&*mem) {
-                Ok(true) if !ring_is_broken(q, &mem) => {
+            let mem = snapshot(q);
+            match q.queue.enable_notification(&**mem) {
+                Ok(true) if !ring_is_broken(q) => {
                     q.deferred = true;
                     work = true;
                 }
@@ -422,12 +422,14 @@ impl Worker {
                 if !q.can_take() {
                     continue;
                 }
-                if polled_avail_idx(q).is_some_and(|a| a != q.queue.next_avail()) {
-                    let mem = q.snap.clone();
-                    if !ring_is_broken(q, &mem) {
-                        q.deferred = true;
-                        found = true;
-                    }
+                // A ring already found broken is looked at again before
+                // it counts as work (it would otherwise be found at every
+                // turn); taking requests checks every ring anyway.
+                if polled_avail_idx(q).is_some_and(|a| a != q.queue.next_avail())
+                    && !(q.broken && ring_is_broken(q))
+                {
+                    q.deferred = true;
+                    found = true;
                 }
             }
             if found {
@@ -508,8 +510,7 @@ impl Worker {
         for q in self.queues.iter_mut().flatten() {
             if q.need_notify {
                 q.need_notify = false;
-                let mem = q.mem.memory();
-                let needed = !q.event_idx || q.queue.needs_notification(&*mem).unwrap_or(true);
+                let needed = !q.event_idx || q.queue.needs_notification(&**q.snap).unwrap_or(true);
                 if needed {
                     if let Err(e) = q.call.write(1) {
                         log::warn!("notifying queue {} of '{}': {e}", q.key.1, q.dev.id);
