@@ -81,6 +81,11 @@ pub struct IoContext {
     /// The first operation of a batch, held back from the ring while it is
     /// the only one (see [`Self::submit`]).
     lone: Option<(Op, u64)>,
+    /// Descriptors whose file refused `RWF_NOWAIT` (network and FUSE file
+    /// systems, procfs): their lone reads go straight to the engine rather
+    /// than pay for a refused system call each time. A closed descriptor's
+    /// number reused for another file only loses it that shortcut.
+    no_nowait: Vec<RawFd>,
     /// Completions of operations other threads did for this one.
     mailbox: std::sync::Arc<mailbox::Mailbox>,
 }
@@ -107,6 +112,7 @@ impl IoContext {
             mailbox: std::sync::Arc::new(mailbox::Mailbox::new(wake.try_clone()?)),
             wake,
             lone: None,
+            no_nowait: Vec::new(),
         })
     }
 
@@ -134,7 +140,9 @@ impl IoContext {
                     // SAFETY: the caller's contract, given with the first
                     // operation's push, is passed on unchanged.
                     unsafe { u.push(first, first_tag) };
-                } else if matches!(op, Op::Readv { cached: true, .. }) && !u.has_queued() {
+                } else if matches!(op, Op::Readv { cached: true, fd, .. } if !self.no_nowait.contains(&fd))
+                    && !u.has_queued()
+                {
                     self.lone = Some((op, tag));
                     return;
                 }
@@ -178,11 +186,18 @@ impl IoContext {
     /// data is not all in the page cache the read goes to the ring as usual.
     pub fn submit(&mut self) -> std::io::Result<()> {
         if let Some((op, tag)) = self.lone.take() {
-            if let Some(result) = read_now(&op) {
-                self.immediate.push(Completion { tag, result });
-            } else if let Engine::Uring(u) = &mut self.engine {
-                // SAFETY: the contract given with this operation's push.
-                unsafe { u.push(op, tag) };
+            match read_now(&op) {
+                Ok(result) => self.immediate.push(Completion { tag, result }),
+                Err(miss) => {
+                    if let (NotNow::Refused, Op::Readv { fd, .. }) = (miss, op) {
+                        log::debug!("fd {fd} refuses RWF_NOWAIT: its reads go to the ring");
+                        self.no_nowait.push(fd);
+                    }
+                    if let Engine::Uring(u) = &mut self.engine {
+                        // SAFETY: the contract given with this operation's push.
+                        unsafe { u.push(op, tag) };
+                    }
+                }
             }
         }
         match &mut self.engine {
@@ -252,11 +267,19 @@ impl IoContext {
     }
 }
 
+/// Why a lone read was not done at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotNow {
+    /// Not all cached, a short read that may be the end of the file, or
+    /// an error the ring's attempt reports the usual way.
+    Later,
+    /// The file does not take `RWF_NOWAIT` at all.
+    Refused,
+}
+
 /// Tries a cached read without blocking: the byte count when it read
-/// everything, `None` when the ring must do it (not all cached, a short
-/// read that may be the end of the file, any error: the ring's attempt
-/// reports errors the usual way).
-fn read_now(op: &Op) -> Option<i32> {
+/// everything; otherwise the ring must do it.
+fn read_now(op: &Op) -> Result<i32, NotNow> {
     let Op::Readv {
         fd,
         offset,
@@ -265,13 +288,13 @@ fn read_now(op: &Op) -> Option<i32> {
         cached: true,
     } = *op
     else {
-        return None;
+        return Err(NotNow::Later);
     };
     // SAFETY: the iovecs are valid until completion (push's contract).
     let vecs = unsafe { std::slice::from_raw_parts(iov, iovcnt as usize) };
     let total: usize = vecs.iter().map(|v| v.iov_len).sum();
     if total > i32::MAX as usize {
-        return None;
+        return Err(NotNow::Later);
     }
     // SAFETY: the iovecs describe writable buffers valid until completion
     // (push's contract); a read that does not finish here is redone in
@@ -287,7 +310,13 @@ fn read_now(op: &Op) -> Option<i32> {
             libc::RWF_NOWAIT,
         )
     };
-    (r >= 0 && r as usize == total).then_some(r as i32)
+    if r >= 0 && r as usize == total {
+        Ok(r as i32)
+    } else if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+        Err(NotNow::Refused)
+    } else {
+        Err(NotNow::Later)
+    }
 }
 
 #[cfg(test)]

@@ -121,6 +121,48 @@ fn pool_engine_gives_the_same_results() {
     write_then_read(true);
 }
 
+/// A file that refuses RWF_NOWAIT (procfs here; network file systems in
+/// real use) still reads correctly, and after the first refusal its lone
+/// reads are not held back for an inline attempt any more.
+#[test]
+fn lone_read_of_a_file_refusing_nowait_goes_to_the_ring_and_is_remembered() {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open("/proc/self/cmdline").unwrap();
+    let mut ctx = IoContext::new(64, false).unwrap();
+    if matches!(ctx.engine, Engine::Threads(_)) {
+        return; // No io_uring here: no lone reads either.
+    }
+    let mut back = vec![0u8; 64];
+    let iov = [libc::iovec {
+        iov_base: back.as_mut_ptr() as *mut libc::c_void,
+        iov_len: back.len(),
+    }];
+    let read = Op::Readv {
+        fd: file.as_raw_fd(),
+        offset: 0,
+        iov: iov.as_ptr(),
+        iovcnt: 1,
+        cached: true,
+    };
+    for tag in 1..=2 {
+        // SAFETY: `back` and `iov` outlive the waits below.
+        unsafe { ctx.push(read, tag) };
+        assert_eq!(
+            ctx.lone.is_some(),
+            tag == 1,
+            "held back for an inline try only before the first refusal"
+        );
+        ctx.submit().unwrap();
+        assert!(!ctx.has_immediate(), "procfs cannot be read inline");
+        let done = wait(&mut ctx, 1);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].tag, tag);
+        assert!(done[0].result > 0, "read through the ring: {:?}", done[0]);
+    }
+    assert_eq!(ctx.no_nowait, [file.as_raw_fd()]);
+    assert!(!ctx.busy());
+}
+
 /// A batch of one cached read finishes during submit, without the ring; a
 /// lone read the page cache cannot fully serve (here: one crossing the end
 /// of the file) still completes through the ring with its real count.
