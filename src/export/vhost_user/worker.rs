@@ -323,6 +323,7 @@ impl Worker {
             clock: None,
             finished: Vec::with_capacity(usize::from(size)),
             avail_idx_at: None,
+            guess: [0, 0],
             event_idx,
             inflight,
             broken: false,

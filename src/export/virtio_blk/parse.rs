@@ -84,6 +84,9 @@ impl Request {
         if last.len() > 1 {
             self.push_data(last.addr(), last.len() - 1, true, &mut walk, limits);
         }
+        if walk.header_pieces > 0 {
+            self.header_addr = Some(GuestAddress(walk.header[0].0));
+        }
         let header = read_header(mem, &walk)?;
         self.check(mem, &header, &walk, limits)
     }

@@ -130,6 +130,7 @@ pub struct Request {
     pub(super) data_len: u32,
     pub(super) ranges: Vec<DiscardRange>,
     pub(super) status_addr: Option<GuestAddress>,
+    pub(super) header_addr: Option<GuestAddress>,
     pub(super) head_index: u16,
 }
 
@@ -155,6 +156,7 @@ impl Request {
             data_len: 0,
             ranges: Vec::with_capacity(ranges),
             status_addr: None,
+            header_addr: None,
             head_index: 0,
         }
     }
@@ -167,6 +169,7 @@ impl Request {
         self.data_len = 0;
         self.ranges.clear();
         self.status_addr = None;
+        self.header_addr = None;
         self.head_index = 0;
     }
 
@@ -206,6 +209,11 @@ impl Request {
     /// request; `None` when the chain has none.
     pub fn status_addr(&self) -> Option<GuestAddress> {
         self.status_addr
+    }
+
+    /// Where the header starts (its first piece), once the chain had one.
+    pub fn header_addr(&self) -> Option<GuestAddress> {
+        self.header_addr
     }
 
     /// Head descriptor index of the chain, for the used ring.

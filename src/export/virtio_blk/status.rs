@@ -18,31 +18,9 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 /// and the used ring telling the driver so. Only a hint: an address
 /// outside guest memory is ignored, and nothing is read or written.
 pub fn prefetch_status<M: GuestMemoryBackend + ?Sized>(mem: &M, status_addr: GuestAddress) {
-    #[cfg(target_arch = "x86_64")]
-    if has_prefetchw() {
-        if let Ok(p) = mem.get_host_address(status_addr) {
-            // SAFETY: PREFETCHW never faults and changes no memory (the
-            // address is only a hint to the cache), and the CPU has it.
-            unsafe {
-                std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags))
-            };
-        }
+    if let Ok(p) = mem.get_host_address(status_addr) {
+        crate::export::cache_hint::prefetch_write(p);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (mem, status_addr);
-}
-
-/// Whether the CPU has PREFETCHW (CPUID 0x8000_0001, ECX bit 8). A read
-/// prefetch would bring the line in shared, and the status write would
-/// still wait for the other CPU to give it up.
-#[cfg(target_arch = "x86_64")]
-fn has_prefetchw() -> bool {
-    use std::arch::x86_64::__cpuid;
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // Leaf 0x8000_0001 is only read when leaf 0x8000_0000 says it exists.
-    *HAS.get_or_init(|| {
-        __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
-    })
 }
 
 /// Writes the status byte of a request into guest memory.

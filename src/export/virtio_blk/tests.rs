@@ -114,6 +114,7 @@ fn in_request_with_two_data_segments_parses() {
     assert_eq!(req.data(), &[seg(DATA, 512), seg(DATA + 0x1000, 1024)]);
     assert_eq!(req.data_len(), 1536);
     assert_eq!(req.status_addr(), Some(GuestAddress(STATUS)));
+    assert_eq!(req.header_addr(), Some(GuestAddress(HDR)));
     assert_eq!(req.head_index(), 0);
     assert_eq!(req.used_len(VIRTIO_BLK_S_OK), 1537);
     assert_eq!(req.used_len(VIRTIO_BLK_S_IOERR), 1);
@@ -220,6 +221,7 @@ fn header_split_over_two_descriptors() {
     assert_eq!(req.request_type(), RequestType::In);
     assert_eq!(req.sector(), 16);
     assert_eq!(req.data(), &[seg(DATA, 512)]);
+    assert_eq!(req.header_addr(), Some(GuestAddress(HDR)), "the first piece");
 }
 
 #[test]
