@@ -103,6 +103,14 @@ pub(super) struct QueueRun {
     /// they are prefetched as soon as a new one shows up (see
     /// [`prefetch_next`]). Only hints: never read through.
     pub(super) guess: [usize; 2],
+    /// The slot of a lone request finished this round, for
+    /// [`remember_guess`].
+    pub(super) guess_slot: Option<u16>,
+    /// Head index and header address of the last lone request.
+    pub(super) last_lone: (u16, u64),
+    /// The driver asked to be notified of the last completions (it sleeps
+    /// rather than polls).
+    pub(super) driver_waits: bool,
     pub(super) event_idx: bool,
     pub(super) inflight: Option<InflightQueue>,
     /// The guest put the ring in an impossible state (an avail index more
@@ -221,15 +229,33 @@ fn prefetch_next(q: &QueueRun) {
     }
 }
 
-/// Notes where a request's head descriptor and header were, when it was
-/// the only one in flight (see `QueueRun::guess`).
-fn remember_guess(q: &mut QueueRun, si: usize, mem: &Mem) {
+/// Notes where the last lone request's head descriptor and header were
+/// (see `QueueRun::guess`). Called once the guest has been told about the
+/// completion, and before the queue takes anything new, so the slot still
+/// holds that request.
+pub(super) fn remember_guess(q: &mut QueueRun) {
     use vm_memory::{GuestAddress, GuestMemoryBackend};
-    if q.in_flight != 0 {
+    let Some(si) = q.guess_slot.take() else {
+        return;
+    };
+    let Some(slot) = q.slots.get(usize::from(si)) else {
+        return;
+    };
+    // Only a guess that held last time is used: a driver that rotates its
+    // descriptors or headers would have the lines it is about to write
+    // pulled away from its CPU for nothing.
+    let seen = (slot.head, slot.req.header_addr().map_or(0, |a| a.0));
+    let repeated = std::mem::replace(&mut q.last_lone, seen) == seen;
+    // Measured: with a driver that sleeps between requests the prefetch
+    // cost it about 5 % of its requests per second (why is not clear); a
+    // polling driver's round trip, where the time goes to these transfers,
+    // gains about 0.15 µs.
+    if !repeated || q.driver_waits {
         q.guess = [0, 0];
         return;
     }
-    let slot = &q.slots[si];
+    let mem: &Mem = &q.snap;
+    let slot = &q.slots[usize::from(si)];
     let desc = q
         .queue
         .desc_table()
@@ -652,7 +678,12 @@ fn finish(q: &mut QueueRun, si: usize, mem: &Mem, status: u8) {
         _ => 0,
     };
     release(q, si, mem, used);
-    remember_guess(q, si, mem);
+    if q.in_flight == 0 {
+        q.guess_slot = Some(si as u16);
+    } else {
+        q.guess = [0, 0];
+        q.guess_slot = None;
+    }
 }
 
 fn release(q: &mut QueueRun, si: usize, mem: &Mem, used: u32) {

@@ -11,8 +11,8 @@
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
 use super::queue::{
-    account_finished, complete, polled_avail_idx, resubmit_heads, ring_is_broken, snapshot,
-    take_requests, QueueRun, Slot,
+    account_finished, complete, polled_avail_idx, remember_guess, resubmit_heads, ring_is_broken,
+    snapshot, take_requests, QueueRun, Slot,
 };
 use super::Device;
 use crate::export::virtio_blk::{Request, RequestLimits};
@@ -324,6 +324,9 @@ impl Worker {
             finished: Vec::with_capacity(usize::from(size)),
             avail_idx_at: None,
             guess: [0, 0],
+            guess_slot: None,
+            last_lone: (u16::MAX, 0),
+            driver_waits: true,
             event_idx,
             inflight,
             broken: false,
@@ -512,6 +515,7 @@ impl Worker {
             if q.need_notify {
                 q.need_notify = false;
                 let needed = !q.event_idx || q.queue.needs_notification(&**q.snap).unwrap_or(true);
+                q.driver_waits = needed;
                 if needed {
                     if let Err(e) = q.call.write(1) {
                         log::warn!("notifying queue {} of '{}': {e}", q.key.1, q.dev.id);
@@ -519,6 +523,7 @@ impl Worker {
                 }
             }
             account_finished(q);
+            remember_guess(q);
         }
     }
 }

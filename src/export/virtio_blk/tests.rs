@@ -221,7 +221,11 @@ fn header_split_over_two_descriptors() {
     assert_eq!(req.request_type(), RequestType::In);
     assert_eq!(req.sector(), 16);
     assert_eq!(req.data(), &[seg(DATA, 512)]);
-    assert_eq!(req.header_addr(), Some(GuestAddress(HDR)), "the first piece");
+    assert_eq!(
+        req.header_addr(),
+        Some(GuestAddress(HDR)),
+        "the first piece"
+    );
 }
 
 #[test]
