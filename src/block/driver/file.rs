@@ -100,20 +100,10 @@ impl BlockIo for FileIo {
             },
             IoKind::Write => {
                 if let Some(w) = &self.inline_writes {
-                    // SAFETY: the iovecs describe `len` readable bytes until
-                    // the completion tagged with the request's tag has been
-                    // reaped from this context (IoRequest's contract).
-                    let done = unsafe {
-                        w.write(
-                            ctx.mailbox(),
-                            fd,
-                            iov,
-                            iovcnt,
-                            req.offset(),
-                            req.len(),
-                            req.tag(),
-                        )
-                    };
+                    // SAFETY: the request's buffers stay valid until its
+                    // completion has been reaped from this context
+                    // (IoRequest's contract).
+                    let done = unsafe { w.write(ctx.mailbox(), fd, req) };
                     match done {
                         Outcome::Done(result) => return ctx.complete_now(req.tag(), result),
                         Outcome::HandedOver => return,

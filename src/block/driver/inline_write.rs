@@ -18,6 +18,7 @@
 //! again, so a throttled file costs the other requests of the queue at most
 //! one slow write in that many.
 
+use crate::block::io::IoRequest;
 use crate::io::mailbox::{Mailbox, Serve};
 use crate::io::Completion;
 use std::os::fd::RawFd;
@@ -38,16 +39,12 @@ const MODE_BLOCKING: u8 = 1;
 /// A write one thread handed to the thread writing the file.
 struct Handed {
     fd: RawFd,
-    iov: *const libc::iovec,
-    iovcnt: u32,
-    offset: u64,
-    len: u64,
-    tag: u64,
+    req: IoRequest,
     to: Arc<Mailbox>,
 }
 
-// SAFETY: the iovecs and the buffers they describe stay valid until the
-// completion tagged `tag` has been reaped by the thread owning `to`
+// SAFETY: the request's iovecs and buffers stay valid until its
+// completion has been reaped by the thread owning `to`
 // (IoRequest's contract), which happens only after this write was done
 // and posted; the writing thread only reads them.
 unsafe impl Send for Handed {}
@@ -104,24 +101,15 @@ impl InlineWrites {
         })
     }
 
-    /// Writes `len` bytes described by `iov` at `offset`, hands the write to
-    /// the thread writing this file, or declines.
+    /// Writes the request to `fd` on this thread, hands it to the thread
+    /// writing this file, or declines.
     ///
     /// # Safety
-    /// `iov` must point to `iovcnt` iovecs describing `len` readable bytes,
-    /// valid until the completion tagged `tag` has been reaped from the
-    /// context whose mailbox is `mailbox` (IoRequest's contract).
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn write(
-        &self,
-        mailbox: &Arc<Mailbox>,
-        fd: RawFd,
-        iov: *const libc::iovec,
-        iovcnt: u32,
-        offset: u64,
-        len: u64,
-        tag: u64,
-    ) -> Outcome {
+    /// `req` is a write whose buffers stay valid until its completion has
+    /// been reaped from the context whose mailbox is `mailbox`
+    /// (IoRequest's contract).
+    pub unsafe fn write(&self, mailbox: &Arc<Mailbox>, fd: RawFd, req: &IoRequest) -> Outcome {
+        let ((iov, iovcnt), offset, len) = (req.iov(), req.offset(), req.len());
         if len > i32::MAX as u64 || iovcnt > libc::c_int::MAX as u32 {
             return Outcome::ToEngine;
         }
@@ -155,11 +143,7 @@ impl InlineWrites {
                 let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
                 handed.push(Handed {
                     fd,
-                    iov,
-                    iovcnt,
-                    offset,
-                    len,
-                    tag,
+                    req: *req,
                     to: mailbox.clone(),
                 });
                 self.queued.fetch_add(1, Ordering::Relaxed);
@@ -177,7 +161,7 @@ impl InlineWrites {
         // goes first.
         self.serve_handed();
         // SAFETY: the caller's contract on `iov`.
-        let r = unsafe { self.timed_write(fd, iov, iovcnt, offset, len) };
+        let r = unsafe { self.timed_write(fd, req) };
         self.release();
         Outcome::Done(r)
     }
@@ -192,19 +176,13 @@ impl InlineWrites {
     ///
     /// # Safety
     /// As [`Self::write`].
-    unsafe fn timed_write(
-        &self,
-        fd: RawFd,
-        iov: *const libc::iovec,
-        iovcnt: u32,
-        offset: u64,
-        len: u64,
-    ) -> i32 {
+    unsafe fn timed_write(&self, fd: RawFd, req: &IoRequest) -> i32 {
+        let (iov, iovcnt) = req.iov();
         let start = Instant::now();
-        // SAFETY: the caller's contract on `iov`.
-        let r = unsafe { write_all_from(fd, iov, iovcnt, offset, 0) };
+        // SAFETY: the caller's contract on the request's buffers.
+        let r = unsafe { write_all_from(fd, iov, iovcnt, req.offset(), 0) };
         self.record(start.elapsed());
-        r.map_or_else(|e| -e, |()| len as i32)
+        r.map_or_else(|e| -e, |()| req.len() as i32)
     }
 
     /// Writes what other threads handed over until now, posting each
@@ -223,11 +201,14 @@ impl InlineWrites {
         let mut run_to: Option<Arc<Mailbox>> = None;
         for w in batch {
             // SAFETY: the handing thread's contract (see `Handed`).
-            let result = unsafe { self.timed_write(w.fd, w.iov, w.iovcnt, w.offset, w.len) };
+            let result = unsafe { self.timed_write(w.fd, &w.req) };
             if let Some(to) = run_to.as_ref().filter(|to| !Arc::ptr_eq(to, &w.to)) {
                 to.post_all(&mut run);
             }
-            run.push(Completion { tag: w.tag, result });
+            run.push(Completion {
+                tag: w.req.tag(),
+                result,
+            });
             run_to = Some(w.to);
         }
         if let Some(to) = run_to {
@@ -388,11 +369,27 @@ unsafe fn write_all_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::io::IoKind;
     use std::os::fd::AsRawFd;
 
     fn mailbox() -> Arc<Mailbox> {
         let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         Arc::new(Mailbox::new(wake))
+    }
+
+    /// A write request over `iovcnt` iovecs at `iov`.
+    ///
+    /// # Safety
+    /// IoRequest's contract.
+    unsafe fn req(
+        iov: *const libc::iovec,
+        iovcnt: u32,
+        offset: u64,
+        len: u64,
+        tag: u64,
+    ) -> IoRequest {
+        // SAFETY: passed on to the caller.
+        unsafe { IoRequest::new(IoKind::Write, offset, len, iov, iovcnt, tag) }
     }
 
     fn iov(b: &[u8]) -> libc::iovec {
@@ -423,7 +420,13 @@ mod tests {
         let v = [iov(&a), iov(&b), iov(&c)];
         let w = InlineWrites::new();
         // SAFETY: the iovecs describe the three vectors above, alive here.
-        let r = unsafe { w.write(&mailbox(), f.as_raw_fd(), v.as_ptr(), 3, 8192, 6144, 1) };
+        let r = unsafe {
+            w.write(
+                &mailbox(),
+                f.as_raw_fd(),
+                &req(v.as_ptr(), 3, 8192, 6144, 1),
+            )
+        };
         assert_eq!(r, Outcome::Done(6144));
         let data = std::fs::read(&p).unwrap();
         assert_eq!(data.len(), 8192 + 6144);
@@ -460,7 +463,7 @@ mod tests {
         let v = [iov(&a)];
         let w = InlineWrites::new();
         // SAFETY: the iovec describes `a`, alive here.
-        let r = unsafe { w.write(&mailbox(), ro.as_raw_fd(), v.as_ptr(), 1, 0, 512, 1) };
+        let r = unsafe { w.write(&mailbox(), ro.as_raw_fd(), &req(v.as_ptr(), 1, 0, 512, 1)) };
         assert_eq!(r, Outcome::Done(-libc::EBADF));
         std::fs::remove_file(p).unwrap();
     }
@@ -478,11 +481,11 @@ mod tests {
         let v = [iov(&a)];
         for _ in 0..BACKOFF_WRITES {
             // SAFETY: the iovec describes `a`, alive here.
-            let r = unsafe { w.write(&mb, f.as_raw_fd(), v.as_ptr(), 1, 0, 512, 1) };
+            let r = unsafe { w.write(&mb, f.as_raw_fd(), &req(v.as_ptr(), 1, 0, 512, 1)) };
             assert_eq!(r, Outcome::ToEngine);
         }
         // SAFETY: as above.
-        let r = unsafe { w.write(&mb, f.as_raw_fd(), v.as_ptr(), 1, 0, 512, 1) };
+        let r = unsafe { w.write(&mb, f.as_raw_fd(), &req(v.as_ptr(), 1, 0, 512, 1)) };
         assert_eq!(r, Outcome::Done(512), "inline again after the back-off");
         std::fs::remove_file(p).unwrap();
     }
@@ -511,7 +514,7 @@ mod tests {
                         let tag = round * 64 + i as u64;
                         // SAFETY: `bufs` and `iovs` outlive every
                         // completion, which this thread waits for below.
-                        match unsafe { w.write(&mb, fd, v, 1, off, 4096, tag) } {
+                        match unsafe { w.write(&mb, fd, &req(v, 1, off, 4096, tag)) } {
                             Outcome::Done(r) => done.push(Completion { tag, result: r }),
                             Outcome::HandedOver => handed += 1,
                             Outcome::ToEngine => panic!("declined"),

@@ -88,8 +88,8 @@ pub(super) struct QueueRun {
     /// restart, so that a request would complete twice.
     pub(super) failed: bool,
 
-    /// The accounting clock read once per round of requests taken or
-    /// completed (see [`round_clock`]); `None` at the start of a round.
+    /// The accounting clock read once per round of requests taken (see
+    /// [`round_clock`]); `None` at the start of a round.
     pub(super) clock: Option<u64>,
     /// Requests finished but not yet counted (see [`account_finished`]);
     /// room for a whole ring is reserved when the queue starts.
@@ -107,7 +107,7 @@ pub(super) struct QueueRun {
     /// [`remember_guess`].
     pub(super) guess_slot: Option<u16>,
     /// Head index and header address of the last lone request.
-    pub(super) last_lone: (u16, u64),
+    pub(super) last_lone: (u16, Option<vm_memory::GuestAddress>),
     /// The driver asked to be notified of the last completions (it sleeps
     /// rather than polls).
     pub(super) driver_waits: bool,
@@ -244,8 +244,8 @@ pub(super) fn remember_guess(q: &mut QueueRun) {
     // Only a guess that held last time is used: a driver that rotates its
     // descriptors or headers would have the lines it is about to write
     // pulled away from its CPU for nothing.
-    let seen = (slot.head, slot.req.header_addr().map_or(0, |a| a.0));
-    let repeated = std::mem::replace(&mut q.last_lone, seen) == seen;
+    let (head, header) = (slot.head, slot.req.header_addr());
+    let repeated = std::mem::replace(&mut q.last_lone, (head, header)) == (head, header);
     // Measured: with a driver that sleeps between requests the prefetch
     // cost it about 5 % of its requests per second (why is not clear); a
     // polling driver's round trip, where the time goes to these transfers,
@@ -255,17 +255,16 @@ pub(super) fn remember_guess(q: &mut QueueRun) {
         return;
     }
     let mem: &Mem = &q.snap;
-    let slot = &q.slots[usize::from(si)];
     let desc = q
         .queue
         .desc_table()
-        .checked_add(16 * u64::from(slot.head))
+        .checked_add(16 * u64::from(head))
         .map(GuestAddress);
     let host = |a: Option<GuestAddress>| {
         a.and_then(|a| mem.get_host_address(a).ok())
             .map_or(0, |p| p as usize)
     };
-    q.guess = [host(desc), host(slot.req.header_addr())];
+    q.guess = [host(desc), host(header)];
 }
 
 /// The avail index as polling reads it: through a pointer into the
@@ -464,9 +463,10 @@ fn prepare_bounce(slot: &mut Slot, align: usize, write: bool) -> bool {
     true
 }
 
-/// The accounting time of the current round: requests taken, or
-/// completions reaped, together share one reading of the clock (they are
-/// microseconds apart; a reading per request cost as much as parsing one).
+/// The start time of the requests taken in the current round: they share
+/// one reading of the clock (they are microseconds apart; a reading per
+/// request cost as much as parsing one). Completions are timed together
+/// in [`account_finished`].
 fn round_clock(clock: &mut Option<u64>, dev: &Device) -> u64 {
     *clock.get_or_insert_with(|| dev.epoch.now_ns())
 }

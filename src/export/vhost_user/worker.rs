@@ -325,7 +325,7 @@ impl Worker {
             avail_idx_at: None,
             guess: [0, 0],
             guess_slot: None,
-            last_lone: (u16::MAX, 0),
+            last_lone: (u16::MAX, None),
             driver_waits: true,
             event_idx,
             inflight,
@@ -488,10 +488,6 @@ impl Worker {
     fn reap_once(&mut self) {
         self.completions.clear();
         self.ctx.reap(&mut self.completions);
-        // A new round for the accounting clock.
-        for q in self.queues.iter_mut().flatten() {
-            q.clock = None;
-        }
         let mut done = std::mem::take(&mut self.completions);
         for c in done.iter() {
             let qi = (c.tag >> 32) as usize;
