@@ -15,7 +15,7 @@ use crate::qapi::{self, rt, BlockdevOptions};
 use crate::qmp::commands::{version_info, Cx};
 use crate::qmp::events::EventHub;
 use crate::qmp::server;
-use crate::qmp::session::Request;
+use crate::qmp::session::{Body, Request};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -202,15 +202,18 @@ impl Daemon {
     }
 
     fn execute(&mut self, req: &Request) {
-        log::debug!("session {}: {}", req.session, req.name);
-        let result = {
-            let mut cx = Cx {
-                daemon: self,
-                request: req,
-            };
-            qapi::dispatch(&mut cx, &req.name, &req.args)
+        let result = match &req.body {
+            Body::Command { name, args } => {
+                log::debug!("session {}: {name}", req.session);
+                let mut cx = Cx {
+                    daemon: self,
+                    request: req,
+                };
+                qapi::dispatch(&mut cx, name, args)
+                    .unwrap_or_else(|| Err(QmpError::command_not_found(name)))
+            }
+            Body::Refused(err) => Err(err.clone()),
         };
-        let result = result.unwrap_or_else(|| Err(QmpError::command_not_found(&req.name)));
         req.reply(result);
         // The session may have gone; it no longer waits then.
         let _ = req.done.send(());

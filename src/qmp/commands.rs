@@ -10,7 +10,8 @@ use crate::qapi::{
     self, BlockDeviceInfo, BlockExportDelArg, BlockExportDeletedData, BlockExportInfo,
     BlockExportOptions, BlockExportRemoveMode, BlockInfo, BlockResizeArg, BlockStats,
     BlockdevDelArg, BlockdevOptions, CommandInfo, Event, ObjectDelArg, ObjectOptions,
-    QmpCapabilitiesArg, QueryBlockstatsArg, VersionInfo, VersionTriple, XBlockdevDelArg,
+    QMPCapability, QmpCapabilitiesArg, QueryBlockstatsArg, VersionInfo, VersionTriple,
+    XBlockdevDelArg,
 };
 use std::sync::atomic::Ordering;
 
@@ -31,6 +32,16 @@ pub fn version_info() -> VersionInfo {
     }
 }
 
+/// What query-commands answers: every command vubd implements.
+pub fn command_list() -> Vec<CommandInfo> {
+    qapi::IMPLEMENTED_COMMANDS
+        .iter()
+        .map(|n| CommandInfo {
+            name: n.to_string(),
+        })
+        .collect()
+}
+
 /// A command running on behalf of one monitor session.
 pub struct Cx<'a> {
     pub daemon: &'a mut Daemon,
@@ -41,11 +52,14 @@ impl qapi::Commands for Cx<'_> {
     type Error = QmpError;
 
     fn qmp_capabilities(&mut self, arg: QmpCapabilitiesArg) -> Result<(), QmpError> {
-        if let Some(cap) = arg.enable.as_ref().and_then(|c| c.first()) {
-            return Err(QmpError::generic(format!(
-                "Capability '{cap}' not available"
-            )));
-        }
+        // Every monitor offers oob, the one capability there is; the
+        // schema's enum already refused anything else.
+        let oob = arg
+            .enable
+            .iter()
+            .flatten()
+            .any(|c| *c == QMPCapability::Oob);
+        self.request.oob.store(oob, Ordering::SeqCst);
         self.request.negotiated.store(true, Ordering::SeqCst);
         self.daemon
             .events
@@ -58,12 +72,7 @@ impl qapi::Commands for Cx<'_> {
     }
 
     fn query_commands(&mut self) -> Result<Vec<CommandInfo>, QmpError> {
-        Ok(qapi::IMPLEMENTED_COMMANDS
-            .iter()
-            .map(|n| CommandInfo {
-                name: n.to_string(),
-            })
-            .collect())
+        Ok(command_list())
     }
 
     fn quit(&mut self) -> Result<(), QmpError> {

@@ -4,6 +4,8 @@
 pub mod commands;
 pub mod events;
 pub mod framing;
+pub mod json;
+pub mod oob;
 pub mod server;
 pub mod session;
 pub mod writer;

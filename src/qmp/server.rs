@@ -11,10 +11,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How long a write to a client may block before the client is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds a listening socket at `path` with mode 0600. A stale socket file
 /// left by an earlier run is replaced; any other file is an error.
@@ -68,8 +64,7 @@ fn start_session(
     greeting: &Value,
     control: &Sender<ControlMsg>,
 ) -> std::io::Result<()> {
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let writer = Arc::new(Writer::new(stream.try_clone()?, pretty));
+    let writer = Writer::spawn(stream.try_clone()?, pretty, format!("qmp-{id}-out"))?;
     let session = Session {
         id,
         writer,
