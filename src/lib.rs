@@ -16,3 +16,4 @@ pub mod io;
 pub mod iothread;
 pub mod qapi;
 pub mod qmp;
+pub mod qom;

@@ -16,6 +16,7 @@ use crate::qmp::commands::{version_info, Cx};
 use crate::qmp::events::EventHub;
 use crate::qmp::server;
 use crate::qmp::session::{Body, Request};
+use crate::qom::{self, Chardev};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -52,6 +53,11 @@ pub struct Daemon {
     pub events: EventHub,
     pub exports: Exports,
     pub iothreads: IoThreads,
+    /// User-created objects (--object, object-add), as they were given and
+    /// since changed by qom-set, in creation order.
+    pub objects: Vec<qapi::ObjectOptions>,
+    /// Character devices (--chardev), in creation order.
+    pub chardevs: Vec<Chardev>,
     /// Monitor socket files to remove at exit.
     sockets: Vec<PathBuf>,
     quit: bool,
@@ -74,6 +80,8 @@ impl Daemon {
             events: EventHub::default(),
             exports: Exports::default(),
             iothreads: IoThreads::default(),
+            objects: Vec::new(),
+            chardevs: Vec::new(),
             sockets: Vec::new(),
             quit: false,
             tx,
@@ -114,7 +122,12 @@ impl Daemon {
                         .map_err(|e| start_error("--export", e))?;
                 }
                 CliItem::Object(v) => self.add_object(v)?,
-                CliItem::Chardev(_) => {}
+                CliItem::Chardev(c) => self.chardevs.push(Chardev {
+                    id: c.id.clone(),
+                    path: c.path.clone(),
+                    monitor: false,
+                    clients: Arc::default(),
+                }),
                 CliItem::Monitor(m) => {
                     let chardev = chardevs.iter().find(|c| c.id == m.chardev).ok_or_else(|| {
                         start_error("--monitor", format!("chardev \"{}\" not found", m.chardev))
@@ -125,7 +138,7 @@ impl Daemon {
                             chardev.id
                         );
                     }
-                    self.add_monitor(&chardev.path, m.pretty)?;
+                    self.add_monitor(&chardev.id, &chardev.path, m.pretty)?;
                 }
             }
         }
@@ -142,11 +155,14 @@ impl Daemon {
     pub fn object_add(&mut self, opts: &qapi::ObjectOptions) -> Result<(), QmpError> {
         match &opts.u {
             qapi::ObjectOptionsBranch::Iothread(t) => {
+                qom::check_iothread(t)?;
                 let poll_us = t
                     .poll_max_ns
                     .map(|ns| (ns / 1000).clamp(0, i64::from(u32::MAX)) as u32)
                     .unwrap_or(0);
-                self.iothreads.add(&opts.id, poll_us)
+                self.iothreads.add(&opts.id, poll_us)?;
+                self.objects.push(opts.clone());
+                Ok(())
             }
             other => Err(QmpError::generic(format!(
                 "object type '{}' is not available in this build of vubd yet",
@@ -155,7 +171,25 @@ impl Daemon {
         }
     }
 
-    fn add_monitor(&mut self, path: &std::path::Path, pretty: bool) -> Result<(), StartError> {
+    fn add_monitor(
+        &mut self,
+        chardev: &str,
+        path: &std::path::Path,
+        pretty: bool,
+    ) -> Result<(), StartError> {
+        let clients = match self.chardevs.iter_mut().find(|c| c.id == chardev) {
+            Some(c) if c.monitor => {
+                return Err(start_error(
+                    "--monitor",
+                    format!("Chardev '{chardev}' is busy"),
+                ))
+            }
+            Some(c) => {
+                c.monitor = true;
+                c.clients.clone()
+            }
+            None => Arc::default(),
+        };
         let listener = server::listen(path).map_err(|e| {
             start_error(
                 "--chardev",
@@ -169,9 +203,17 @@ impl Daemon {
             greeting(),
             self.tx.clone(),
             self.next_session.clone(),
+            clients,
         )
         .map_err(|e| start_error("--monitor", e))?;
         log::info!("monitor listening on {}", path.display());
+        Ok(())
+    }
+
+    /// object-del.
+    pub fn object_del(&mut self, id: &str) -> Result<(), QmpError> {
+        self.iothreads.remove(id)?;
+        self.objects.retain(|o| o.id != id);
         Ok(())
     }
 

@@ -671,6 +671,54 @@ impl Serialize for SocketAddress {
 }
 rt::deserialize_via_qapi!(SocketAddress);
 
+/// A character device.
+/// Since: 0.14
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChardevInfo {
+    /// its id
+    pub label: String,
+    /// where it is, in QEMU's notation ("unix:PATH,server=on")
+    pub filename: String,
+    /// whether something in the daemon (a monitor) uses it
+    pub frontend_open: bool,
+}
+
+impl ChardevInfo {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let label = obj.req("label", <String as rt::FromQapi>::from_qapi)?;
+        let filename = obj.req("filename", <String as rt::FromQapi>::from_qapi)?;
+        let frontend_open = obj.req("frontend-open", <bool as rt::FromQapi>::from_qapi)?;
+        Ok(Self { label, filename, frontend_open })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("label", &self.label)?;
+        map.serialize_entry("filename", &self.filename)?;
+        map.serialize_entry("frontend-open", &self.frontend_open)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for ChardevInfo {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for ChardevInfo {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(ChardevInfo);
+
 /// Hash algorithms.
 /// Since: 2.6
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -6273,6 +6321,106 @@ impl Serialize for ObjectOptions {
 }
 rt::deserialize_via_qapi!(ObjectOptions);
 
+/// A property of an object or of an object type.
+/// Since: 1.2
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ObjectPropertyInfo {
+    /// the property's name
+    pub name: String,
+    /// its type: a QAPI type name such as "int", "string" or "bool", "child<TYPE>" for an object it contains, "link<TYPE>" for one it refers to
+    pub r#type: String,
+    /// what the property is for, where known
+    pub description: Option<String>,
+    /// the value a new object starts with, where known
+    pub default_value: Option<Value>,
+}
+
+impl ObjectPropertyInfo {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let name = obj.req("name", <String as rt::FromQapi>::from_qapi)?;
+        let r#type = obj.req("type", <String as rt::FromQapi>::from_qapi)?;
+        let description = obj.opt("description", <String as rt::FromQapi>::from_qapi)?;
+        let default_value = obj.opt("default-value", <Value as rt::FromQapi>::from_qapi)?;
+        Ok(Self { name, r#type, description, default_value })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("name", &self.name)?;
+        map.serialize_entry("type", &self.r#type)?;
+        if let Some(v) = &self.description { map.serialize_entry("description", v)?; }
+        if let Some(v) = &self.default_value { map.serialize_entry("default-value", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for ObjectPropertyInfo {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for ObjectPropertyInfo {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(ObjectPropertyInfo);
+
+/// An object type.
+/// Since: 1.1
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ObjectTypeInfo {
+    /// the type's name
+    pub name: String,
+    /// true when no object of exactly this type can exist (omitted when false)
+    pub r#abstract: Option<bool>,
+    /// the type it derives from, if any
+    pub parent: Option<String>,
+}
+
+impl ObjectTypeInfo {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let name = obj.req("name", <String as rt::FromQapi>::from_qapi)?;
+        let r#abstract = obj.opt("abstract", <bool as rt::FromQapi>::from_qapi)?;
+        let parent = obj.opt("parent", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { name, r#abstract, parent })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("name", &self.name)?;
+        if let Some(v) = &self.r#abstract { map.serialize_entry("abstract", v)?; }
+        if let Some(v) = &self.parent { map.serialize_entry("parent", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for ObjectTypeInfo {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for ObjectTypeInfo {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(ObjectTypeInfo);
+
 /// Arguments of the `qmp_capabilities` command.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct QmpCapabilitiesArg {
@@ -7494,6 +7642,217 @@ impl Serialize for ObjectDelArg {
 }
 rt::deserialize_via_qapi!(ObjectDelArg);
 
+/// Arguments of the `qom-list` command.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QomListArg {
+    /// the object's path: absolute ("/objects/io0"), or partial ("io0"), which must match the end of exactly one absolute path
+    pub path: String,
+}
+
+impl QomListArg {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let path = obj.req("path", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { path })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("path", &self.path)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for QomListArg {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for QomListArg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(QomListArg);
+
+/// Arguments of the `qom-get` command.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QomGetArg {
+    /// the object's path, absolute or partial (see qom-list)
+    pub path: String,
+    /// the property's name
+    pub property: String,
+}
+
+impl QomGetArg {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let path = obj.req("path", <String as rt::FromQapi>::from_qapi)?;
+        let property = obj.req("property", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { path, property })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("path", &self.path)?;
+        map.serialize_entry("property", &self.property)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for QomGetArg {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for QomGetArg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(QomGetArg);
+
+/// Arguments of the `qom-set` command.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QomSetArg {
+    /// the object's path, absolute or partial (see qom-list)
+    pub path: String,
+    /// the property's name
+    pub property: String,
+    /// the new value, in the property's type
+    pub value: Value,
+}
+
+impl QomSetArg {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let path = obj.req("path", <String as rt::FromQapi>::from_qapi)?;
+        let property = obj.req("property", <String as rt::FromQapi>::from_qapi)?;
+        let value = obj.req("value", <Value as rt::FromQapi>::from_qapi)?;
+        Ok(Self { path, property, value })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("path", &self.path)?;
+        map.serialize_entry("property", &self.property)?;
+        map.serialize_entry("value", &self.value)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for QomSetArg {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for QomSetArg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(QomSetArg);
+
+/// Arguments of the `qom-list-types` command.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QomListTypesArg {
+    /// only types that are or derive from this one
+    pub implements: Option<String>,
+    /// include abstract types (default: false)
+    pub r#abstract: Option<bool>,
+}
+
+impl QomListTypesArg {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let implements = obj.opt("implements", <String as rt::FromQapi>::from_qapi)?;
+        let r#abstract = obj.opt("abstract", <bool as rt::FromQapi>::from_qapi)?;
+        Ok(Self { implements, r#abstract })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        if let Some(v) = &self.implements { map.serialize_entry("implements", v)?; }
+        if let Some(v) = &self.r#abstract { map.serialize_entry("abstract", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for QomListTypesArg {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for QomListTypesArg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(QomListTypesArg);
+
+/// Arguments of the `qom-list-properties` command.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QomListPropertiesArg {
+    /// the type's name
+    pub typename: String,
+}
+
+impl QomListPropertiesArg {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let typename = obj.req("typename", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { typename })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("typename", &self.typename)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for QomListPropertiesArg {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for QomListPropertiesArg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(QomListPropertiesArg);
+
 /// Data of the `DEVICE_TRAY_MOVED` event.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DeviceTrayMovedData {
@@ -8032,10 +8391,10 @@ impl Event {
 }
 
 /// Every command the schema defines, in schema order.
-pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del"];
+pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-chardev", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties"];
 
 /// The commands vubd implements (the schema's `vubd-implemented-commands` pragma).
-pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del"];
+pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "query-chardev"];
 
 /// One method per implemented command. Arguments arrive already checked
 /// against the schema; the return value is serialized for the reply.
@@ -8116,6 +8475,36 @@ pub trait Commands {
     /// Destroy an object.  Fails if there is no object with that id.
     /// Since: 2.0
     fn object_del(&mut self, arg: ObjectDelArg) -> Result<(), Self::Error>;
+
+    /// List the properties of the object at a path, children included.
+    /// Returns: the object's properties
+    /// Since: 1.2
+    fn qom_list(&mut self, arg: QomListArg) -> Result<Vec<ObjectPropertyInfo>, Self::Error>;
+
+    /// Read one property of an object.
+    /// Returns: the value, in the property's type; a child property gives the
+    ///     child's absolute path
+    /// Since: 1.2
+    fn qom_get(&mut self, arg: QomGetArg) -> Result<Value, Self::Error>;
+
+    /// Change one property of an object.
+    /// Since: 1.2
+    fn qom_set(&mut self, arg: QomSetArg) -> Result<(), Self::Error>;
+
+    /// List object types.
+    /// Returns: the types
+    /// Since: 1.1
+    fn qom_list_types(&mut self, arg: QomListTypesArg) -> Result<Vec<ObjectTypeInfo>, Self::Error>;
+
+    /// List the properties every object of a type has.
+    /// Returns: the properties
+    /// Since: 2.12
+    fn qom_list_properties(&mut self, arg: QomListPropertiesArg) -> Result<Vec<ObjectPropertyInfo>, Self::Error>;
+
+    /// List the character devices.
+    /// Returns: one entry per character device
+    /// Since: 0.14
+    fn query_chardev(&mut self) -> Result<Vec<ChardevInfo>, Self::Error>;
 }
 
 /// Runs command `name` with `args` (the `arguments` member, `{}` when
@@ -8139,6 +8528,12 @@ pub fn dispatch<C: Commands + ?Sized>(c: &mut C, name: &str, args: &Value) -> Op
         "query-block-exports" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_block_exports()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "object-add" => <ObjectOptions as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.object_add(a)).map(|()| Value::Object(Default::default())),
         "object-del" => <ObjectDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.object_del(a)).map(|()| Value::Object(Default::default())),
+        "qom-list" => <QomListArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.qom_list(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "qom-get" => <QomGetArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.qom_get(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "qom-set" => <QomSetArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.qom_set(a)).map(|()| Value::Object(Default::default())),
+        "qom-list-types" => <QomListTypesArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.qom_list_types(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "qom-list-properties" => <QomListPropertiesArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.qom_list_properties(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "query-chardev" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_chardev()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         _ => return None,
     })
 }

@@ -9,10 +9,13 @@ use crate::error::QmpError;
 use crate::qapi::{
     self, BlockDeviceInfo, BlockExportDelArg, BlockExportDeletedData, BlockExportInfo,
     BlockExportOptions, BlockExportRemoveMode, BlockInfo, BlockResizeArg, BlockStats,
-    BlockdevDelArg, BlockdevOptions, CommandInfo, Event, ObjectDelArg, ObjectOptions,
-    QMPCapability, QmpCapabilitiesArg, QueryBlockstatsArg, VersionInfo, VersionTriple,
-    XBlockdevDelArg,
+    BlockdevDelArg, BlockdevOptions, ChardevInfo, CommandInfo, Event, ObjectDelArg, ObjectOptions,
+    ObjectPropertyInfo, ObjectTypeInfo, QMPCapability, QapiErrorClass, QmpCapabilitiesArg,
+    QomGetArg, QomListArg, QomListPropertiesArg, QomListTypesArg, QomSetArg, QueryBlockstatsArg,
+    VersionInfo, VersionTriple, XBlockdevDelArg,
 };
+use crate::qom;
+use serde_json::Value;
 use std::sync::atomic::Ordering;
 
 /// The QEMU version whose QMP interface vubd follows, reported in the
@@ -46,6 +49,15 @@ pub fn command_list() -> Vec<CommandInfo> {
 pub struct Cx<'a> {
     pub daemon: &'a mut Daemon,
     pub request: &'a crate::qmp::session::Request,
+}
+
+impl Cx<'_> {
+    fn qom_view(&self) -> qom::View<'_> {
+        qom::View {
+            objects: &self.daemon.objects,
+            chardevs: &self.daemon.chardevs,
+        }
+    }
 }
 
 impl qapi::Commands for Cx<'_> {
@@ -227,7 +239,64 @@ impl qapi::Commands for Cx<'_> {
     }
 
     fn object_del(&mut self, arg: ObjectDelArg) -> Result<(), QmpError> {
-        self.daemon.iothreads.remove(&arg.id)
+        self.daemon.object_del(&arg.id)
+    }
+
+    fn qom_list(&mut self, arg: QomListArg) -> Result<Vec<ObjectPropertyInfo>, QmpError> {
+        qom::list(&self.qom_view(), &arg.path)
+    }
+
+    fn qom_get(&mut self, arg: QomGetArg) -> Result<Value, QmpError> {
+        qom::get(&self.qom_view(), &arg.path, &arg.property)
+    }
+
+    fn qom_set(&mut self, arg: QomSetArg) -> Result<(), QmpError> {
+        let d = &mut *self.daemon;
+        let id = qom::set(
+            &mut d.objects,
+            &d.chardevs,
+            &arg.path,
+            &arg.property,
+            &arg.value,
+        )?;
+        log::info!("object '{id}': {} set to {}", arg.property, arg.value);
+        Ok(())
+    }
+
+    fn qom_list_types(&mut self, arg: QomListTypesArg) -> Result<Vec<ObjectTypeInfo>, QmpError> {
+        Ok(qom::types::list_types(
+            arg.implements.as_deref(),
+            arg.r#abstract.unwrap_or(false),
+        ))
+    }
+
+    fn qom_list_properties(
+        &mut self,
+        arg: QomListPropertiesArg,
+    ) -> Result<Vec<ObjectPropertyInfo>, QmpError> {
+        if qom::types::find(&arg.typename).is_none() {
+            return Err(QmpError::with_class(
+                QapiErrorClass::DeviceNotFound,
+                format!("Class '{}' not found", arg.typename),
+            ));
+        }
+        Ok(qom::types::properties(&arg.typename)
+            .into_iter()
+            .map(|p| qom::types::info(p, true))
+            .collect())
+    }
+
+    fn query_chardev(&mut self) -> Result<Vec<ChardevInfo>, QmpError> {
+        Ok(self
+            .daemon
+            .chardevs
+            .iter()
+            .map(|c| ChardevInfo {
+                label: c.id.clone(),
+                filename: c.filename(),
+                frontend_open: c.monitor,
+            })
+            .collect())
     }
 }
 

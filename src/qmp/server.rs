@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -38,6 +38,7 @@ pub fn spawn_acceptor(
     greeting: Value,
     control: Sender<ControlMsg>,
     next_session: Arc<AtomicU64>,
+    clients: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("qmp-accept".into())
@@ -46,7 +47,9 @@ pub fn spawn_acceptor(
                 match conn {
                     Ok(stream) => {
                         let id = next_session.fetch_add(1, Ordering::SeqCst);
-                        if let Err(e) = start_session(stream, id, pretty, &greeting, &control) {
+                        if let Err(e) =
+                            start_session(stream, id, pretty, &greeting, &control, &clients)
+                        {
                             log::warn!("monitor session {id} not started: {e}");
                         }
                     }
@@ -63,6 +66,7 @@ fn start_session(
     pretty: bool,
     greeting: &Value,
     control: &Sender<ControlMsg>,
+    clients: &Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
     let writer = Writer::spawn(stream.try_clone()?, pretty, format!("qmp-{id}-out"))?;
     let session = Session {
@@ -71,6 +75,7 @@ fn start_session(
         negotiated: Arc::new(AtomicBool::new(false)),
         oob: Arc::new(AtomicBool::new(false)),
         control: control.clone(),
+        clients: clients.clone(),
     };
     let greeting = greeting.clone();
     log::info!("monitor session {id} connected");

@@ -20,7 +20,7 @@ use crate::qapi::QapiErrorClass;
 use serde_json::{json, Map, Value};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
@@ -105,6 +105,8 @@ pub struct Session {
     pub negotiated: Arc<AtomicBool>,
     pub oob: Arc<AtomicBool>,
     pub control: Sender<ControlMsg>,
+    /// Clients connected to the session's chardev now.
+    pub clients: Arc<AtomicUsize>,
 }
 
 /// The in-band commands of a session that the control plane has not
@@ -147,7 +149,13 @@ impl InFlight {
 
 impl Session {
     /// Serves the connection until the client goes away.
-    pub fn run(self, mut stream: UnixStream, greeting: &Value) {
+    pub fn run(self, stream: UnixStream, greeting: &Value) {
+        self.clients.fetch_add(1, Ordering::SeqCst);
+        self.serve(stream, greeting);
+        self.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn serve(&self, mut stream: UnixStream, greeting: &Value) {
         if let Err(e) = self.writer.send(greeting) {
             log::info!("monitor session {}: greeting not delivered: {e}", self.id);
             return;
