@@ -10,7 +10,7 @@ use super::drain::RootSlot;
 use super::driver::{ChildRole, Driver, NodeFlags};
 use super::error::BlockError;
 use super::perm::Perm;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,10 +127,11 @@ impl Graph {
         apply_plan(&draft, &plan)?;
         draft.perms = plan;
         publish_roots(&draft)?;
+        let kept: HashSet<&str> = draft.nodes.iter().map(|n| n.name.as_str()).collect();
         let removed: Vec<Arc<dyn Driver>> = self
             .nodes
             .iter()
-            .filter(|n| draft.node(&n.name).is_none())
+            .filter(|n| !kept.contains(n.name.as_str()))
             .map(|n| n.driver.clone())
             .collect();
         *self = draft;
@@ -295,9 +296,12 @@ impl Graph {
     /// Computes the permissions of every node from its parents' claims and
     /// checks that no claim takes what another one does not share.
     pub fn check(&self) -> Result<HashMap<String, NodePerm>, BlockError> {
+        // Looked up by name once per edge: a graph of thousands of nodes
+        // must not make each change quadratic.
+        let names: HashSet<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         let mut claims: HashMap<&str, Vec<Claim>> = HashMap::new();
         for u in &self.uses {
-            if self.node(&u.node).is_none() {
+            if !names.contains(u.node.as_str()) {
                 return Err(BlockError::NoSuchNode(u.node.clone()));
             }
             claims.entry(u.node.as_str()).or_default().push(Claim {
@@ -314,10 +318,10 @@ impl Graph {
             let np = combine(node, &mine)?;
             for e in &node.children {
                 let (perm, shared) = node.driver.child_perm(e.role, np.perm, np.shared);
-                let Some(child) = self.node(&e.child) else {
+                let Some(&child) = names.get(e.child.as_str()) else {
                     continue;
                 };
-                claims.entry(child.name.as_str()).or_default().push(Claim {
+                claims.entry(child).or_default().push(Claim {
                     who: format!("node '{}'", node.name),
                     role: e.role.name(),
                     perm,

@@ -73,10 +73,10 @@ impl Exports {
             )));
         }
         let node = graph.node(&opts.node_name).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device={} nor node-name={}",
-                opts.node_name, opts.node_name
-            ))
+            QmpError::from(crate::block::error::BlockError::NoSuchDeviceOrNode {
+                device: String::new(),
+                node: opts.node_name.clone(),
+            })
         })?;
         let writable = opts.writable.unwrap_or(false);
         if writable && node.driver.is_read_only() {

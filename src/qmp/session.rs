@@ -59,22 +59,26 @@ impl Request {
     }
 }
 
-/// `{"return": ...}` or `{"error": ...}`, with the request's id.
+/// `{"return": ...}` or `{"error": ...}`, with the request's id: after the
+/// return value, before the error, where QEMU puts it.
 pub fn reply_message(result: Result<Value, QmpError>, id: Option<Value>) -> Value {
     let mut msg = Map::new();
     match result {
         Ok(v) => {
             msg.insert("return".into(), v);
+            if let Some(id) = id {
+                msg.insert("id".into(), id);
+            }
         }
         Err(e) => {
+            if let Some(id) = id {
+                msg.insert("id".into(), id);
+            }
             msg.insert(
                 "error".into(),
                 json!({"class": e.class.as_str(), "desc": e.desc}),
             );
         }
-    }
-    if let Some(id) = id {
-        msg.insert("id".into(), id);
     }
     Value::Object(msg)
 }
