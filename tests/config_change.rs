@@ -426,6 +426,39 @@ fn frontend_that_closed_its_channel_does_not_wedge_vubd() {
     rig.check_alive();
 }
 
+/// With oob enabled, a query run out of band is answered while the control
+/// thread waits for the frontend, ahead of the in-band commands sent
+/// before it; the in-band ones keep their order.
+#[test]
+fn out_of_band_query_overtakes_a_resize_waiting_for_the_frontend() {
+    let mut rig = Rig::start(Options {
+        backend_req: true,
+        backend_channel: true,
+        ..Options::default()
+    });
+    let (mut oob, _) = Qmp::connect(rig.d.qmp_socket());
+    assert_eq!(
+        oob.execute("qmp_capabilities", json!({"enable": ["oob"]})),
+        json!({"return": {}})
+    );
+    oob.send_value(&json!({"execute": "block_resize", "id": "resize",
+                           "arguments": {"node-name": "r0", "size": GROWN}}));
+    let msg = rig.expect_config_change(true);
+    // The control thread now waits for the answer.
+    oob.send_value(&json!({"execute": "query-block-exports", "id": "in-band"}));
+    oob.send_value(&json!({"exec-oob": "query-version", "id": "oob"}));
+    let first = oob.read_reply(QUICK);
+    assert_eq!(first["id"], "oob", "{first}");
+    assert!(first["return"]["package"].is_string(), "{first}");
+    rig.fe.answer_backend(&msg, 0);
+    assert_eq!(
+        oob.read_reply(TIMEOUT),
+        json!({"return": {}, "id": "resize"})
+    );
+    assert_eq!(oob.read_reply(TIMEOUT)["id"], "in-band");
+    assert_eq!(rig.capacity(), GROWN / SECTOR);
+}
+
 // ---- Frontends without a backend channel.
 
 fn without_channel(opts: Options) {
