@@ -38,3 +38,13 @@ impl From<crate::qapi::rt::InputError> for QmpError {
         QmpError::generic(e.desc)
     }
 }
+
+/// The reason of an OS error as QEMU words it: the C library's text,
+/// without Rust's "(os error N)".
+pub fn os_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}

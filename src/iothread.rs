@@ -100,7 +100,7 @@ impl IoThreads {
             .iter()
             .find(|t| t.name == id)
             .cloned()
-            .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}")))
+            .ok_or_else(|| QmpError::generic(format!("iothread \"{id}\" not found")))
     }
 
     /// The threads an export's queues run on: its named iothread(s), or a

@@ -90,7 +90,7 @@ impl Exports {
             SocketAddressBranch::Fd(fd) => format!("fd:{}", fd.str),
             _ => {
                 return Err(QmpError::generic(
-                    "vhost-user-blk exports need a unix or fd address",
+                    "Only socket address types 'unix' and 'fd' are supported",
                 ))
             }
         };
@@ -125,7 +125,9 @@ impl Exports {
                 g.remove_use(use_id);
                 Ok(())
             });
-            QmpError::generic(format!("Failed to start the export on {path}: {e}"))
+            // Each reason names what failed (the option, the socket).
+            log::debug!("export '{}' on {path} not started: {e}", opts.id);
+            QmpError::generic(e.to_string())
         })?;
         log::info!(
             "export '{}' of node '{}' serving on {path}",

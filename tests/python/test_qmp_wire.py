@@ -349,6 +349,16 @@ ERRORS = [
     ("block-export-del", {"id": "nosuch"}),
     ("block-export-add", {"type": "vhost-user-blk", "id": "e0", "node-name": "nosuch",
                           "addr": {"type": "unix", "path": "{dir}/e.sock"}}),
+    ("block-export-add", {"type": "vhost-user-blk", "id": "e1", "node-name": "n0",
+                          "num-queues": 0, "addr": {"type": "unix", "path": "{dir}/e1.sock"}}),
+    ("block-export-add", {"type": "vhost-user-blk", "id": "e1", "node-name": "n0",
+                          "iothread": "nosuch", "addr": {"type": "unix", "path": "{dir}/e1.sock"}}),
+    ("block-export-add", {"type": "vhost-user-blk", "id": "e1", "node-name": "ro",
+                          "writable": True, "addr": {"type": "unix", "path": "{dir}/e1.sock"}}),
+    ("block-export-add", {"type": "vhost-user-blk", "id": "e1", "node-name": "n0",
+                          "addr": {"type": "unix", "path": "{dir}/no/such/dir.sock"}}),
+    ("block-export-add", {"type": "vhost-user-blk", "id": "e1", "node-name": "n0",
+                          "addr": {"type": "inet", "host": "localhost", "port": "0"}}),
     ("object-del", {"id": "nosuch"}),
     ("object-add", {"qom-type": "iothread", "id": "io1", "poll-grow": -1}),
     ("object-add", {"qom-type": "frobnicate", "id": "x"}),
@@ -365,7 +375,8 @@ ERRORS = [
 
 
 def test_same_error_class_and_description(tmp_path):
-    v, q = both(tmp_path)
+    v, q = both(tmp_path, ["--blockdev", "null-co,node-name=n0",
+                           "--blockdev", "null-co,node-name=ro,read-only=on"])
     try:
         outcomes = []
         for d in (v, q):

@@ -115,18 +115,32 @@ pub struct NodeGeometry {
 
 /// The logical and physical block sizes an export shows for a node (see
 /// [`device_options`]).
-fn block_sizes(asked: Option<u64>, node: &NodeGeometry) -> Result<(u32, u32), String> {
+/// The largest logical block size a guest is offered.
+const MAX_LOGICAL_BLOCK: u32 = 65536;
+
+fn block_sizes(
+    asked: Option<u64>,
+    node: &NodeGeometry,
+    node_name: &str,
+) -> Result<(u32, u32), String> {
     let need = u32::try_from(node.alignment).unwrap_or(u32::MAX).max(512);
     let block = match asked {
-        Some(b) => {
-            u32::try_from(b).map_err(|_| format!("logical-block-size {b} is out of range"))?
-        }
+        Some(b) => match u32::try_from(b) {
+            Ok(b) if (512..=MAX_LOGICAL_BLOCK).contains(&b) && b.is_power_of_two() => b,
+            _ => {
+                return Err(format!(
+                    "parameter logical-block-size must be a power of 2 between 512 and \
+                     {MAX_LOGICAL_BLOCK}, not {b}"
+                ))
+            }
+        },
         None => need,
     };
     if block < need {
         return Err(format!(
-            "logical-block-size {block} is smaller than the alignment of {need} bytes the node \
-             needs for its requests (O_DIRECT); use at least {need}, or cache.direct=off"
+            "logical-block-size {block} is smaller than the alignment of {need} bytes node '{}' \
+             needs for its requests (O_DIRECT); use at least {need}, or cache.direct=off",
+            node_name
         ));
     }
     Ok((block, node.preferred.max(block)))
@@ -144,8 +158,8 @@ fn device_options(
     node: &NodeGeometry,
 ) -> std::io::Result<DeviceOptions> {
     let writable = opts.writable.unwrap_or(false);
-    let (block, physical) = block_sizes(vu.logical_block_size, node)
-        .map_err(|e| std::io::Error::other(format!("node '{}': {e}", opts.node_name)))?;
+    let (block, physical) =
+        block_sizes(vu.logical_block_size, node, &opts.node_name).map_err(std::io::Error::other)?;
     let queue_size = vu.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
     let o = DeviceOptions {
         capacity_bytes: node.length,
@@ -173,7 +187,17 @@ fn bind(vu: &BlockExportOptionsVhostUserBlk) -> std::io::Result<(UnixListener, O
     match &vu.addr.u {
         SocketAddressBranch::Unix(u) => {
             let path = PathBuf::from(&u.path);
-            Ok((crate::qmp::server::listen(&path)?, Some(path)))
+            let listener = crate::qmp::server::listen(&path).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "Failed to bind socket to {}: {}",
+                        path.display(),
+                        crate::error::os_reason(&e)
+                    ),
+                )
+            })?;
+            Ok((listener, Some(path)))
         }
         SocketAddressBranch::Fd(fd) => {
             let n: i32 = fd.str.parse().map_err(|_| {
@@ -201,7 +225,7 @@ fn bind(vu: &BlockExportOptionsVhostUserBlk) -> std::io::Result<(UnixListener, O
             Ok((unsafe { UnixListener::from_raw_fd(n) }, None))
         }
         _ => Err(std::io::Error::other(
-            "only unix and fd addresses are supported",
+            "Only socket address types 'unix' and 'fd' are supported",
         )),
     }
 }
@@ -357,29 +381,44 @@ mod tests {
 
     #[test]
     fn buffered_file_shows_512_byte_blocks_and_the_file_system_block_as_physical() {
-        assert_eq!(block_sizes(None, &node(1, 4096)), Ok((512, 4096)));
+        assert_eq!(block_sizes(None, &node(1, 4096), "n0"), Ok((512, 4096)));
     }
 
     #[test]
     fn asked_block_size_wins_over_a_smaller_preference() {
-        assert_eq!(block_sizes(Some(4096), &node(1, 512)), Ok((4096, 4096)));
-        assert_eq!(block_sizes(Some(4096), &node(512, 4096)), Ok((4096, 4096)));
-        assert_eq!(block_sizes(Some(1024), &node(1, 4096)), Ok((1024, 4096)));
+        assert_eq!(
+            block_sizes(Some(4096), &node(1, 512), "n0"),
+            Ok((4096, 4096))
+        );
+        assert_eq!(
+            block_sizes(Some(4096), &node(512, 4096), "n0"),
+            Ok((4096, 4096))
+        );
+        assert_eq!(
+            block_sizes(Some(1024), &node(1, 4096), "n0"),
+            Ok((1024, 4096))
+        );
     }
 
     #[test]
     fn direct_io_on_4k_sectors_defaults_to_4k_logical_blocks() {
-        assert_eq!(block_sizes(None, &node(4096, 4096)), Ok((4096, 4096)));
+        assert_eq!(block_sizes(None, &node(4096, 4096), "n0"), Ok((4096, 4096)));
     }
 
     #[test]
     fn asking_for_blocks_below_the_direct_io_alignment_is_refused() {
-        let e = block_sizes(Some(512), &node(4096, 4096)).unwrap_err();
+        let e = block_sizes(Some(512), &node(4096, 4096), "n0").unwrap_err();
         assert!(e.contains("4096") && e.contains("cache.direct=off"), "{e}");
     }
 
     #[test]
     fn huge_block_size_is_an_error_not_a_wrap() {
-        assert!(block_sizes(Some(1 << 40), &node(1, 512)).is_err());
+        assert!(block_sizes(Some(1 << 40), &node(1, 512), "n0").is_err());
+    }
+
+    #[test]
+    fn block_size_that_is_no_power_of_two_is_refused_naming_the_option() {
+        let e = block_sizes(Some(100), &node(1, 512), "n0").unwrap_err();
+        assert!(e.starts_with("parameter logical-block-size must be"), "{e}");
     }
 }

@@ -107,13 +107,13 @@ impl Default for DeviceOptions {
 /// A set of [`DeviceOptions`] that cannot describe a working device.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
-    #[error("logical block size {0} is not a power of two between 512 and 65536")]
+    #[error("parameter logical-block-size must be a power of 2 between 512 and 65536, not {0}")]
     LogicalBlockSize(u32),
     #[error("physical block size {physical} is not a power of two of at least the logical block size {logical}")]
     PhysicalBlockSize { physical: u32, logical: u32 },
-    #[error("the number of queues must be at least 1")]
+    #[error("num-queues must be greater than 0")]
     NoQueues,
-    #[error("queue size {0} is not a power of two between 4 and 32768")]
+    #[error("parameter queue-size must be a power of 2 between 4 and 32768, not {0}")]
     QueueSize(u16),
     #[error("seg_max {seg_max} must be between 1 and the queue size minus 2 ({limit})")]
     SegMax { seg_max: u32, limit: u32 },
