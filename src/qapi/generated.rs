@@ -4400,6 +4400,8 @@ impl Serialize for BlockdevCacheOptions {
 rt::deserialize_via_qapi!(BlockdevCacheOptions);
 
 /// Block driver names.
+/// Features:
+/// @deprecated: @gluster, as in QEMU, which plans to drop it
 /// Since: 2.0
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevDriver {
@@ -6742,6 +6744,8 @@ rt::deserialize_via_qapi!(IothreadProperties);
 /// Properties of a throttle-group object.  The x- members are unstable
 /// aliases for the members of @limits with the same name minus the prefix;
 /// prefer @limits.
+/// Features:
+/// @unstable: the x- aliases
 /// Since: 2.11
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ThrottleGroupProperties {
@@ -8787,6 +8791,8 @@ pub trait Commands {
     fn blockdev_del(&mut self, arg: BlockdevDelArg) -> Result<(), Self::Error>;
 
     /// Old experimental name of blockdev-del, kept for 2.8 clients.
+    /// Features:
+    /// @deprecated: use blockdev-del
     /// Since: 2.5
     fn x_blockdev_del(&mut self, arg: XBlockdevDelArg) -> Result<(), Self::Error>;
 
@@ -8872,7 +8878,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "block_resize", "meta-type": "command", "arg-type": "8", "ret-type": "1"},
 {"name": "query-named-block-nodes", "meta-type": "command", "arg-type": "9", "ret-type": "[10]"},
 {"name": "blockdev-add", "meta-type": "command", "arg-type": "11", "ret-type": "1"},
-{"name": "x-blockdev-del", "meta-type": "command", "arg-type": "12", "ret-type": "1"},
+{"name": "x-blockdev-del", "meta-type": "command", "features": ["deprecated"], "arg-type": "12", "ret-type": "1"},
 {"name": "blockdev-del", "meta-type": "command", "arg-type": "13", "ret-type": "1"},
 {"name": "block-export-add", "meta-type": "command", "arg-type": "14", "ret-type": "1"},
 {"name": "block-export-del", "meta-type": "command", "arg-type": "15", "ret-type": "1"},
@@ -8945,7 +8951,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "42", "meta-type": "enum", "members": [{"name": "off"}, {"name": "on"}, {"name": "unmap"}], "values": ["off", "on", "unmap"]},
 {"name": "43", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "format", "type": "str"}, {"name": "dirty-flag", "type": "bool", "default": null}, {"name": "actual-size", "type": "int", "default": null}, {"name": "virtual-size", "type": "int"}, {"name": "cluster-size", "type": "int", "default": null}, {"name": "encrypted", "type": "bool", "default": null}, {"name": "compressed", "type": "bool", "default": null}, {"name": "backing-filename", "type": "str", "default": null}, {"name": "full-backing-filename", "type": "str", "default": null}, {"name": "backing-filename-format", "type": "str", "default": null}, {"name": "snapshots", "type": "[82]", "default": null}, {"name": "backing-image", "type": "43", "default": null}, {"name": "format-specific", "type": "83", "default": null}]},
 {"name": "44", "meta-type": "object", "members": [{"name": "writeback", "type": "bool"}, {"name": "direct", "type": "bool"}, {"name": "no-flush", "type": "bool"}]},
-{"name": "45", "meta-type": "enum", "members": [{"name": "archipelago"}, {"name": "blkdebug"}, {"name": "blkverify"}, {"name": "bochs"}, {"name": "cloop"}, {"name": "dmg"}, {"name": "file"}, {"name": "ftp"}, {"name": "ftps"}, {"name": "gluster"}, {"name": "host_cdrom"}, {"name": "host_device"}, {"name": "http"}, {"name": "https"}, {"name": "luks"}, {"name": "null-aio"}, {"name": "null-co"}, {"name": "parallels"}, {"name": "qcow"}, {"name": "qcow2"}, {"name": "qed"}, {"name": "quorum"}, {"name": "raw"}, {"name": "replication"}, {"name": "tftp"}, {"name": "throttle"}, {"name": "vdi"}, {"name": "vhdx"}, {"name": "vmdk"}, {"name": "vpc"}, {"name": "vvfat"}], "values": ["archipelago", "blkdebug", "blkverify", "bochs", "cloop", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "luks", "null-aio", "null-co", "parallels", "qcow", "qcow2", "qed", "quorum", "raw", "replication", "tftp", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"]},
+{"name": "45", "meta-type": "enum", "members": [{"name": "archipelago"}, {"name": "blkdebug"}, {"name": "blkverify"}, {"name": "bochs"}, {"name": "cloop"}, {"name": "dmg"}, {"name": "file"}, {"name": "ftp"}, {"name": "ftps"}, {"name": "gluster", "features": ["deprecated"]}, {"name": "host_cdrom"}, {"name": "host_device"}, {"name": "http"}, {"name": "https"}, {"name": "luks"}, {"name": "null-aio"}, {"name": "null-co"}, {"name": "parallels"}, {"name": "qcow"}, {"name": "qcow2"}, {"name": "qed"}, {"name": "quorum"}, {"name": "raw"}, {"name": "replication"}, {"name": "tftp"}, {"name": "throttle"}, {"name": "vdi"}, {"name": "vhdx"}, {"name": "vmdk"}, {"name": "vpc"}, {"name": "vvfat"}], "values": ["archipelago", "blkdebug", "blkverify", "bochs", "cloop", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "luks", "null-aio", "null-co", "parallels", "qcow", "qcow2", "qed", "quorum", "raw", "replication", "tftp", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"]},
 {"name": "46", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "unmap"}], "values": ["ignore", "unmap"]},
 {"name": "47", "meta-type": "object", "members": [{"name": "direct", "type": "bool", "default": null}, {"name": "no-flush", "type": "bool", "default": null}]},
 {"name": "48", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "mport", "type": "int", "default": null}, {"name": "vport", "type": "int", "default": null}, {"name": "segment", "type": "str", "default": null}]},
@@ -8970,7 +8976,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "67", "meta-type": "enum", "members": [{"name": "safe"}, {"name": "hard"}], "values": ["safe", "hard"]},
 {"name": "68", "meta-type": "enum", "members": [{"name": "iothread"}, {"name": "throttle-group"}], "values": ["iothread", "throttle-group"]},
 {"name": "69", "meta-type": "object", "members": [{"name": "poll-max-ns", "type": "int", "default": null}, {"name": "poll-grow", "type": "int", "default": null}, {"name": "poll-shrink", "type": "int", "default": null}, {"name": "aio-max-batch", "type": "int", "default": null}]},
-{"name": "70", "meta-type": "object", "members": [{"name": "limits", "type": "94", "default": null}, {"name": "x-iops-total", "type": "int", "default": null}, {"name": "x-iops-total-max", "type": "int", "default": null}, {"name": "x-iops-total-max-length", "type": "int", "default": null}, {"name": "x-iops-read", "type": "int", "default": null}, {"name": "x-iops-read-max", "type": "int", "default": null}, {"name": "x-iops-read-max-length", "type": "int", "default": null}, {"name": "x-iops-write", "type": "int", "default": null}, {"name": "x-iops-write-max", "type": "int", "default": null}, {"name": "x-iops-write-max-length", "type": "int", "default": null}, {"name": "x-bps-total", "type": "int", "default": null}, {"name": "x-bps-total-max", "type": "int", "default": null}, {"name": "x-bps-total-max-length", "type": "int", "default": null}, {"name": "x-bps-read", "type": "int", "default": null}, {"name": "x-bps-read-max", "type": "int", "default": null}, {"name": "x-bps-read-max-length", "type": "int", "default": null}, {"name": "x-bps-write", "type": "int", "default": null}, {"name": "x-bps-write-max", "type": "int", "default": null}, {"name": "x-bps-write-max-length", "type": "int", "default": null}, {"name": "x-iops-size", "type": "int", "default": null}]},
+{"name": "70", "meta-type": "object", "members": [{"name": "limits", "type": "94", "default": null}, {"name": "x-iops-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-size", "type": "int", "default": null, "features": ["unstable"]}]},
 {"name": "71", "meta-type": "enum", "members": [{"name": "read"}, {"name": "write"}], "values": ["read", "write"]},
 {"name": "72", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "report"}, {"name": "stop"}], "values": ["ignore", "report", "stop"]},
 {"name": "73", "meta-type": "enum", "members": [{"name": "commit"}, {"name": "stream"}, {"name": "mirror"}, {"name": "backup"}], "values": ["commit", "stream", "mirror", "backup"]},
