@@ -275,10 +275,25 @@ fn check_data(schema: &Schema, data: &Members, boxed: bool, owner: &str) -> Resu
     }
 }
 
-/// A documentation block may only describe members the definition has.
+/// A documentation block may only describe members and features the
+/// definition has.
 fn check_docs(schema: &Schema) -> Result<(), Error> {
     for t in &schema.types {
         let Some(doc) = &t.doc else { continue };
+        let mut features: Vec<&str> = t.features.iter().map(String::as_str).collect();
+        match &t.kind {
+            Kind::Enum(values) => features.extend(
+                values
+                    .iter()
+                    .flat_map(|v| v.features.iter().map(String::as_str)),
+            ),
+            Kind::Struct { .. } => features.extend(member_features(schema.struct_members(&t.name))),
+            Kind::FlatUnion { base, .. } => {
+                features.extend(member_features(schema.members_of(base)))
+            }
+            Kind::SimpleUnion(_) | Kind::Alternate(_) => {}
+        }
+        undocumented_feature(doc, &features, &t.pos)?;
         let names: Vec<&str> = match &t.kind {
             Kind::Enum(b) | Kind::SimpleUnion(b) | Kind::Alternate(b) => {
                 b.iter().map(|b| b.name.as_str()).collect()
@@ -303,18 +318,48 @@ fn check_docs(schema: &Schema) -> Result<(), Error> {
     let with_data = schema
         .commands
         .iter()
-        .map(|c| (&c.doc, &c.data, &c.pos))
-        .chain(schema.events.iter().map(|e| (&e.doc, &e.data, &e.pos)));
-    for (doc, data, pos) in with_data {
-        let (Some(doc), Some(data)) = (doc, data) else {
-            continue;
-        };
+        .map(|c| (&c.doc, &c.data, &c.features, &c.pos))
+        .chain(
+            schema
+                .events
+                .iter()
+                .map(|e| (&e.doc, &e.data, &e.features, &e.pos)),
+        );
+    for (doc, data, own, pos) in with_data {
+        let Some(doc) = doc else { continue };
+        let mut features: Vec<&str> = own.iter().map(String::as_str).collect();
+        if let Some(data) = data {
+            features.extend(member_features(schema.members_of(data)));
+        }
+        undocumented_feature(doc, &features, pos)?;
+        let Some(data) = data else { continue };
         let names: Vec<&str> = schema
             .members_of(data)
             .iter()
             .map(|m| m.name.as_str())
             .collect();
         undocumented_member(doc, &names, pos)?;
+    }
+    Ok(())
+}
+
+fn member_features(members: Vec<&Member>) -> impl Iterator<Item = &str> {
+    members
+        .into_iter()
+        .flat_map(|m| m.features.iter().map(String::as_str))
+}
+
+fn undocumented_feature(doc: &crate::doc::Doc, features: &[&str], pos: &Pos) -> Result<(), Error> {
+    for (f, _) in &doc.features {
+        if !features.contains(&f.as_str()) {
+            return Err(Error::new(
+                pos.clone(),
+                format!(
+                    "documentation of '{}' describes feature '@{f}', which neither it nor its members have",
+                    doc.symbol
+                ),
+            ));
+        }
     }
     Ok(())
 }

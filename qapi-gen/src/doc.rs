@@ -13,6 +13,9 @@ pub struct Doc {
     pub body: Vec<String>,
     /// `@member: text` entries, in the order written.
     pub members: Vec<(String, String)>,
+    /// `@feature: text` entries of the `Features:` section. The section
+    /// stays in the body as well, so generated documentation shows it.
+    pub features: Vec<(String, String)>,
 }
 
 impl Doc {
@@ -42,9 +45,38 @@ pub fn parse(raw: &RawDoc) -> Result<(Doc, Pos), Error> {
     };
     // Text goes to the last member while it is being described, and to the
     // body once a blank line or a section heading ends the member list.
+    // `Features:` starts a list of features that lasts until a line that
+    // is neither blank, nor an `@feature:` entry, nor its continuation.
     let mut in_member = false;
+    let mut in_features = false;
     for line in lines {
         let trimmed = line.trim();
+        if trimmed == "Features:" {
+            in_features = true;
+            in_member = false;
+            doc.body.push(trimmed.to_string());
+            continue;
+        }
+        if in_features {
+            if let Some((name, text)) = entry(trimmed) {
+                doc.features
+                    .push((name.to_string(), text.trim().to_string()));
+                doc.body.push(line.trim_end().to_string());
+                continue;
+            }
+            if trimmed.is_empty() {
+                continue;
+            }
+            if line.starts_with(' ') {
+                if let Some((_, text)) = doc.features.last_mut() {
+                    text.push(' ');
+                    text.push_str(trimmed);
+                    doc.body.push(line.trim_end().to_string());
+                    continue;
+                }
+            }
+            in_features = false;
+        }
         if let Some(rest) = trimmed.strip_prefix('@') {
             if let Some((name, text)) = rest.split_once(':') {
                 if !name.is_empty() && !name.contains(' ') {
@@ -76,6 +108,12 @@ pub fn parse(raw: &RawDoc) -> Result<(Doc, Pos), Error> {
         doc.body.pop();
     }
     Ok((doc, raw.pos.clone()))
+}
+
+/// `@name: text` split into name and text.
+fn entry(line: &str) -> Option<(&str, &str)> {
+    let (name, text) = line.strip_prefix('@')?.split_once(':')?;
+    (!name.is_empty() && !name.contains(' ')).then_some((name, text))
 }
 
 #[cfg(test)]
@@ -111,6 +149,38 @@ mod tests {
         assert_eq!(doc.body, ["What a thing is.", "", "Since: 1.0"]);
         assert_eq!(doc.member("size"), Some("how big it is, in bytes"));
         assert_eq!(doc.member("name"), Some("what it is called"));
+    }
+
+    #[test]
+    fn features_section_is_parsed_and_kept_in_the_body() {
+        let (doc, _) = parse(&raw(&[
+            "@old-cmd:",
+            "Does a thing the old way.",
+            "@arg: what to do it to",
+            "Features:",
+            "@deprecated: use new-cmd,",
+            "    which does it better",
+            "Since: 2.0",
+        ]))
+        .unwrap();
+        assert_eq!(doc.member("arg"), Some("what to do it to"));
+        assert_eq!(
+            doc.features,
+            [(
+                "deprecated".to_string(),
+                "use new-cmd, which does it better".to_string()
+            )]
+        );
+        assert_eq!(
+            doc.body,
+            [
+                "Does a thing the old way.",
+                "Features:",
+                "@deprecated: use new-cmd,",
+                "    which does it better",
+                "Since: 2.0"
+            ]
+        );
     }
 
     #[test]

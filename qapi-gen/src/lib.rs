@@ -3,10 +3,13 @@
 //! The pipeline is: [`syntax`] (text to ordered values with lines) →
 //! [`schema`] (typed model, includes followed) → [`check`] (semantic
 //! rules) → [`rust`] (source code). Every error names the file and line.
+//! [`introspect`] works out the schema's `query-qmp-schema` answer, which
+//! the Rust code carries as a constant.
 
 pub mod check;
 pub mod doc;
 pub mod error;
+pub mod introspect;
 pub mod names;
 pub mod rust;
 pub mod schema;

@@ -33,6 +33,8 @@ pub struct Member {
     pub name: String,
     pub ty: TypeRef,
     pub optional: bool,
+    /// Feature names (`deprecated`, `unstable`, ...) given to the member.
+    pub features: Vec<String>,
     pub doc: Option<String>,
     pub pos: Pos,
 }
@@ -41,6 +43,8 @@ pub struct Member {
 pub struct Branch {
     pub name: String,
     pub ty: TypeRef,
+    /// Feature names; only enum values can have any.
+    pub features: Vec<String>,
     pub doc: Option<String>,
     pub pos: Pos,
 }
@@ -71,6 +75,7 @@ pub enum Kind {
 pub struct TypeDef {
     pub name: String,
     pub kind: Kind,
+    pub features: Vec<String>,
     pub doc: Option<Doc>,
     pub pos: Pos,
 }
@@ -81,6 +86,9 @@ pub struct Command {
     pub data: Option<Members>,
     pub returns: Option<TypeRef>,
     pub boxed: bool,
+    /// May run out of band (`exec-oob`).
+    pub allow_oob: bool,
+    pub features: Vec<String>,
     pub doc: Option<Doc>,
     pub pos: Pos,
 }
@@ -89,6 +97,7 @@ pub struct Command {
 pub struct Event {
     pub name: String,
     pub data: Option<Members>,
+    pub features: Vec<String>,
     pub doc: Option<Doc>,
     pub pos: Pos,
 }
@@ -218,27 +227,32 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
     let doc = doc.map(|(d, _)| d);
     let doc_of = |m: &str| doc.as_ref().and_then(|d| d.member(m)).map(str::to_string);
     let get = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    let feats = get("features")
+        .map(features)
+        .transpose()?
+        .unwrap_or_default();
     match meta.as_str() {
         "enum" => {
-            check_keys(entries, &["enum", "data", "prefix"])?;
+            check_keys(entries, &["enum", "data", "prefix", "features"])?;
             let data = required(&expr, get("data"), "data")?;
             let Value::List(items) = &data.value else {
                 return Err(kind_error(data, "'data' of an enum", "a list"));
             };
             let mut values = Vec::new();
             for item in items {
-                let v = string(item, "enum value")?;
+                let (v, features) = enum_value(item)?;
                 values.push(Branch {
                     doc: doc_of(&v),
                     name: v,
                     ty: TypeRef::Named("str".into()),
+                    features,
                     pos: item.pos.clone(),
                 });
             }
-            push_type(schema, name, Kind::Enum(values), doc, pos)
+            push_type(schema, name, Kind::Enum(values), feats, doc, pos)
         }
         "struct" => {
-            check_keys(entries, &["struct", "data", "base"])?;
+            check_keys(entries, &["struct", "data", "base", "features"])?;
             let members = match get("data") {
                 Some(d) => members(d, &doc_of)?,
                 None => Vec::new(),
@@ -247,10 +261,10 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
                 Some(b) => Some((string(b, "base")?, b.pos.clone())),
                 None => None,
             };
-            push_type(schema, name, Kind::Struct { base, members }, doc, pos)
+            push_type(schema, name, Kind::Struct { base, members }, feats, doc, pos)
         }
         "union" => {
-            check_keys(entries, &["union", "data", "base", "discriminator"])?;
+            check_keys(entries, &["union", "data", "base", "discriminator", "features"])?;
             let data = required(&expr, get("data"), "data")?;
             let branches = branches(data, &doc_of)?;
             let kind = match (get("base"), get("discriminator")) {
@@ -270,26 +284,31 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
                     ))
                 }
             };
-            push_type(schema, name, kind, doc, pos)
+            push_type(schema, name, kind, feats, doc, pos)
         }
         "alternate" => {
-            check_keys(entries, &["alternate", "data"])?;
+            check_keys(entries, &["alternate", "data", "features"])?;
             let data = required(&expr, get("data"), "data")?;
             let branches = branches(data, &doc_of)?;
-            push_type(schema, name, Kind::Alternate(branches), doc, pos)
+            push_type(schema, name, Kind::Alternate(branches), feats, doc, pos)
         }
         "command" => {
-            check_keys(entries, &["command", "data", "returns", "boxed"])?;
+            check_keys(
+                entries,
+                &["command", "data", "returns", "boxed", "allow-oob", "features"],
+            )?;
             let data = get("data").map(|d| members_or_name(d, &doc_of)).transpose()?;
             let returns = get("returns").map(type_ref).transpose()?;
-            let boxed = match get("boxed") {
+            let flag = |key: &str| match get(key) {
                 Some(Spanned {
                     value: Value::Bool(b),
                     ..
-                }) => *b,
-                Some(other) => return Err(kind_error(other, "'boxed'", "true or false")),
-                None => false,
+                }) => Ok(*b),
+                Some(other) => Err(kind_error(other, &format!("'{key}'"), "true or false")),
+                None => Ok(false),
             };
+            let boxed = flag("boxed")?;
+            let allow_oob = flag("allow-oob")?;
             if name_taken(schema, &name, |s| s.commands.iter().map(|c| &c.name)) {
                 return Err(Error::new(pos, format!("command '{name}' is defined twice")));
             }
@@ -298,13 +317,15 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
                 data,
                 returns,
                 boxed,
+                allow_oob,
+                features: feats,
                 doc,
                 pos,
             });
             Ok(())
         }
         "event" => {
-            check_keys(entries, &["event", "data"])?;
+            check_keys(entries, &["event", "data", "features"])?;
             let data = get("data").map(|d| members_or_name(d, &doc_of)).transpose()?;
             if name_taken(schema, &name, |s| s.events.iter().map(|e| &e.name)) {
                 return Err(Error::new(pos, format!("event '{name}' is defined twice")));
@@ -312,6 +333,7 @@ fn add_definition(schema: &mut Schema, top: TopLevel) -> Result<(), Error> {
             schema.events.push(Event {
                 name,
                 data,
+                features: feats,
                 doc,
                 pos,
             });
@@ -336,6 +358,7 @@ fn push_type(
     schema: &mut Schema,
     name: String,
     kind: Kind,
+    features: Vec<String>,
     doc: Option<Doc>,
     pos: Pos,
 ) -> Result<(), Error> {
@@ -358,6 +381,7 @@ fn push_type(
     schema.types.push(TypeDef {
         name,
         kind,
+        features,
         doc,
         pos,
     });
@@ -454,15 +478,95 @@ fn members(v: &Spanned, doc_of: &dyn Fn(&str) -> Option<String>) -> Result<Vec<M
                 Some(rest) => (rest.to_string(), true),
                 None => (key.clone(), false),
             };
+            let (ty_ref, features) = member_type(&name, ty)?;
             Ok(Member {
                 doc: doc_of(&name),
                 name,
-                ty: type_ref(ty)?,
+                ty: ty_ref,
                 optional,
+                features,
                 pos: ty.pos.clone(),
             })
         })
         .collect()
+}
+
+/// A member's type: a type name or list, or the long form
+/// `{ 'type': TYPE, 'features': [ ... ] }`.
+fn member_type(name: &str, v: &Spanned) -> Result<(TypeRef, Vec<String>), Error> {
+    let Value::Dict(entries) = &v.value else {
+        return Ok((type_ref(v)?, Vec::new()));
+    };
+    let mut ty = None;
+    let mut feats = Vec::new();
+    for (key, value) in entries {
+        match key.as_str() {
+            "type" => ty = Some(type_ref(value)?),
+            "features" => feats = features(value)?,
+            other => {
+                return Err(Error::new(
+                    value.pos.clone(),
+                    format!("member '{name}' has unknown key '{other}'"),
+                ))
+            }
+        }
+    }
+    let ty =
+        ty.ok_or_else(|| Error::new(v.pos.clone(), format!("member '{name}' needs a 'type'")))?;
+    Ok((ty, feats))
+}
+
+/// An enum value: its name, or the long form
+/// `{ 'name': NAME, 'features': [ ... ] }`.
+fn enum_value(v: &Spanned) -> Result<(String, Vec<String>), Error> {
+    let Value::Dict(entries) = &v.value else {
+        return Ok((string(v, "enum value")?, Vec::new()));
+    };
+    let mut name = None;
+    let mut feats = Vec::new();
+    for (key, value) in entries {
+        match key.as_str() {
+            "name" => name = Some(string(value, "enum value")?),
+            "features" => feats = features(value)?,
+            other => {
+                return Err(Error::new(
+                    value.pos.clone(),
+                    format!("enum value has unknown key '{other}'"),
+                ))
+            }
+        }
+    }
+    let name = name.ok_or_else(|| Error::new(v.pos.clone(), "enum value needs a 'name'"))?;
+    Ok((name, feats))
+}
+
+/// A list of feature names: lower case letters, digits and dashes, each
+/// once.
+fn features(v: &Spanned) -> Result<Vec<String>, Error> {
+    let Value::List(items) = &v.value else {
+        return Err(kind_error(v, "'features'", "a list of feature names"));
+    };
+    let mut out: Vec<String> = Vec::new();
+    for item in items {
+        let f = string(item, "feature")?;
+        let well_formed = f.starts_with(|c: char| c.is_ascii_lowercase())
+            && f.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !well_formed {
+            return Err(Error::new(
+                item.pos.clone(),
+                format!("feature name '{f}' must be lower case letters, digits and '-', starting with a letter"),
+            ));
+        }
+        if out.contains(&f) {
+            return Err(Error::new(
+                item.pos.clone(),
+                format!("feature '{f}' is given twice"),
+            ));
+        }
+        out.push(f);
+    }
+    Ok(out)
 }
 
 fn members_or_name(v: &Spanned, doc_of: &dyn Fn(&str) -> Option<String>) -> Result<Members, Error> {
@@ -489,6 +593,7 @@ fn branches(v: &Spanned, doc_of: &dyn Fn(&str) -> Option<String>) -> Result<Vec<
                 doc: doc_of(name),
                 name: name.clone(),
                 ty: type_ref(ty)?,
+                features: Vec::new(),
                 pos: ty.pos.clone(),
             })
         })

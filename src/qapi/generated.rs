@@ -328,6 +328,710 @@ impl Serialize for CommandInfo {
 }
 rt::deserialize_via_qapi!(CommandInfo);
 
+/// What kind of thing an entry of the introspection list describes.
+/// Since: 2.5
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SchemaMetaType {
+    /// one of the predefined types, such as 'int' or 'str'
+    Builtin,
+    /// an enumeration
+    Enum,
+    /// a list of values of one type
+    Array,
+    /// a JSON object (a struct or a union)
+    Object,
+    /// a value that may have one of several types, told apart by their JSON type
+    Alternate,
+    /// a command
+    Command,
+    /// an event
+    Event,
+}
+
+impl SchemaMetaType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Builtin, Self::Enum, Self::Array, Self::Object, Self::Alternate, Self::Command, Self::Event];
+    /// Every value's wire name, in schema order.
+    pub const NAMES: &'static [&'static str] = &["builtin", "enum", "array", "object", "alternate", "command", "event"];
+
+    /// The name of the value on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Builtin => "builtin",
+            Self::Enum => "enum",
+            Self::Array => "array",
+            Self::Object => "object",
+            Self::Alternate => "alternate",
+            Self::Command => "command",
+            Self::Event => "event",
+        }
+    }
+}
+
+impl rt::FromQapi for SchemaMetaType {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        rt::one_of(v, at, Self::NAMES).map(|i| Self::ALL[i])
+    }
+}
+
+impl Serialize for SchemaMetaType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+rt::deserialize_via_qapi!(SchemaMetaType);
+
+impl std::fmt::Display for SchemaMetaType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of the introspection list.
+/// Since: 2.5
+///
+/// The discriminator `meta-type` is held by the variant of `u`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaInfo {
+    /// the command's or event's name, or the type's label
+    pub name: String,
+    /// feature names attached to the entry, such as 'deprecated' or 'unstable', in no particular order (absent when there are none) (since 4.1)
+    pub features: Option<Vec<String>>,
+    /// The members that depend on `meta-type`.
+    pub u: SchemaInfoBranch,
+}
+
+/// The branches of [`SchemaInfo`], one per value of [`SchemaMetaType`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SchemaInfoBranch {
+    Builtin(SchemaInfoBuiltin),
+    Enum(SchemaInfoEnum),
+    Array(SchemaInfoArray),
+    Object(SchemaInfoObject),
+    Alternate(SchemaInfoAlternate),
+    Command(SchemaInfoCommand),
+    Event(SchemaInfoEvent),
+}
+
+impl SchemaInfoBranch {
+    /// The value of `meta-type` this branch stands for.
+    pub fn meta_type(&self) -> SchemaMetaType {
+        match self {
+            Self::Builtin(_) => SchemaMetaType::Builtin,
+            Self::Enum(_) => SchemaMetaType::Enum,
+            Self::Array(_) => SchemaMetaType::Array,
+            Self::Object(_) => SchemaMetaType::Object,
+            Self::Alternate(_) => SchemaMetaType::Alternate,
+            Self::Command(_) => SchemaMetaType::Command,
+            Self::Event(_) => SchemaMetaType::Event,
+        }
+    }
+}
+
+impl SchemaInfo {
+    /// The value of `meta-type`.
+    pub fn meta_type(&self) -> SchemaMetaType {
+        self.u.meta_type()
+    }
+
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let name = obj.req("name", <String as rt::FromQapi>::from_qapi)?;
+        let meta_type: SchemaMetaType = obj.req("meta-type", <SchemaMetaType as rt::FromQapi>::from_qapi)?;
+        let features = obj.opt("features", |v, at| rt::list(v, at, <String as rt::FromQapi>::from_qapi))?;
+        let u = match meta_type {
+            SchemaMetaType::Builtin => SchemaInfoBranch::Builtin(SchemaInfoBuiltin::read_members(obj)?),
+            SchemaMetaType::Enum => SchemaInfoBranch::Enum(SchemaInfoEnum::read_members(obj)?),
+            SchemaMetaType::Array => SchemaInfoBranch::Array(SchemaInfoArray::read_members(obj)?),
+            SchemaMetaType::Object => SchemaInfoBranch::Object(SchemaInfoObject::read_members(obj)?),
+            SchemaMetaType::Alternate => SchemaInfoBranch::Alternate(SchemaInfoAlternate::read_members(obj)?),
+            SchemaMetaType::Command => SchemaInfoBranch::Command(SchemaInfoCommand::read_members(obj)?),
+            SchemaMetaType::Event => SchemaInfoBranch::Event(SchemaInfoEvent::read_members(obj)?),
+        };
+        Ok(Self { name, features, u })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("name", &self.name)?;
+        map.serialize_entry("meta-type", &self.u.meta_type())?;
+        if let Some(v) = &self.features { map.serialize_entry("features", v)?; }
+        match &self.u {
+            SchemaInfoBranch::Builtin(b) => b.serialize_members(map),
+            SchemaInfoBranch::Enum(b) => b.serialize_members(map),
+            SchemaInfoBranch::Array(b) => b.serialize_members(map),
+            SchemaInfoBranch::Object(b) => b.serialize_members(map),
+            SchemaInfoBranch::Alternate(b) => b.serialize_members(map),
+            SchemaInfoBranch::Command(b) => b.serialize_members(map),
+            SchemaInfoBranch::Event(b) => b.serialize_members(map),
+        }
+    }
+}
+
+impl rt::FromQapi for SchemaInfo {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfo {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfo);
+
+/// What an entry for a predefined type adds.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaInfoBuiltin {
+    /// how values of the type are written in JSON
+    pub json_type: JSONType,
+}
+
+impl SchemaInfoBuiltin {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let json_type = obj.req("json-type", <JSONType as rt::FromQapi>::from_qapi)?;
+        Ok(Self { json_type })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("json-type", &self.json_type)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoBuiltin {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoBuiltin {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoBuiltin);
+
+/// The kinds of JSON value, with integers told apart from other numbers.
+/// Since: 2.5
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JSONType {
+    /// a string
+    String,
+    /// any number
+    Number,
+    /// a number without fraction or exponent
+    Int,
+    /// true or false
+    Boolean,
+    /// null
+    Null,
+    /// an object
+    Object,
+    /// an array
+    Array,
+    /// any JSON value at all
+    Value,
+}
+
+impl JSONType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::String, Self::Number, Self::Int, Self::Boolean, Self::Null, Self::Object, Self::Array, Self::Value];
+    /// Every value's wire name, in schema order.
+    pub const NAMES: &'static [&'static str] = &["string", "number", "int", "boolean", "null", "object", "array", "value"];
+
+    /// The name of the value on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::String => "string",
+            Self::Number => "number",
+            Self::Int => "int",
+            Self::Boolean => "boolean",
+            Self::Null => "null",
+            Self::Object => "object",
+            Self::Array => "array",
+            Self::Value => "value",
+        }
+    }
+}
+
+impl rt::FromQapi for JSONType {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        rt::one_of(v, at, Self::NAMES).map(|i| Self::ALL[i])
+    }
+}
+
+impl Serialize for JSONType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+rt::deserialize_via_qapi!(JSONType);
+
+impl std::fmt::Display for JSONType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an entry for an enumeration adds.  Its values are strings on the
+/// wire.
+/// Features:
+/// @deprecated: @values; read @members instead
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoEnum {
+    /// the values, in no particular order (since 6.2)
+    pub members: Vec<SchemaInfoEnumMember>,
+    /// the names of the same values; kept for older clients
+    pub values: Vec<String>,
+}
+
+impl SchemaInfoEnum {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let members = obj.req("members", |v, at| rt::list(v, at, <SchemaInfoEnumMember as rt::FromQapi>::from_qapi))?;
+        let values = obj.req("values", |v, at| rt::list(v, at, <String as rt::FromQapi>::from_qapi))?;
+        Ok(Self { members, values })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("members", &self.members)?;
+        map.serialize_entry("values", &self.values)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoEnum {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoEnum {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoEnum);
+
+/// One value of an enumeration.
+/// Since: 6.2
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoEnumMember {
+    /// the value as written on the wire
+    pub name: String,
+    /// feature names attached to the value (absent when there are none)
+    pub features: Option<Vec<String>>,
+}
+
+impl SchemaInfoEnumMember {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let name = obj.req("name", <String as rt::FromQapi>::from_qapi)?;
+        let features = obj.opt("features", |v, at| rt::list(v, at, <String as rt::FromQapi>::from_qapi))?;
+        Ok(Self { name, features })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("name", &self.name)?;
+        if let Some(v) = &self.features { map.serialize_entry("features", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoEnumMember {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoEnumMember {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoEnumMember);
+
+/// What an entry for a list type adds.  Its values are JSON arrays.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoArray {
+    /// label of the type of every element
+    pub element_type: String,
+}
+
+impl SchemaInfoArray {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let element_type = obj.req("element-type", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { element_type })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("element-type", &self.element_type)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoArray {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoArray {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoArray);
+
+/// What an entry for an object type adds.  Its values are JSON objects.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoObject {
+    /// the members every value may have, in no particular order
+    pub members: Vec<SchemaInfoObjectMember>,
+    /// the member whose value decides which variant applies; it is one of @members.  Present exactly when @variants is.
+    pub tag: Option<String>,
+    /// the members that depend on the value of @tag, one entry per value, in no particular order
+    pub variants: Option<Vec<SchemaInfoObjectVariant>>,
+}
+
+impl SchemaInfoObject {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let members = obj.req("members", |v, at| rt::list(v, at, <SchemaInfoObjectMember as rt::FromQapi>::from_qapi))?;
+        let tag = obj.opt("tag", <String as rt::FromQapi>::from_qapi)?;
+        let variants = obj.opt("variants", |v, at| rt::list(v, at, <SchemaInfoObjectVariant as rt::FromQapi>::from_qapi))?;
+        Ok(Self { members, tag, variants })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("members", &self.members)?;
+        if let Some(v) = &self.tag { map.serialize_entry("tag", v)?; }
+        if let Some(v) = &self.variants { map.serialize_entry("variants", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoObject {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoObject {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoObject);
+
+/// One member of an object type.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoObjectMember {
+    /// the member's name on the wire
+    pub name: String,
+    /// label of the member's type
+    pub r#type: String,
+    /// present (always null) when the member may be left out; when absent, the member is required.  What leaving it out means is not described here.
+    pub default: Option<Value>,
+    /// feature names attached to the member (absent when there are none) (since 5.0)
+    pub features: Option<Vec<String>>,
+}
+
+impl SchemaInfoObjectMember {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let name = obj.req("name", <String as rt::FromQapi>::from_qapi)?;
+        let r#type = obj.req("type", <String as rt::FromQapi>::from_qapi)?;
+        let default = obj.opt("default", <Value as rt::FromQapi>::from_qapi)?;
+        let features = obj.opt("features", |v, at| rt::list(v, at, <String as rt::FromQapi>::from_qapi))?;
+        Ok(Self { name, r#type, default, features })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("name", &self.name)?;
+        map.serialize_entry("type", &self.r#type)?;
+        if let Some(v) = &self.default { map.serialize_entry("default", v)?; }
+        if let Some(v) = &self.features { map.serialize_entry("features", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoObjectMember {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoObjectMember {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoObjectMember);
+
+/// The members that come with one value of an object type's tag.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoObjectVariant {
+    /// the value of the tag
+    pub case: String,
+    /// label of an object type whose members are added for that value
+    pub r#type: String,
+}
+
+impl SchemaInfoObjectVariant {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let case = obj.req("case", <String as rt::FromQapi>::from_qapi)?;
+        let r#type = obj.req("type", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { case, r#type })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("case", &self.case)?;
+        map.serialize_entry("type", &self.r#type)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoObjectVariant {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoObjectVariant {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoObjectVariant);
+
+/// What an entry for an alternate type adds.  A value is one of the
+/// member types; the JSON type of the value tells which.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoAlternate {
+    /// the possible types, in no particular order
+    pub members: Vec<SchemaInfoAlternateMember>,
+}
+
+impl SchemaInfoAlternate {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let members = obj.req("members", |v, at| rt::list(v, at, <SchemaInfoAlternateMember as rt::FromQapi>::from_qapi))?;
+        Ok(Self { members })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("members", &self.members)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoAlternate {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoAlternate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoAlternate);
+
+/// One of the types an alternate may take.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoAlternateMember {
+    /// label of the type
+    pub r#type: String,
+}
+
+impl SchemaInfoAlternateMember {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let r#type = obj.req("type", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { r#type })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("type", &self.r#type)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoAlternateMember {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoAlternateMember {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoAlternateMember);
+
+/// What an entry for a command adds.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoCommand {
+    /// label of the object type that lists the command's arguments
+    pub arg_type: String,
+    /// label of the type of the command's reply
+    pub ret_type: String,
+    /// true when the command may be run out of band; absent means false (since 2.12)
+    pub allow_oob: Option<bool>,
+}
+
+impl SchemaInfoCommand {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let arg_type = obj.req("arg-type", <String as rt::FromQapi>::from_qapi)?;
+        let ret_type = obj.req("ret-type", <String as rt::FromQapi>::from_qapi)?;
+        let allow_oob = obj.opt("allow-oob", <bool as rt::FromQapi>::from_qapi)?;
+        Ok(Self { arg_type, ret_type, allow_oob })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("arg-type", &self.arg_type)?;
+        map.serialize_entry("ret-type", &self.ret_type)?;
+        if let Some(v) = &self.allow_oob { map.serialize_entry("allow-oob", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoCommand {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoCommand {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoCommand);
+
+/// What an entry for an event adds.
+/// Since: 2.5
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchemaInfoEvent {
+    /// label of the object type that lists the event's data
+    pub arg_type: String,
+}
+
+impl SchemaInfoEvent {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let arg_type = obj.req("arg-type", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { arg_type })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("arg-type", &self.arg_type)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for SchemaInfoEvent {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for SchemaInfoEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(SchemaInfoEvent);
+
 /// A TCP address, optionally a range of ports.
 /// Since: 1.3
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -3744,6 +4448,8 @@ impl Serialize for BlockdevCacheOptions {
 rt::deserialize_via_qapi!(BlockdevCacheOptions);
 
 /// Block driver names.
+/// Features:
+/// @deprecated: @gluster, as in QEMU, which plans to drop it
 /// Since: 2.0
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevDriver {
@@ -6086,6 +6792,8 @@ rt::deserialize_via_qapi!(IothreadProperties);
 /// Properties of a throttle-group object.  The x- members are unstable
 /// aliases for the members of @limits with the same name minus the prefix;
 /// prefer @limits.
+/// Features:
+/// @unstable: the x- aliases
 /// Since: 2.11
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ThrottleGroupProperties {
@@ -8391,10 +9099,13 @@ impl Event {
 }
 
 /// Every command the schema defines, in schema order.
-pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-chardev", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties"];
+pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "query-chardev", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties"];
 
 /// The commands vubd implements (the schema's `vubd-implemented-commands` pragma).
-pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "query-chardev"];
+pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "query-chardev"];
+
+/// The implemented commands the schema lets run out of band (`allow-oob`).
+pub const OOB_COMMANDS: &[&str] = &["query-version", "query-commands", "query-qmp-schema"];
 
 /// One method per implemented command. Arguments arrive already checked
 /// against the schema; the return value is serialized for the reply.
@@ -8421,6 +9132,16 @@ pub trait Commands {
     /// Since: 0.14
     fn quit(&mut self) -> Result<(), Self::Error>;
 
+    /// Describe the QMP interface this server offers: the commands it accepts,
+    /// the events it may send, and the types of their arguments, replies and
+    /// data.  Clients use it to find out what is available before using it.
+    /// Names of commands, events, members and enum values are the ones used on
+    /// the wire; type names are only labels that entries use to refer to each
+    /// other (they are not part of the interface and may change), and every
+    /// label is defined exactly once.  The list is in no particular order.
+    /// Since: 2.5
+    fn query_qmp_schema(&mut self) -> Result<Vec<SchemaInfo>, Self::Error>;
+
     /// Open a new block node.  The arguments are the node's options
     /// themselves (BlockdevOptions); at the top level @node-name is required.
     /// Since: 1.7
@@ -8432,6 +9153,8 @@ pub trait Commands {
     fn blockdev_del(&mut self, arg: BlockdevDelArg) -> Result<(), Self::Error>;
 
     /// Old experimental name of blockdev-del, kept for 2.8 clients.
+    /// Features:
+    /// @deprecated: use blockdev-del
     /// Since: 2.5
     fn x_blockdev_del(&mut self, arg: XBlockdevDelArg) -> Result<(), Self::Error>;
 
@@ -8516,6 +9239,7 @@ pub fn dispatch<C: Commands + ?Sized>(c: &mut C, name: &str, args: &Value) -> Op
         "query-version" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_version()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "query-commands" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_commands()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "quit" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.quit()).map(|()| Value::Object(Default::default())),
+        "query-qmp-schema" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_qmp_schema()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "blockdev-add" => <BlockdevOptions as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_add(a)).map(|()| Value::Object(Default::default())),
         "blockdev-del" => <BlockdevDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_del(a)).map(|()| Value::Object(Default::default())),
         "x-blockdev-del" => <XBlockdevDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.x_blockdev_del(a)).map(|()| Value::Object(Default::default())),
@@ -8538,3 +9262,196 @@ pub fn dispatch<C: Commands + ?Sized>(c: &mut C, name: &str, args: &Value) -> Op
     })
 }
 
+/// What `query-qmp-schema` answers (JSON text): the implemented commands,
+/// every event and the types they use, in QEMU's introspection format.
+/// Written by qapi-gen from the schema like the rest of this file.
+pub const QMP_SCHEMA_JSON: &str = r#"[
+{"name": "qmp_capabilities", "meta-type": "command", "arg-type": "0", "ret-type": "1"},
+{"name": "query-version", "meta-type": "command", "arg-type": "1", "ret-type": "2", "allow-oob": true},
+{"name": "query-commands", "meta-type": "command", "arg-type": "1", "ret-type": "[3]", "allow-oob": true},
+{"name": "quit", "meta-type": "command", "arg-type": "1", "ret-type": "1"},
+{"name": "query-qmp-schema", "meta-type": "command", "arg-type": "1", "ret-type": "[4]", "allow-oob": true},
+{"name": "query-chardev", "meta-type": "command", "arg-type": "1", "ret-type": "[5]"},
+{"name": "query-block", "meta-type": "command", "arg-type": "1", "ret-type": "[6]"},
+{"name": "query-blockstats", "meta-type": "command", "arg-type": "7", "ret-type": "[8]"},
+{"name": "block_resize", "meta-type": "command", "arg-type": "9", "ret-type": "1"},
+{"name": "query-named-block-nodes", "meta-type": "command", "arg-type": "10", "ret-type": "[11]"},
+{"name": "blockdev-add", "meta-type": "command", "arg-type": "12", "ret-type": "1"},
+{"name": "x-blockdev-del", "meta-type": "command", "features": ["deprecated"], "arg-type": "13", "ret-type": "1"},
+{"name": "blockdev-del", "meta-type": "command", "arg-type": "14", "ret-type": "1"},
+{"name": "block-export-add", "meta-type": "command", "arg-type": "15", "ret-type": "1"},
+{"name": "block-export-del", "meta-type": "command", "arg-type": "16", "ret-type": "1"},
+{"name": "query-block-exports", "meta-type": "command", "arg-type": "1", "ret-type": "[17]"},
+{"name": "object-add", "meta-type": "command", "arg-type": "18", "ret-type": "1"},
+{"name": "object-del", "meta-type": "command", "arg-type": "19", "ret-type": "1"},
+{"name": "qom-list", "meta-type": "command", "arg-type": "20", "ret-type": "[21]"},
+{"name": "qom-get", "meta-type": "command", "arg-type": "22", "ret-type": "any"},
+{"name": "qom-set", "meta-type": "command", "arg-type": "23", "ret-type": "1"},
+{"name": "qom-list-types", "meta-type": "command", "arg-type": "24", "ret-type": "[25]"},
+{"name": "qom-list-properties", "meta-type": "command", "arg-type": "26", "ret-type": "[21]"},
+{"name": "DEVICE_TRAY_MOVED", "meta-type": "event", "arg-type": "27"},
+{"name": "BLOCK_IMAGE_CORRUPTED", "meta-type": "event", "arg-type": "28"},
+{"name": "BLOCK_IO_ERROR", "meta-type": "event", "arg-type": "29"},
+{"name": "BLOCK_JOB_COMPLETED", "meta-type": "event", "arg-type": "30"},
+{"name": "BLOCK_JOB_CANCELLED", "meta-type": "event", "arg-type": "31"},
+{"name": "BLOCK_JOB_ERROR", "meta-type": "event", "arg-type": "32"},
+{"name": "BLOCK_JOB_READY", "meta-type": "event", "arg-type": "33"},
+{"name": "BLOCK_WRITE_THRESHOLD", "meta-type": "event", "arg-type": "34"},
+{"name": "BLOCK_EXPORT_DELETED", "meta-type": "event", "arg-type": "35"},
+{"name": "0", "meta-type": "object", "members": [{"name": "enable", "type": "[36]", "default": null}]},
+{"name": "1", "meta-type": "object", "members": []},
+{"name": "2", "meta-type": "object", "members": [{"name": "qemu", "type": "37"}, {"name": "package", "type": "str"}]},
+{"name": "[3]", "meta-type": "array", "element-type": "3"},
+{"name": "3", "meta-type": "object", "members": [{"name": "name", "type": "str"}]},
+{"name": "[4]", "meta-type": "array", "element-type": "4"},
+{"name": "4", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "meta-type", "type": "38"}, {"name": "features", "type": "[str]", "default": null}], "tag": "meta-type", "variants": [{"case": "builtin", "type": "39"}, {"case": "enum", "type": "40"}, {"case": "array", "type": "41"}, {"case": "object", "type": "42"}, {"case": "alternate", "type": "43"}, {"case": "command", "type": "44"}, {"case": "event", "type": "45"}]},
+{"name": "[5]", "meta-type": "array", "element-type": "5"},
+{"name": "5", "meta-type": "object", "members": [{"name": "label", "type": "str"}, {"name": "filename", "type": "str"}, {"name": "frontend-open", "type": "bool"}]},
+{"name": "[6]", "meta-type": "array", "element-type": "6"},
+{"name": "6", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "type", "type": "str"}, {"name": "removable", "type": "bool"}, {"name": "locked", "type": "bool"}, {"name": "inserted", "type": "11", "default": null}, {"name": "tray_open", "type": "bool", "default": null}, {"name": "io-status", "type": "46", "default": null}, {"name": "dirty-bitmaps", "type": "[47]", "default": null}]},
+{"name": "7", "meta-type": "object", "members": [{"name": "query-nodes", "type": "bool", "default": null}]},
+{"name": "[8]", "meta-type": "array", "element-type": "8"},
+{"name": "8", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "stats", "type": "48"}, {"name": "parent", "type": "8", "default": null}, {"name": "backing", "type": "8", "default": null}, {"name": "driver-specific", "type": "49", "default": null}]},
+{"name": "9", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "size", "type": "int"}]},
+{"name": "10", "meta-type": "object", "members": [{"name": "flat", "type": "bool", "default": null}]},
+{"name": "[11]", "meta-type": "array", "element-type": "11"},
+{"name": "11", "meta-type": "object", "members": [{"name": "file", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "ro", "type": "bool"}, {"name": "drv", "type": "str"}, {"name": "backing_file", "type": "str", "default": null}, {"name": "backing_file_depth", "type": "int"}, {"name": "encrypted", "type": "bool"}, {"name": "encryption_key_missing", "type": "bool"}, {"name": "detect_zeroes", "type": "50"}, {"name": "bps", "type": "int"}, {"name": "bps_rd", "type": "int"}, {"name": "bps_wr", "type": "int"}, {"name": "iops", "type": "int"}, {"name": "iops_rd", "type": "int"}, {"name": "iops_wr", "type": "int"}, {"name": "image", "type": "51"}, {"name": "bps_max", "type": "int", "default": null}, {"name": "bps_rd_max", "type": "int", "default": null}, {"name": "bps_wr_max", "type": "int", "default": null}, {"name": "iops_max", "type": "int", "default": null}, {"name": "iops_rd_max", "type": "int", "default": null}, {"name": "iops_wr_max", "type": "int", "default": null}, {"name": "bps_max_length", "type": "int", "default": null}, {"name": "bps_rd_max_length", "type": "int", "default": null}, {"name": "bps_wr_max_length", "type": "int", "default": null}, {"name": "iops_max_length", "type": "int", "default": null}, {"name": "iops_rd_max_length", "type": "int", "default": null}, {"name": "iops_wr_max_length", "type": "int", "default": null}, {"name": "iops_size", "type": "int", "default": null}, {"name": "group", "type": "str", "default": null}, {"name": "cache", "type": "52"}, {"name": "write_threshold", "type": "int"}, {"name": "active", "type": "bool"}]},
+{"name": "12", "meta-type": "object", "members": [{"name": "driver", "type": "53"}, {"name": "node-name", "type": "str", "default": null}, {"name": "discard", "type": "54", "default": null}, {"name": "cache", "type": "55", "default": null}, {"name": "read-only", "type": "bool", "default": null}, {"name": "detect-zeroes", "type": "50", "default": null}, {"name": "force-share", "type": "bool", "default": null}, {"name": "auto-read-only", "type": "bool", "default": null}], "tag": "driver", "variants": [{"case": "archipelago", "type": "56"}, {"case": "blkdebug", "type": "57"}, {"case": "blkverify", "type": "58"}, {"case": "bochs", "type": "59"}, {"case": "cloop", "type": "59"}, {"case": "dmg", "type": "59"}, {"case": "file", "type": "60"}, {"case": "ftp", "type": "61"}, {"case": "ftps", "type": "61"}, {"case": "gluster", "type": "62"}, {"case": "host_cdrom", "type": "60"}, {"case": "host_device", "type": "60"}, {"case": "http", "type": "61"}, {"case": "https", "type": "61"}, {"case": "luks", "type": "63"}, {"case": "null-aio", "type": "64"}, {"case": "null-co", "type": "64"}, {"case": "parallels", "type": "59"}, {"case": "qcow2", "type": "65"}, {"case": "qcow", "type": "66"}, {"case": "qed", "type": "66"}, {"case": "quorum", "type": "67"}, {"case": "raw", "type": "68"}, {"case": "replication", "type": "69"}, {"case": "tftp", "type": "61"}, {"case": "throttle", "type": "70"}, {"case": "vdi", "type": "59"}, {"case": "vhdx", "type": "59"}, {"case": "vmdk", "type": "66"}, {"case": "vpc", "type": "59"}, {"case": "vvfat", "type": "71"}]},
+{"name": "13", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}]},
+{"name": "14", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}]},
+{"name": "15", "meta-type": "object", "members": [{"name": "type", "type": "72"}, {"name": "id", "type": "str"}, {"name": "fixed-iothread", "type": "bool", "default": null}, {"name": "iothread", "type": "73", "default": null}, {"name": "node-name", "type": "str"}, {"name": "writable", "type": "bool", "default": null}, {"name": "writethrough", "type": "bool", "default": null}, {"name": "allow-inactive", "type": "bool", "default": null}], "tag": "type", "variants": [{"case": "vhost-user-blk", "type": "74"}]},
+{"name": "16", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "mode", "type": "75", "default": null}]},
+{"name": "[17]", "meta-type": "array", "element-type": "17"},
+{"name": "17", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "type", "type": "72"}, {"name": "node-name", "type": "str"}, {"name": "shutting-down", "type": "bool"}]},
+{"name": "18", "meta-type": "object", "members": [{"name": "qom-type", "type": "76"}, {"name": "id", "type": "str"}], "tag": "qom-type", "variants": [{"case": "iothread", "type": "77"}, {"case": "throttle-group", "type": "78"}]},
+{"name": "19", "meta-type": "object", "members": [{"name": "id", "type": "str"}]},
+{"name": "20", "meta-type": "object", "members": [{"name": "path", "type": "str"}]},
+{"name": "[21]", "meta-type": "array", "element-type": "21"},
+{"name": "21", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "type", "type": "str"}, {"name": "description", "type": "str", "default": null}, {"name": "default-value", "type": "any", "default": null}]},
+{"name": "22", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "property", "type": "str"}]},
+{"name": "any", "meta-type": "builtin", "json-type": "value"},
+{"name": "23", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "property", "type": "str"}, {"name": "value", "type": "any"}]},
+{"name": "24", "meta-type": "object", "members": [{"name": "implements", "type": "str", "default": null}, {"name": "abstract", "type": "bool", "default": null}]},
+{"name": "[25]", "meta-type": "array", "element-type": "25"},
+{"name": "25", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "parent", "type": "str", "default": null}]},
+{"name": "26", "meta-type": "object", "members": [{"name": "typename", "type": "str"}]},
+{"name": "27", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "id", "type": "str"}, {"name": "tray-open", "type": "bool"}]},
+{"name": "28", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "msg", "type": "str"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}, {"name": "fatal", "type": "bool"}]},
+{"name": "29", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str"}, {"name": "operation", "type": "79"}, {"name": "action", "type": "80"}, {"name": "nospace", "type": "bool", "default": null}, {"name": "reason", "type": "str"}]},
+{"name": "30", "meta-type": "object", "members": [{"name": "type", "type": "81"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}, {"name": "error", "type": "str", "default": null}]},
+{"name": "31", "meta-type": "object", "members": [{"name": "type", "type": "81"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
+{"name": "32", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "operation", "type": "79"}, {"name": "action", "type": "80"}]},
+{"name": "33", "meta-type": "object", "members": [{"name": "type", "type": "81"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
+{"name": "34", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}, {"name": "amount-exceeded", "type": "int"}, {"name": "write-threshold", "type": "int"}]},
+{"name": "35", "meta-type": "object", "members": [{"name": "id", "type": "str"}]},
+{"name": "[36]", "meta-type": "array", "element-type": "36"},
+{"name": "36", "meta-type": "enum", "members": [{"name": "oob"}], "values": ["oob"]},
+{"name": "37", "meta-type": "object", "members": [{"name": "major", "type": "int"}, {"name": "minor", "type": "int"}, {"name": "micro", "type": "int"}]},
+{"name": "str", "meta-type": "builtin", "json-type": "string"},
+{"name": "38", "meta-type": "enum", "members": [{"name": "builtin"}, {"name": "enum"}, {"name": "array"}, {"name": "object"}, {"name": "alternate"}, {"name": "command"}, {"name": "event"}], "values": ["builtin", "enum", "array", "object", "alternate", "command", "event"]},
+{"name": "[str]", "meta-type": "array", "element-type": "str"},
+{"name": "39", "meta-type": "object", "members": [{"name": "json-type", "type": "82"}]},
+{"name": "40", "meta-type": "object", "members": [{"name": "members", "type": "[83]"}, {"name": "values", "type": "[str]", "features": ["deprecated"]}]},
+{"name": "41", "meta-type": "object", "members": [{"name": "element-type", "type": "str"}]},
+{"name": "42", "meta-type": "object", "members": [{"name": "members", "type": "[84]"}, {"name": "tag", "type": "str", "default": null}, {"name": "variants", "type": "[85]", "default": null}]},
+{"name": "43", "meta-type": "object", "members": [{"name": "members", "type": "[86]"}]},
+{"name": "44", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}, {"name": "ret-type", "type": "str"}, {"name": "allow-oob", "type": "bool", "default": null}]},
+{"name": "45", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}]},
+{"name": "bool", "meta-type": "builtin", "json-type": "boolean"},
+{"name": "46", "meta-type": "enum", "members": [{"name": "ok"}, {"name": "failed"}, {"name": "nospace"}], "values": ["ok", "failed", "nospace"]},
+{"name": "[47]", "meta-type": "array", "element-type": "47"},
+{"name": "47", "meta-type": "object", "members": [{"name": "name", "type": "str", "default": null}, {"name": "count", "type": "int"}, {"name": "granularity", "type": "int"}, {"name": "status", "type": "87"}]},
+{"name": "48", "meta-type": "object", "members": [{"name": "rd_bytes", "type": "int"}, {"name": "wr_bytes", "type": "int"}, {"name": "rd_operations", "type": "int"}, {"name": "wr_operations", "type": "int"}, {"name": "flush_operations", "type": "int"}, {"name": "flush_total_time_ns", "type": "int"}, {"name": "wr_total_time_ns", "type": "int"}, {"name": "rd_total_time_ns", "type": "int"}, {"name": "wr_highest_offset", "type": "int"}, {"name": "rd_merged", "type": "int"}, {"name": "wr_merged", "type": "int"}, {"name": "idle_time_ns", "type": "int", "default": null}, {"name": "failed_rd_operations", "type": "int"}, {"name": "failed_wr_operations", "type": "int"}, {"name": "failed_flush_operations", "type": "int"}, {"name": "invalid_rd_operations", "type": "int"}, {"name": "invalid_wr_operations", "type": "int"}, {"name": "invalid_flush_operations", "type": "int"}, {"name": "account_invalid", "type": "bool"}, {"name": "account_failed", "type": "bool"}, {"name": "timed_stats", "type": "[88]"}, {"name": "unmap_bytes", "type": "int"}, {"name": "unmap_operations", "type": "int"}, {"name": "unmap_total_time_ns", "type": "int"}, {"name": "unmap_merged", "type": "int"}, {"name": "failed_unmap_operations", "type": "int"}, {"name": "invalid_unmap_operations", "type": "int"}, {"name": "zone_append_bytes", "type": "int"}, {"name": "zone_append_operations", "type": "int"}, {"name": "zone_append_total_time_ns", "type": "int"}, {"name": "zone_append_merged", "type": "int"}, {"name": "failed_zone_append_operations", "type": "int"}, {"name": "invalid_zone_append_operations", "type": "int"}]},
+{"name": "49", "meta-type": "object", "members": [{"name": "driver", "type": "53"}], "tag": "driver", "variants": [{"case": "file", "type": "89"}, {"case": "host_device", "type": "89"}, {"case": "archipelago", "type": "1"}, {"case": "blkdebug", "type": "1"}, {"case": "blkverify", "type": "1"}, {"case": "bochs", "type": "1"}, {"case": "cloop", "type": "1"}, {"case": "dmg", "type": "1"}, {"case": "ftp", "type": "1"}, {"case": "ftps", "type": "1"}, {"case": "gluster", "type": "1"}, {"case": "host_cdrom", "type": "1"}, {"case": "http", "type": "1"}, {"case": "https", "type": "1"}, {"case": "luks", "type": "1"}, {"case": "null-aio", "type": "1"}, {"case": "null-co", "type": "1"}, {"case": "parallels", "type": "1"}, {"case": "qcow", "type": "1"}, {"case": "qcow2", "type": "1"}, {"case": "qed", "type": "1"}, {"case": "quorum", "type": "1"}, {"case": "raw", "type": "1"}, {"case": "replication", "type": "1"}, {"case": "tftp", "type": "1"}, {"case": "throttle", "type": "1"}, {"case": "vdi", "type": "1"}, {"case": "vhdx", "type": "1"}, {"case": "vmdk", "type": "1"}, {"case": "vpc", "type": "1"}, {"case": "vvfat", "type": "1"}]},
+{"name": "int", "meta-type": "builtin", "json-type": "int"},
+{"name": "50", "meta-type": "enum", "members": [{"name": "off"}, {"name": "on"}, {"name": "unmap"}], "values": ["off", "on", "unmap"]},
+{"name": "51", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "format", "type": "str"}, {"name": "dirty-flag", "type": "bool", "default": null}, {"name": "actual-size", "type": "int", "default": null}, {"name": "virtual-size", "type": "int"}, {"name": "cluster-size", "type": "int", "default": null}, {"name": "encrypted", "type": "bool", "default": null}, {"name": "compressed", "type": "bool", "default": null}, {"name": "backing-filename", "type": "str", "default": null}, {"name": "full-backing-filename", "type": "str", "default": null}, {"name": "backing-filename-format", "type": "str", "default": null}, {"name": "snapshots", "type": "[90]", "default": null}, {"name": "backing-image", "type": "51", "default": null}, {"name": "format-specific", "type": "91", "default": null}]},
+{"name": "52", "meta-type": "object", "members": [{"name": "writeback", "type": "bool"}, {"name": "direct", "type": "bool"}, {"name": "no-flush", "type": "bool"}]},
+{"name": "53", "meta-type": "enum", "members": [{"name": "archipelago"}, {"name": "blkdebug"}, {"name": "blkverify"}, {"name": "bochs"}, {"name": "cloop"}, {"name": "dmg"}, {"name": "file"}, {"name": "ftp"}, {"name": "ftps"}, {"name": "gluster", "features": ["deprecated"]}, {"name": "host_cdrom"}, {"name": "host_device"}, {"name": "http"}, {"name": "https"}, {"name": "luks"}, {"name": "null-aio"}, {"name": "null-co"}, {"name": "parallels"}, {"name": "qcow"}, {"name": "qcow2"}, {"name": "qed"}, {"name": "quorum"}, {"name": "raw"}, {"name": "replication"}, {"name": "tftp"}, {"name": "throttle"}, {"name": "vdi"}, {"name": "vhdx"}, {"name": "vmdk"}, {"name": "vpc"}, {"name": "vvfat"}], "values": ["archipelago", "blkdebug", "blkverify", "bochs", "cloop", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "luks", "null-aio", "null-co", "parallels", "qcow", "qcow2", "qed", "quorum", "raw", "replication", "tftp", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"]},
+{"name": "54", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "unmap"}], "values": ["ignore", "unmap"]},
+{"name": "55", "meta-type": "object", "members": [{"name": "direct", "type": "bool", "default": null}, {"name": "no-flush", "type": "bool", "default": null}]},
+{"name": "56", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "mport", "type": "int", "default": null}, {"name": "vport", "type": "int", "default": null}, {"name": "segment", "type": "str", "default": null}]},
+{"name": "57", "meta-type": "object", "members": [{"name": "image", "type": "92"}, {"name": "config", "type": "str", "default": null}, {"name": "align", "type": "int", "default": null}, {"name": "inject-error", "type": "[93]", "default": null}, {"name": "set-state", "type": "[94]", "default": null}]},
+{"name": "58", "meta-type": "object", "members": [{"name": "test", "type": "92"}, {"name": "raw", "type": "92"}]},
+{"name": "59", "meta-type": "object", "members": [{"name": "file", "type": "92"}]},
+{"name": "60", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "aio", "type": "95", "default": null}, {"name": "locking", "type": "96", "default": null}]},
+{"name": "61", "meta-type": "object", "members": [{"name": "filename", "type": "str"}]},
+{"name": "62", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "path", "type": "str"}, {"name": "server", "type": "[97]"}, {"name": "debug-level", "type": "int", "default": null}, {"name": "logfile", "type": "str", "default": null}]},
+{"name": "63", "meta-type": "object", "members": [{"name": "file", "type": "92"}, {"name": "key-secret", "type": "str", "default": null}]},
+{"name": "64", "meta-type": "object", "members": [{"name": "size", "type": "int", "default": null}, {"name": "latency-ns", "type": "int", "default": null}, {"name": "read-zeroes", "type": "bool", "default": null}]},
+{"name": "65", "meta-type": "object", "members": [{"name": "file", "type": "92"}, {"name": "backing", "type": "92", "default": null}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "pass-discard-request", "type": "bool", "default": null}, {"name": "pass-discard-snapshot", "type": "bool", "default": null}, {"name": "pass-discard-other", "type": "bool", "default": null}, {"name": "overlap-check", "type": "98", "default": null}, {"name": "cache-size", "type": "int", "default": null}, {"name": "l2-cache-size", "type": "int", "default": null}, {"name": "refcount-cache-size", "type": "int", "default": null}, {"name": "cache-clean-interval", "type": "int", "default": null}]},
+{"name": "66", "meta-type": "object", "members": [{"name": "file", "type": "92"}, {"name": "backing", "type": "92", "default": null}]},
+{"name": "67", "meta-type": "object", "members": [{"name": "blkverify", "type": "bool", "default": null}, {"name": "children", "type": "[92]"}, {"name": "vote-threshold", "type": "int"}, {"name": "rewrite-corrupted", "type": "bool", "default": null}, {"name": "read-pattern", "type": "99", "default": null}]},
+{"name": "68", "meta-type": "object", "members": [{"name": "file", "type": "92"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}]},
+{"name": "69", "meta-type": "object", "members": [{"name": "file", "type": "92"}, {"name": "mode", "type": "100"}, {"name": "top-id", "type": "str", "default": null}]},
+{"name": "70", "meta-type": "object", "members": [{"name": "throttle-group", "type": "str"}, {"name": "file", "type": "92"}]},
+{"name": "71", "meta-type": "object", "members": [{"name": "dir", "type": "str"}, {"name": "fat-type", "type": "int", "default": null}, {"name": "floppy", "type": "bool", "default": null}, {"name": "label", "type": "str", "default": null}, {"name": "rw", "type": "bool", "default": null}]},
+{"name": "72", "meta-type": "enum", "members": [{"name": "vhost-user-blk"}], "values": ["vhost-user-blk"]},
+{"name": "73", "meta-type": "alternate", "members": [{"type": "str"}, {"type": "[str]"}]},
+{"name": "74", "meta-type": "object", "members": [{"name": "addr", "type": "101"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}]},
+{"name": "75", "meta-type": "enum", "members": [{"name": "safe"}, {"name": "hard"}], "values": ["safe", "hard"]},
+{"name": "76", "meta-type": "enum", "members": [{"name": "iothread"}, {"name": "throttle-group"}], "values": ["iothread", "throttle-group"]},
+{"name": "77", "meta-type": "object", "members": [{"name": "poll-max-ns", "type": "int", "default": null}, {"name": "poll-grow", "type": "int", "default": null}, {"name": "poll-shrink", "type": "int", "default": null}, {"name": "aio-max-batch", "type": "int", "default": null}]},
+{"name": "78", "meta-type": "object", "members": [{"name": "limits", "type": "102", "default": null}, {"name": "x-iops-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-size", "type": "int", "default": null, "features": ["unstable"]}]},
+{"name": "79", "meta-type": "enum", "members": [{"name": "read"}, {"name": "write"}], "values": ["read", "write"]},
+{"name": "80", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "report"}, {"name": "stop"}], "values": ["ignore", "report", "stop"]},
+{"name": "81", "meta-type": "enum", "members": [{"name": "commit"}, {"name": "stream"}, {"name": "mirror"}, {"name": "backup"}], "values": ["commit", "stream", "mirror", "backup"]},
+{"name": "82", "meta-type": "enum", "members": [{"name": "string"}, {"name": "number"}, {"name": "int"}, {"name": "boolean"}, {"name": "null"}, {"name": "object"}, {"name": "array"}, {"name": "value"}], "values": ["string", "number", "int", "boolean", "null", "object", "array", "value"]},
+{"name": "[83]", "meta-type": "array", "element-type": "83"},
+{"name": "83", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "features", "type": "[str]", "default": null}]},
+{"name": "[84]", "meta-type": "array", "element-type": "84"},
+{"name": "84", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "type", "type": "str"}, {"name": "default", "type": "any", "default": null}, {"name": "features", "type": "[str]", "default": null}]},
+{"name": "[85]", "meta-type": "array", "element-type": "85"},
+{"name": "85", "meta-type": "object", "members": [{"name": "case", "type": "str"}, {"name": "type", "type": "str"}]},
+{"name": "[86]", "meta-type": "array", "element-type": "86"},
+{"name": "86", "meta-type": "object", "members": [{"name": "type", "type": "str"}]},
+{"name": "87", "meta-type": "enum", "members": [{"name": "active"}, {"name": "disabled"}, {"name": "frozen"}], "values": ["active", "disabled", "frozen"]},
+{"name": "[88]", "meta-type": "array", "element-type": "88"},
+{"name": "88", "meta-type": "object", "members": [{"name": "interval_length", "type": "int"}, {"name": "min_rd_latency_ns", "type": "int"}, {"name": "max_rd_latency_ns", "type": "int"}, {"name": "avg_rd_latency_ns", "type": "int"}, {"name": "min_wr_latency_ns", "type": "int"}, {"name": "max_wr_latency_ns", "type": "int"}, {"name": "avg_wr_latency_ns", "type": "int"}, {"name": "min_flush_latency_ns", "type": "int"}, {"name": "max_flush_latency_ns", "type": "int"}, {"name": "avg_flush_latency_ns", "type": "int"}, {"name": "avg_rd_queue_depth", "type": "number"}, {"name": "avg_wr_queue_depth", "type": "number"}]},
+{"name": "89", "meta-type": "object", "members": [{"name": "discard-nb-ok", "type": "int"}, {"name": "discard-nb-failed", "type": "int"}, {"name": "discard-bytes-ok", "type": "int"}]},
+{"name": "[90]", "meta-type": "array", "element-type": "90"},
+{"name": "90", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "name", "type": "str"}, {"name": "vm-state-size", "type": "int"}, {"name": "date-sec", "type": "int"}, {"name": "date-nsec", "type": "int"}, {"name": "vm-clock-sec", "type": "int"}, {"name": "vm-clock-nsec", "type": "int"}]},
+{"name": "91", "meta-type": "object", "members": [{"name": "type", "type": "103"}], "tag": "type", "variants": [{"case": "qcow2", "type": "104"}, {"case": "vmdk", "type": "105"}, {"case": "luks", "type": "106"}, {"case": "file", "type": "107"}]},
+{"name": "92", "meta-type": "alternate", "members": [{"type": "12"}, {"type": "str"}]},
+{"name": "[93]", "meta-type": "array", "element-type": "93"},
+{"name": "93", "meta-type": "object", "members": [{"name": "event", "type": "108"}, {"name": "state", "type": "int", "default": null}, {"name": "errno", "type": "int", "default": null}, {"name": "sector", "type": "int", "default": null}, {"name": "once", "type": "bool", "default": null}, {"name": "immediately", "type": "bool", "default": null}]},
+{"name": "[94]", "meta-type": "array", "element-type": "94"},
+{"name": "94", "meta-type": "object", "members": [{"name": "event", "type": "108"}, {"name": "state", "type": "int", "default": null}, {"name": "new_state", "type": "int"}]},
+{"name": "95", "meta-type": "enum", "members": [{"name": "threads"}, {"name": "native"}, {"name": "io_uring"}], "values": ["threads", "native", "io_uring"]},
+{"name": "96", "meta-type": "enum", "members": [{"name": "auto"}, {"name": "on"}, {"name": "off"}], "values": ["auto", "on", "off"]},
+{"name": "[97]", "meta-type": "array", "element-type": "97"},
+{"name": "97", "meta-type": "object", "members": [{"name": "type", "type": "109"}], "tag": "type", "variants": [{"case": "unix", "type": "110"}, {"case": "tcp", "type": "111"}]},
+{"name": "98", "meta-type": "alternate", "members": [{"type": "112"}, {"type": "113"}]},
+{"name": "[92]", "meta-type": "array", "element-type": "92"},
+{"name": "99", "meta-type": "enum", "members": [{"name": "quorum"}, {"name": "fifo"}], "values": ["quorum", "fifo"]},
+{"name": "100", "meta-type": "enum", "members": [{"name": "primary"}, {"name": "secondary"}], "values": ["primary", "secondary"]},
+{"name": "101", "meta-type": "object", "members": [{"name": "type", "type": "114"}], "tag": "type", "variants": [{"case": "inet", "type": "111"}, {"case": "unix", "type": "110"}, {"case": "vsock", "type": "115"}, {"case": "fd", "type": "116"}]},
+{"name": "102", "meta-type": "object", "members": [{"name": "iops-total", "type": "int", "default": null}, {"name": "iops-total-max", "type": "int", "default": null}, {"name": "iops-total-max-length", "type": "int", "default": null}, {"name": "iops-read", "type": "int", "default": null}, {"name": "iops-read-max", "type": "int", "default": null}, {"name": "iops-read-max-length", "type": "int", "default": null}, {"name": "iops-write", "type": "int", "default": null}, {"name": "iops-write-max", "type": "int", "default": null}, {"name": "iops-write-max-length", "type": "int", "default": null}, {"name": "bps-total", "type": "int", "default": null}, {"name": "bps-total-max", "type": "int", "default": null}, {"name": "bps-total-max-length", "type": "int", "default": null}, {"name": "bps-read", "type": "int", "default": null}, {"name": "bps-read-max", "type": "int", "default": null}, {"name": "bps-read-max-length", "type": "int", "default": null}, {"name": "bps-write", "type": "int", "default": null}, {"name": "bps-write-max", "type": "int", "default": null}, {"name": "bps-write-max-length", "type": "int", "default": null}, {"name": "iops-size", "type": "int", "default": null}]},
+{"name": "number", "meta-type": "builtin", "json-type": "number"},
+{"name": "103", "meta-type": "enum", "members": [{"name": "qcow2"}, {"name": "vmdk"}, {"name": "luks"}, {"name": "file"}], "values": ["qcow2", "vmdk", "luks", "file"]},
+{"name": "104", "meta-type": "object", "members": [{"name": "data", "type": "117"}]},
+{"name": "105", "meta-type": "object", "members": [{"name": "data", "type": "118"}]},
+{"name": "106", "meta-type": "object", "members": [{"name": "data", "type": "119"}]},
+{"name": "107", "meta-type": "object", "members": [{"name": "data", "type": "120"}]},
+{"name": "108", "meta-type": "enum", "members": [{"name": "l1_update"}, {"name": "l1_grow_alloc_table"}, {"name": "l1_grow_write_table"}, {"name": "l1_grow_activate_table"}, {"name": "l2_load"}, {"name": "l2_update"}, {"name": "l2_update_compressed"}, {"name": "l2_alloc_cow_read"}, {"name": "l2_alloc_write"}, {"name": "read_aio"}, {"name": "read_backing_aio"}, {"name": "read_compressed"}, {"name": "write_aio"}, {"name": "write_compressed"}, {"name": "vmstate_load"}, {"name": "vmstate_save"}, {"name": "cow_read"}, {"name": "cow_write"}, {"name": "reftable_load"}, {"name": "reftable_grow"}, {"name": "reftable_update"}, {"name": "refblock_load"}, {"name": "refblock_update"}, {"name": "refblock_update_part"}, {"name": "refblock_alloc"}, {"name": "refblock_alloc_hookup"}, {"name": "refblock_alloc_write"}, {"name": "refblock_alloc_write_blocks"}, {"name": "refblock_alloc_write_table"}, {"name": "refblock_alloc_switch_table"}, {"name": "cluster_alloc"}, {"name": "cluster_alloc_bytes"}, {"name": "cluster_free"}, {"name": "flush_to_os"}, {"name": "flush_to_disk"}, {"name": "pwritev_rmw_head"}, {"name": "pwritev_rmw_after_head"}, {"name": "pwritev_rmw_tail"}, {"name": "pwritev_rmw_after_tail"}, {"name": "pwritev"}, {"name": "pwritev_zero"}, {"name": "pwritev_done"}, {"name": "empty_image_prepare"}], "values": ["l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare"]},
+{"name": "109", "meta-type": "enum", "members": [{"name": "unix"}, {"name": "tcp"}], "values": ["unix", "tcp"]},
+{"name": "110", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "tight", "type": "bool", "default": null}]},
+{"name": "111", "meta-type": "object", "members": [{"name": "host", "type": "str"}, {"name": "port", "type": "str"}, {"name": "numeric", "type": "bool", "default": null}, {"name": "to", "type": "int", "default": null}, {"name": "ipv4", "type": "bool", "default": null}, {"name": "ipv6", "type": "bool", "default": null}, {"name": "keep-alive", "type": "bool", "default": null}, {"name": "keep-alive-count", "type": "int", "default": null}, {"name": "keep-alive-idle", "type": "int", "default": null}, {"name": "keep-alive-interval", "type": "int", "default": null}, {"name": "mptcp", "type": "bool", "default": null}]},
+{"name": "112", "meta-type": "object", "members": [{"name": "template", "type": "113", "default": null}, {"name": "main-header", "type": "bool", "default": null}, {"name": "active-l1", "type": "bool", "default": null}, {"name": "active-l2", "type": "bool", "default": null}, {"name": "refcount-table", "type": "bool", "default": null}, {"name": "refcount-block", "type": "bool", "default": null}, {"name": "snapshot-table", "type": "bool", "default": null}, {"name": "inactive-l1", "type": "bool", "default": null}, {"name": "inactive-l2", "type": "bool", "default": null}]},
+{"name": "113", "meta-type": "enum", "members": [{"name": "none"}, {"name": "constant"}, {"name": "cached"}, {"name": "all"}], "values": ["none", "constant", "cached", "all"]},
+{"name": "114", "meta-type": "enum", "members": [{"name": "inet"}, {"name": "unix"}, {"name": "vsock"}, {"name": "fd"}], "values": ["inet", "unix", "vsock", "fd"]},
+{"name": "115", "meta-type": "object", "members": [{"name": "cid", "type": "str"}, {"name": "port", "type": "str"}]},
+{"name": "116", "meta-type": "object", "members": [{"name": "str", "type": "str"}]},
+{"name": "117", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}]},
+{"name": "118", "meta-type": "object", "members": [{"name": "create-type", "type": "str"}, {"name": "cid", "type": "int"}, {"name": "parent-cid", "type": "int"}, {"name": "extents", "type": "[51]"}]},
+{"name": "119", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "121"}, {"name": "cipher-mode", "type": "122"}, {"name": "ivgen-alg", "type": "123"}, {"name": "ivgen-hash-alg", "type": "124", "default": null}, {"name": "hash-alg", "type": "124"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[125]"}]},
+{"name": "120", "meta-type": "object", "members": [{"name": "extent-size-hint", "type": "int", "default": null}]},
+{"name": "[51]", "meta-type": "array", "element-type": "51"},
+{"name": "121", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
+{"name": "122", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
+{"name": "123", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
+{"name": "124", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
+{"name": "[125]", "meta-type": "array", "element-type": "125"},
+{"name": "125", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
+]
+"#;

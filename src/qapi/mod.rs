@@ -7,6 +7,3 @@ pub mod rt;
 pub mod generated;
 
 pub use generated::*;
-
-/// Commands that may run out of band (`exec-oob`).
-pub const OOB_COMMANDS: &[&str] = &["query-version", "query-commands"];

@@ -12,11 +12,12 @@ use crate::qapi::{
     BlockdevDelArg, BlockdevOptions, ChardevInfo, CommandInfo, Event, ObjectDelArg, ObjectOptions,
     ObjectPropertyInfo, ObjectTypeInfo, QMPCapability, QapiErrorClass, QmpCapabilitiesArg,
     QomGetArg, QomListArg, QomListPropertiesArg, QomListTypesArg, QomSetArg, QueryBlockstatsArg,
-    VersionInfo, VersionTriple, XBlockdevDelArg,
+    SchemaInfo, VersionInfo, VersionTriple, XBlockdevDelArg,
 };
 use crate::qom;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 /// The QEMU version whose QMP interface vubd follows, reported in the
 /// greeting and by query-version (management tools decide what to send by
@@ -43,6 +44,24 @@ pub fn command_list() -> Vec<CommandInfo> {
             name: n.to_string(),
         })
         .collect()
+}
+
+/// The `query-qmp-schema` answer. qapi-gen worked it out from the schema
+/// and wrote it as JSON text; it is read into the schema's own types the
+/// first time it is asked for, which also checks it against them.
+pub fn qmp_schema() -> Result<&'static [SchemaInfo], QmpError> {
+    static SCHEMA: OnceLock<Result<Vec<SchemaInfo>, String>> = OnceLock::new();
+    let parsed = SCHEMA.get_or_init(|| {
+        let text: serde_json::Value =
+            serde_json::from_str(qapi::QMP_SCHEMA_JSON).map_err(|e| e.to_string())?;
+        let root = qapi::rt::At::root(qapi::rt::Syntax::Json);
+        qapi::rt::list(&text, &root, <SchemaInfo as qapi::rt::FromQapi>::from_qapi)
+            .map_err(|e| e.desc)
+    });
+    parsed.as_deref().map_err(|e| {
+        log::error!("the generated introspection data does not fit its schema: {e}");
+        QmpError::generic(format!("Introspection data is unusable: {e}"))
+    })
 }
 
 /// A command running on behalf of one monitor session.
@@ -85,6 +104,10 @@ impl qapi::Commands for Cx<'_> {
 
     fn query_commands(&mut self) -> Result<Vec<CommandInfo>, QmpError> {
         Ok(command_list())
+    }
+
+    fn query_qmp_schema(&mut self) -> Result<Vec<SchemaInfo>, QmpError> {
+        qmp_schema().map(<[SchemaInfo]>::to_vec)
     }
 
     fn quit(&mut self) -> Result<(), QmpError> {
@@ -304,5 +327,23 @@ fn not_found(arg: &BlockResizeArg) -> BlockError {
     BlockError::NoSuchDeviceOrNode {
         device: arg.device.clone().unwrap_or_default(),
         node: arg.node_name.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The generated text reads into the schema's types and comes back out
+    /// unchanged, so nothing (such as `"default": null`) is lost on the way
+    /// to the wire.
+    #[test]
+    fn introspection_survives_the_typed_round_trip() {
+        let schema = qmp_schema().map_err(|e| e.desc);
+        let schema = schema.as_deref().unwrap_or_else(|e| panic!("{e}"));
+        let text: serde_json::Value = serde_json::from_str(qapi::QMP_SCHEMA_JSON).unwrap();
+        let again = qapi::rt::to_value(&schema).unwrap();
+        assert_eq!(again, text);
+        assert!(schema.iter().any(|e| e.name == "query-qmp-schema"));
     }
 }

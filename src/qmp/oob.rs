@@ -25,6 +25,7 @@ pub fn execute(name: &str, args: &Value) -> Result<Value, QmpError> {
     let result = match name {
         "query-version" => serde_json::to_value(super::commands::version_info()),
         "query-commands" => serde_json::to_value(super::commands::command_list()),
+        "query-qmp-schema" => serde_json::to_value(super::commands::qmp_schema()?),
         _ => return Err(QmpError::command_not_found(name)),
     };
     result.map_err(|e| QmpError::generic(format!("cannot encode the reply: {e}")))

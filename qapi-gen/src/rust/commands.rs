@@ -70,6 +70,20 @@ impl Gen<'_> {
             ),
         );
         self.blank();
+        let oob: Vec<String> = implemented
+            .iter()
+            .filter(|c| c.allow_oob)
+            .map(|c| format!("\"{}\"", c.name))
+            .collect();
+        self.line(
+            0,
+            "/// The implemented commands the schema lets run out of band (`allow-oob`).",
+        );
+        self.line(
+            0,
+            &format!("pub const OOB_COMMANDS: &[&str] = &[{}];", oob.join(", ")),
+        );
+        self.blank();
         self.line(
             0,
             "/// One method per implemented command. Arguments arrive already checked",

@@ -57,6 +57,7 @@ pub fn generate(schema: &Schema, opts: &Options) -> String {
     g.command_types();
     g.events();
     g.commands();
+    g.introspection();
     g.out
 }
 
@@ -96,6 +97,32 @@ pub(crate) fn doc_lines(body: &[String]) -> Vec<String> {
 }
 
 impl Gen<'_> {
+    /// The `query-qmp-schema` answer as a JSON text constant, in a raw
+    /// string with enough `#` that nothing in the text can end it.
+    fn introspection(&mut self) {
+        let json = crate::introspect::generate(self.schema);
+        let mut hashes = 1;
+        while json.contains(&format!("\"{}", "#".repeat(hashes))) {
+            hashes += 1;
+        }
+        let fence = "#".repeat(hashes);
+        self.line(
+            0,
+            "/// What `query-qmp-schema` answers (JSON text): the implemented commands,",
+        );
+        self.line(
+            0,
+            "/// every event and the types they use, in QEMU's introspection format.",
+        );
+        self.line(
+            0,
+            "/// Written by qapi-gen from the schema like the rest of this file.",
+        );
+        self.out.push_str(&format!(
+            "pub const QMP_SCHEMA_JSON: &str = r{fence}\"{json}\"{fence};\n"
+        ));
+    }
+
     fn line(&mut self, indent: usize, text: &str) {
         for l in text.split('\n') {
             for _ in 0..indent {
