@@ -12,5 +12,6 @@ mod graph_tests;
 pub mod io;
 pub mod open;
 pub mod perm;
+pub mod probe;
 pub mod query;
 pub mod stats;
