@@ -2,10 +2,11 @@
 //! line naming the culprit), the JSON and keyval forms of `--blockdev`,
 //! `size` versus `int` members, `--object`, and the `serve` short form.
 //!
-//! These tests run vubd itself (whatever `VUBD_TEST_BINARY` says) and do
-//! not need qemu-storage-daemon; the messages quoted as qsd's are what
-//! qemu-storage-daemon 10.0.2 printed for the same command lines.
-//! `--pidfile` and `--daemonize` are covered by tests/qmp_protocol.rs.
+//! These tests run vubd itself (whatever `VUBD_TEST_BINARY` says); the
+//! messages quoted as qsd's are what qemu-storage-daemon 10.0.2 printed
+//! for the same command lines.  Where qemu-storage-daemon is installed,
+//! the error tests also run it side by side with the same arguments.  `--pidfile` and `--daemonize` are covered by
+//! tests/qmp_protocol.rs.
 
 mod common;
 
@@ -70,16 +71,21 @@ impl std::fmt::Debug for Finished {
 /// Runs vubd in `dir` with `args` (`{dir}` replaced) and waits for it to
 /// exit; kills it and panics if it is still running after EXIT_TIMEOUT.
 fn run_to_exit(dir: &Path, args: &[&str]) -> Finished {
+    run_flavor_to_exit(Flavor::Vubd, dir, args)
+}
+
+/// [`run_to_exit`] with vubd or qemu-storage-daemon.
+fn run_flavor_to_exit(flavor: Flavor, dir: &Path, args: &[&str]) -> Finished {
     let dir_text = dir.to_str().expect("temp dir path is UTF-8");
     let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", dir_text)).collect();
-    let mut child = Command::new(Flavor::Vubd.program())
+    let mut child = Command::new(flavor.program())
         .args(&args)
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("cannot run vubd");
+        .unwrap_or_else(|e| panic!("cannot run {flavor:?}: {e}"));
     let deadline = Instant::now() + EXIT_TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -88,7 +94,7 @@ fn run_to_exit(dir: &Path, args: &[&str]) -> Finished {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("vubd {args:?} still running after {EXIT_TIMEOUT:?}");
+            panic!("{flavor:?} {args:?} still running after {EXIT_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(2));
     };
@@ -302,6 +308,237 @@ fn missing_image_fails_with_could_not_open() {
         path.display()
     );
     assert!(line.ends_with(&want), "{line:?} does not end with {want:?}");
+}
+
+/// What the program printed on stderr after its name and ": ".
+fn after_program_name(run: &Finished, program: &str) -> String {
+    let prefix = format!("{program}: ");
+    run.stderr
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("stderr does not start with {prefix:?}: {run:?}"))
+        .to_string()
+}
+
+#[test]
+fn errors_quote_the_failing_option_as_qsd_does() {
+    // (arguments, the option as quoted, the message, whether qsd's message
+    // is the same).  Every kind of option, keyval and JSON, the '=' and
+    // abbreviated spellings, and errors found while parsing and while
+    // setting up.
+    let cases: &[(&[&str], &str, &str, bool)] = &[
+        (
+            &[
+                "--blockdev",
+                "driver=null-co,node-name=f0",
+                "--blockdev",
+                "driver=null-co,node-name=f1",
+                "--blockdev",
+                "driver=null-co,node-name=f0",
+            ],
+            "--blockdev driver=null-co,node-name=f0",
+            "Duplicate nodes with node-name='f0'",
+            true,
+        ),
+        (
+            &[
+                "--blockdev",
+                r#"{"driver": "null-co", "node-name": "f0"}"#,
+                "--blockdev",
+                r#"{"driver": "null-co", "node-name": "f0"}"#,
+            ],
+            r#"--blockdev {"driver": "null-co", "node-name": "f0"}"#,
+            "Duplicate nodes with node-name='f0'",
+            true,
+        ),
+        (
+            &[
+                "--blockdev=null-co,node-name=f0",
+                "--block",
+                "null-co,node-name=f0",
+            ],
+            "--block null-co,node-name=f0",
+            "Duplicate nodes with node-name='f0'",
+            true,
+        ),
+        (
+            &["--blockdev", "driver=file,=x"],
+            "--blockdev driver=file,=x",
+            "Invalid parameter ''",
+            true,
+        ),
+        (
+            &["--blockdev", "file,node-name=f,filename={dir}/missing.img"],
+            "--blockdev file,node-name=f,filename={dir}/missing.img",
+            "Could not open '{dir}/missing.img': No such file or directory",
+            true,
+        ),
+        (
+            &[
+                "--export",
+                "vhost-user-blk,id=e0,node-name=nope,addr.type=unix,addr.path={dir}/vu.sock",
+            ],
+            "--export vhost-user-blk,id=e0,node-name=nope,addr.type=unix,addr.path={dir}/vu.sock",
+            "Cannot find device='' nor node-name='nope'",
+            true,
+        ),
+        (
+            &[
+                "--export",
+                r#"{"type": "vhost-user-blk", "id": "e0", "node-name": "nope", "addr": {"type": "unix", "path": "{dir}/vu.sock"}}"#,
+            ],
+            r#"--export {"type": "vhost-user-blk", "id": "e0", "node-name": "nope", "addr": {"type": "unix", "path": "{dir}/vu.sock"}}"#,
+            "Cannot find device='' nor node-name='nope'",
+            true,
+        ),
+        (
+            &["--export=type=vhost-user-blk,=x"],
+            "--export=type=vhost-user-blk,=x",
+            "Invalid parameter ''",
+            true,
+        ),
+        (
+            &["--object", "iothread,id=io0", "--object", "iothread,id=io0"],
+            "--object iothread,id=io0",
+            "attempt to add duplicate property 'io0' to object (type 'container')",
+            true,
+        ),
+        (
+            &["--object", r#"{"qom-type": "frob", "id": "x"}"#],
+            r#"--object {"qom-type": "frob", "id": "x"}"#,
+            "Parameter 'qom-type' does not accept value 'frob'",
+            true,
+        ),
+        (
+            &["--chardev", "bogus,id=c"],
+            "--chardev bogus,id=c",
+            "'bogus' is not a valid char driver name",
+            true,
+        ),
+        (
+            // qsd: "duplicate yank instance".
+            &[
+                "--chardev",
+                "socket,id=c0,path={dir}/a.sock,server=on,wait=off",
+                "--chardev",
+                "socket,id=c0,path={dir}/b.sock,server=on,wait=off",
+            ],
+            "--chardev socket,id=c0,path={dir}/b.sock,server=on,wait=off",
+            "Chardev 'c0' already exists",
+            false,
+        ),
+        (
+            // Binding fails at the --chardev in both, though vubd binds
+            // when it sets up the monitor.
+            &[
+                "--chardev",
+                "socket,id=m,path={dir}/no/such/dir/m.sock,server=on,wait=off",
+                "--monitor",
+                "m",
+            ],
+            "--chardev socket,id=m,path={dir}/no/such/dir/m.sock,server=on,wait=off",
+            "Failed to bind socket to {dir}/no/such/dir/m.sock: No such file or directory",
+            true,
+        ),
+        (
+            &["--monitor", "chardev=nope"],
+            "--monitor chardev=nope",
+            "chardev \"nope\" not found",
+            true,
+        ),
+        (
+            &["--monitor", r#"{"chardev": "nope"}"#],
+            r#"--monitor {"chardev": "nope"}"#,
+            "chardev \"nope\" not found",
+            true,
+        ),
+        (
+            &[
+                "--chardev",
+                "socket,id=c0,path={dir}/a.sock,server=on,wait=off",
+                "--monitor",
+                "c0",
+                "--monitor",
+                "c0",
+            ],
+            "--monitor c0",
+            "chardev 'c0' is already in use",
+            true,
+        ),
+        (
+            // qsd checks the address first: "Parameter 'addr.host' is
+            // missing".
+            &["--nbd-server", "addr.type=inet"],
+            "--nbd-server addr.type=inet",
+            "not supported; vubd serves only vhost-user-blk exports",
+            false,
+        ),
+    ];
+    let with_qsd = qsd_available();
+    if !with_qsd {
+        eprintln!("qemu-storage-daemon is not on PATH: checking vubd's messages only");
+    }
+    for (args, origin, message, qsd_same) in cases {
+        let dir = TempDir::new("vubd-cli");
+        let dir_text = dir.path().to_str().unwrap();
+        let want = format!("{origin}: {message}\n").replace("{dir}", dir_text);
+        let vubd = run_to_exit(dir.path(), args);
+        vubd.assert_failed();
+        assert_eq!(after_program_name(&vubd, "vubd"), want, "{args:?}");
+        if !with_qsd {
+            continue;
+        }
+        let dir = TempDir::new("vubd-cli");
+        let dir_text = dir.path().to_str().unwrap();
+        let want = format!("{origin}: {message}\n").replace("{dir}", dir_text);
+        let qsd = run_flavor_to_exit(Flavor::Qsd, dir.path(), args);
+        assert_eq!(qsd.status.code(), Some(1), "qsd {args:?}: {qsd:?}");
+        let qsd_text = after_program_name(&qsd, "qemu-storage-daemon");
+        if *qsd_same {
+            assert_eq!(qsd_text, want, "qsd {args:?}");
+        } else {
+            let quoted = format!("{origin}: ").replace("{dir}", dir_text);
+            assert!(qsd_text.starts_with(&quoted), "qsd {args:?}: {qsd_text:?}");
+        }
+    }
+}
+
+#[test]
+fn serve_errors_name_the_image_or_the_monitor_socket() {
+    let dir = TempDir::new("vubd-cli");
+    let run = run_to_exit(
+        dir.path(),
+        &["serve", "{dir}/missing.img", "--socket", "{dir}/vu.sock"],
+    );
+    let image = dir.path().join("missing.img");
+    assert_eq!(
+        run.assert_failed(),
+        format!(
+            "vubd: serve {0}: Could not open '{0}': No such file or directory",
+            image.display()
+        )
+    );
+
+    qemu_img_create(&dir.path().join("disk.img"), "raw", MIB);
+    let run = run_to_exit(
+        dir.path(),
+        &[
+            "serve",
+            "{dir}/disk.img",
+            "--socket",
+            "{dir}/vu.sock",
+            "--monitor-socket",
+            "{dir}/none/qmp.sock",
+        ],
+    );
+    let socket = dir.path().join("none/qmp.sock");
+    assert_eq!(
+        run.assert_failed(),
+        format!(
+            "vubd: serve --monitor-socket {0}: Failed to bind socket to {0}: \
+             No such file or directory",
+            socket.display()
+        )
+    );
 }
 
 // --- option syntax ------------------------------------------------------

@@ -8,6 +8,11 @@
 //! the second parses the option arguments in command-line order, so a bad
 //! `--blockdev` after `-h` still prints help.
 //!
+//! Every definition keeps the option as the user typed it (`--blockdev
+//! driver=...`, `--export={...}`, `--block ...`), and every error about it
+//! starts with that text, as qsd's do: with several `--blockdev`s the
+//! message shows which one failed.
+//!
 //! A first argument of `serve` selects the short form (see `serve.rs`).
 
 use std::path::PathBuf;
@@ -34,7 +39,7 @@ pub enum Command {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Invocation {
     /// The definitions, in the order given; each may refer to earlier ones.
-    pub items: Vec<CliItem>,
+    pub items: Vec<Definition>,
     /// `--pidfile`: where to write the pid once start-up is complete.
     pub pidfile: Option<PathBuf>,
     /// `--daemonize`: fork, and let the parent exit once start-up is done.
@@ -42,6 +47,17 @@ pub struct Invocation {
     /// Notes for the user (ignored options, deprecated spellings); the
     /// caller prints them, e.g. as `vubd: warning: ...`.
     pub warnings: Vec<String>,
+}
+
+/// One definition and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Definition {
+    /// What to set up.
+    pub item: CliItem,
+    /// The option as typed (`--blockdev driver=null-co,node-name=n0`), or
+    /// for the `serve` short form the part of it the definition stems from
+    /// (`serve disk.img`).  Messages about the definition start with it.
+    pub origin: String,
 }
 
 /// One definition from the command line.
@@ -90,25 +106,40 @@ pub enum CliError {
     #[error("unexpected argument '{0}'")]
     UnexpectedArgument(String),
     /// A `--blockdev`, `--export` or `--object` argument does not parse.
-    #[error("{option}: {error}")]
+    #[error("{origin}: {error}")]
     Option {
-        /// The option, e.g. `--blockdev`.
-        option: &'static str,
+        /// The option as typed, e.g. `--blockdev driver=file,=x`.
+        origin: String,
         /// What is wrong with its argument.
         error: KeyvalError,
     },
     /// A `--chardev` argument is wrong or unsupported.
-    #[error("--chardev: {0}")]
-    Chardev(ChardevError),
+    #[error("{origin}: {error}")]
+    Chardev {
+        /// The option as typed.
+        origin: String,
+        /// What is wrong with it.
+        error: ChardevError,
+    },
     /// Two chardevs with one id.
-    #[error("--chardev: Chardev '{0}' already exists")]
-    DuplicateChardev(String),
+    #[error("{origin}: Chardev '{id}' already exists")]
+    DuplicateChardev {
+        /// The second `--chardev` as typed.
+        origin: String,
+        /// The id both have.
+        id: String,
+    },
     /// A `--monitor` argument is wrong or unsupported.
-    #[error("--monitor: {0}")]
-    Monitor(MonitorError),
+    #[error("{origin}: {error}")]
+    Monitor {
+        /// The option as typed.
+        origin: String,
+        /// What is wrong with it.
+        error: MonitorError,
+    },
     /// `--nbd-server`, which qsd has and vubd does not.
-    #[error("--nbd-server: not supported; vubd serves only vhost-user-blk exports")]
-    NbdServer,
+    #[error("{0}: not supported; vubd serves only vhost-user-blk exports")]
+    NbdServer(String),
     /// `--pidfile ''`.
     #[error("--pidfile: the path must not be empty")]
     EmptyPidfile,
@@ -151,8 +182,13 @@ const LONG_OPTIONS: &[(&str, Opt, bool)] = &[
 /// One command-line element after the first pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Token {
-    /// An option with its argument (empty for flags).
-    Option(Opt, String),
+    /// An option with its argument (empty for flags), and the text it was
+    /// given as, for messages.
+    Option {
+        opt: Opt,
+        value: String,
+        origin: String,
+    },
     /// A non-option argument.
     Positional(String),
 }
@@ -197,19 +233,19 @@ fn scan(args: &[String]) -> Result<Scan, CliError> {
                 None => (arg.as_str(), None),
             };
             let (long, opt, takes_arg) = lookup_long(name, arg)?;
-            let value = match (takes_arg, inline) {
-                (true, Some(value)) => value.to_string(),
-                (true, None) => rest
-                    .next()
-                    .cloned()
-                    .ok_or(CliError::MissingArgument(long))?,
+            let (value, origin) = match (takes_arg, inline) {
+                (true, Some(value)) => (value.to_string(), arg.clone()),
+                (true, None) => {
+                    let value = rest.next().ok_or(CliError::MissingArgument(long))?;
+                    (value.clone(), format!("{arg} {value}"))
+                }
                 (false, Some(_)) => return Err(CliError::UnexpectedValue(long)),
-                (false, None) => String::new(),
+                (false, None) => (String::new(), arg.clone()),
             };
             match opt {
                 Opt::Help => return Ok(Scan::Help),
                 Opt::Version => return Ok(Scan::Version),
-                _ => tokens.push(Token::Option(opt, value)),
+                _ => tokens.push(Token::Option { opt, value, origin }),
             }
         } else if let Some(cluster) = arg.strip_prefix('-').filter(|c| !c.is_empty()) {
             // Every short option ends the cluster: -h and -V stop parsing,
@@ -221,14 +257,17 @@ fn scan(args: &[String]) -> Result<Scan, CliError> {
                 Some('V') => return Ok(Scan::Version),
                 Some('T') => {
                     let attached = letters.as_str();
-                    let value = if attached.is_empty() {
-                        rest.next()
-                            .cloned()
-                            .ok_or(CliError::MissingShortArgument('T'))?
+                    let (value, origin) = if attached.is_empty() {
+                        let value = rest.next().ok_or(CliError::MissingShortArgument('T'))?;
+                        (value.clone(), format!("{arg} {value}"))
                     } else {
-                        attached.to_string()
+                        (attached.to_string(), arg.clone())
                     };
-                    tokens.push(Token::Option(Opt::Trace, value));
+                    tokens.push(Token::Option {
+                        opt: Opt::Trace,
+                        value,
+                        origin,
+                    });
                 }
                 other => return Err(CliError::InvalidShortOption(other.unwrap_or('-'))),
             }
@@ -269,51 +308,67 @@ pub(crate) fn build(tokens: Vec<Token>) -> Result<Invocation, CliError> {
     let mut chardevs: Vec<ChardevSpec> = Vec::new();
     let mut monitored: Vec<String> = Vec::new();
     for token in tokens {
-        let (opt, value) = match token {
+        let (opt, value, origin) = match token {
             Token::Positional(arg) => return Err(CliError::UnexpectedArgument(arg)),
-            Token::Option(opt, value) => (opt, value),
+            Token::Option { opt, value, origin } => (opt, value, origin),
         };
-        let keyval = |option: &'static str, implied: &str| {
-            parse_option(&value, Some(implied)).map_err(|error| CliError::Option { option, error })
+        let keyval = |implied: &str| {
+            parse_option(&value, Some(implied)).map_err(|error| CliError::Option {
+                origin: origin.clone(),
+                error,
+            })
         };
-        match opt {
-            Opt::Blockdev => inv
-                .items
-                .push(CliItem::Blockdev(keyval("--blockdev", "driver")?)),
-            Opt::Export => inv.items.push(CliItem::Export(keyval("--export", "type")?)),
-            Opt::Object => inv
-                .items
-                .push(CliItem::Object(keyval("--object", "qom-type")?)),
+        let item = match opt {
+            Opt::Blockdev => CliItem::Blockdev(keyval("driver")?),
+            Opt::Export => CliItem::Export(keyval("type")?),
+            Opt::Object => CliItem::Object(keyval("qom-type")?),
             Opt::Chardev => {
-                let parsed = parse_chardev(&value).map_err(CliError::Chardev)?;
+                let parsed = match parse_chardev(&value) {
+                    Ok(parsed) => parsed,
+                    Err(error) => return Err(CliError::Chardev { origin, error }),
+                };
                 if chardevs.iter().any(|c| c.id == parsed.spec.id) {
-                    return Err(CliError::DuplicateChardev(parsed.spec.id));
+                    return Err(CliError::DuplicateChardev {
+                        origin,
+                        id: parsed.spec.id,
+                    });
                 }
                 inv.warnings.extend(
                     parsed
                         .warnings
                         .into_iter()
-                        .map(|w| format!("--chardev: {w}")),
+                        .map(|w| format!("{origin}: {w}")),
                 );
                 chardevs.push(parsed.spec.clone());
-                inv.items.push(CliItem::Chardev(parsed.spec));
+                CliItem::Chardev(parsed.spec)
             }
             Opt::Monitor => {
-                let spec =
-                    parse_monitor(&value, &chardevs, &monitored).map_err(CliError::Monitor)?;
+                let spec = match parse_monitor(&value, &chardevs, &monitored) {
+                    Ok(spec) => spec,
+                    Err(error) => return Err(CliError::Monitor { origin, error }),
+                };
                 monitored.push(spec.chardev.clone());
-                inv.items.push(CliItem::Monitor(spec));
+                CliItem::Monitor(spec)
             }
-            Opt::NbdServer => return Err(CliError::NbdServer),
+            Opt::NbdServer => return Err(CliError::NbdServer(origin)),
             Opt::Pidfile if value.is_empty() => return Err(CliError::EmptyPidfile),
-            Opt::Pidfile => inv.pidfile = Some(PathBuf::from(value)),
-            Opt::Daemonize => inv.daemonize = true,
-            Opt::Trace => inv.warnings.push(format!(
-                "--trace '{value}' ignored: vubd has no trace events"
-            )),
+            Opt::Pidfile => {
+                inv.pidfile = Some(PathBuf::from(value));
+                continue;
+            }
+            Opt::Daemonize => {
+                inv.daemonize = true;
+                continue;
+            }
+            Opt::Trace => {
+                inv.warnings
+                    .push(format!("{origin}: ignored, vubd has no trace events"));
+                continue;
+            }
             // The first pass returns before these reach here.
-            Opt::Help | Opt::Version => {}
-        }
+            Opt::Help | Opt::Version => continue,
+        };
+        inv.items.push(Definition { item, origin });
     }
     Ok(inv)
 }

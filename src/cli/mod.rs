@@ -21,7 +21,7 @@ mod monitor;
 mod qemuopts;
 mod serve;
 
-pub use args::{parse_args, CliError, CliItem, Command, Invocation};
+pub use args::{parse_args, CliError, CliItem, Command, Definition, Invocation};
 pub use chardev::{ChardevError, ChardevSpec};
 pub use help::help_text;
 pub use keyval::{parse_keyval, parse_option, KeyvalError, OptionValue};

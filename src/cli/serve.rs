@@ -19,6 +19,10 @@
 //! ```
 //!
 //! The format is `raw` unless `--format` says otherwise; it is never probed.
+//!
+//! Messages about the definitions above start with `serve IMAGE` (or
+//! `serve --monitor-socket MPATH` for the monitor), the part of the
+//! command line they stem from.
 
 use thiserror::Error;
 
@@ -108,11 +112,17 @@ struct Serve {
 
 /// Parses the arguments after `serve`.
 pub(crate) fn parse_serve(args: &[String]) -> Result<Command, CliError> {
-    match collect(args) {
-        Ok(None) => Ok(Command::Help),
-        Ok(Some(serve)) => build(to_tokens(serve)).map(Command::Run),
-        Err(e) => Err(CliError::Serve(e)),
-    }
+    let serve = match collect(args) {
+        Ok(None) => return Ok(Command::Help),
+        Ok(Some(serve)) => serve,
+        Err(e) => return Err(CliError::Serve(e)),
+    };
+    build(to_tokens(serve)).map(Command::Run)
+}
+
+/// `serve IMAGE`, as messages about the image's nodes and export start.
+fn image_origin(serve: &Serve) -> String {
+    format!("serve {}", serve.image.as_deref().unwrap_or_default())
 }
 
 /// Reads the short form's options; `None` means help was asked for.
@@ -224,37 +234,49 @@ fn to_tokens(serve: Serve) -> Vec<Token> {
         "type=vhost-user-blk,id={SERVE_EXPORT_ID},node-name={SERVE_FORMAT_NODE},\
          addr.type=unix,addr.path={socket},writable={writable}{queues}"
     );
+    let origin = image_origin(&serve);
+    let token = |opt: Opt, value: String, origin: &str| Token::Option {
+        opt,
+        value,
+        origin: origin.to_string(),
+    };
     let mut tokens = vec![
-        Token::Option(
+        token(
             Opt::Blockdev,
             format!("driver=file,node-name={SERVE_FILE_NODE},filename={image}{read_only}"),
+            &origin,
         ),
-        Token::Option(
+        token(
             Opt::Blockdev,
             format!(
                 "driver={format},node-name={SERVE_FORMAT_NODE},file={SERVE_FILE_NODE}{read_only}"
             ),
+            &origin,
         ),
-        Token::Option(Opt::Export, export),
+        token(Opt::Export, export, &origin),
     ];
     if let Some(path) = serve.monitor_socket {
-        tokens.push(Token::Option(
+        let origin = format!("serve --monitor-socket {path}");
+        tokens.push(token(
             Opt::Chardev,
             format!(
                 "socket,id={SERVE_MONITOR_CHARDEV},path={},server=on,wait=off",
                 escape(&path)
             ),
+            &origin,
         ));
-        tokens.push(Token::Option(
+        tokens.push(token(
             Opt::Monitor,
             format!("chardev={SERVE_MONITOR_CHARDEV}"),
+            &origin,
         ));
     }
     if let Some(path) = serve.pidfile {
-        tokens.push(Token::Option(Opt::Pidfile, path));
+        let origin = format!("serve --pidfile {path}");
+        tokens.push(token(Opt::Pidfile, path, &origin));
     }
     if serve.daemonize {
-        tokens.push(Token::Option(Opt::Daemonize, String::new()));
+        tokens.push(token(Opt::Daemonize, String::new(), "serve --daemonize"));
     }
     tokens
 }

@@ -26,11 +26,24 @@ fn keyval(v: serde_json::Value) -> OptionValue {
     OptionValue::Keyval(v)
 }
 
+/// The definitions without their origins.
+fn items(inv: &Invocation) -> Vec<CliItem> {
+    inv.items.iter().map(|d| d.item.clone()).collect()
+}
+
+/// The first definition `pick` accepts.
+fn find<'a, T>(inv: &'a Invocation, pick: impl Fn(&'a CliItem) -> Option<T>) -> T {
+    inv.items
+        .iter()
+        .find_map(|d| pick(&d.item))
+        .unwrap_or_else(|| panic!("not found in {inv:?}"))
+}
+
 #[test]
 fn minimal_defaults_to_raw_and_writable() {
     let inv = run(&["serve", "disk.img", "--socket", "/run/vm.sock"]);
     assert_eq!(
-        inv.items,
+        items(&inv),
         [
             CliItem::Blockdev(keyval(json!({
                 "driver": "file", "node-name": "disk0-file", "filename": "disk.img"
@@ -46,6 +59,29 @@ fn minimal_defaults_to_raw_and_writable() {
     );
     assert_eq!(inv.pidfile, None);
     assert!(!inv.daemonize);
+}
+
+#[test]
+fn origins_name_the_image_or_the_monitor_socket() {
+    let inv = run(&[
+        "serve",
+        "a,b.img",
+        "--socket",
+        "/s",
+        "--monitor-socket",
+        "/m",
+    ]);
+    let origins: Vec<&str> = inv.items.iter().map(|d| d.origin.as_str()).collect();
+    assert_eq!(
+        origins,
+        [
+            "serve a,b.img",
+            "serve a,b.img",
+            "serve a,b.img",
+            "serve --monitor-socket /m",
+            "serve --monitor-socket /m",
+        ]
+    );
 }
 
 #[test]
@@ -78,7 +114,11 @@ fn equals_the_long_form() {
         "/p",
         "--daemonize",
     ]);
-    assert_eq!(short, long);
+    assert_eq!(items(&short), items(&long));
+    assert_eq!(
+        (short.pidfile, short.daemonize),
+        (long.pidfile, long.daemonize)
+    );
 }
 
 #[test]
@@ -87,7 +127,7 @@ fn readonly_opens_read_only_and_exports_unwritable() {
     let values: Vec<&serde_json::Value> = inv
         .items
         .iter()
-        .filter_map(|i| match i {
+        .filter_map(|d| match &d.item {
             CliItem::Blockdev(v) | CliItem::Export(v) => Some(v.value()),
             _ => None,
         })
@@ -107,17 +147,20 @@ fn escapes_commas_in_paths() {
         "--monitor-socket",
         "/m,n",
     ]);
-    let CliItem::Blockdev(file) = &inv.items[0] else {
-        panic!()
-    };
+    let file = find(&inv, |i| match i {
+        CliItem::Blockdev(v) => Some(v),
+        _ => None,
+    });
     assert_eq!(file.value()["filename"], "a,b.img");
-    let CliItem::Export(export) = &inv.items[2] else {
-        panic!()
-    };
+    let export = find(&inv, |i| match i {
+        CliItem::Export(v) => Some(v),
+        _ => None,
+    });
     assert_eq!(export.value()["addr"]["path"], "/s,t");
-    let CliItem::Chardev(chardev) = &inv.items[3] else {
-        panic!()
-    };
+    let chardev = find(&inv, |i| match i {
+        CliItem::Chardev(c) => Some(c),
+        _ => None,
+    });
     assert_eq!(chardev.path, PathBuf::from("/m,n"));
 }
 
@@ -173,9 +216,10 @@ fn errors() {
 #[test]
 fn image_may_follow_double_dash() {
     let inv = run(&["serve", "--socket", "/s", "--", "-odd.img"]);
-    let CliItem::Blockdev(file) = &inv.items[0] else {
-        panic!()
-    };
+    let file = find(&inv, |i| match i {
+        CliItem::Blockdev(v) => Some(v),
+        _ => None,
+    });
     assert_eq!(file.value()["filename"], "-odd.img");
 }
 

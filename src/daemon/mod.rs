@@ -5,6 +5,7 @@
 
 pub mod process;
 
+use crate::block::error::strerror;
 use crate::block::graph::Graph;
 use crate::block::open::add_node;
 use crate::cli::{CliItem, Invocation, OptionValue};
@@ -33,18 +34,21 @@ pub enum ControlMsg {
     Signal(i32),
 }
 
-/// A startup step that failed, named by its option.
+/// A startup step that failed, named by the option it carried out as the
+/// user typed it (see [`crate::cli::Definition::origin`]).
 #[derive(Debug, thiserror::Error)]
-#[error("{option}: {desc}")]
+#[error("{origin}: {desc}")]
 pub struct StartError {
-    pub option: &'static str,
+    pub origin: String,
     pub desc: String,
 }
 
-fn start_error(option: &'static str, desc: impl ToString) -> StartError {
-    StartError {
-        option,
-        desc: desc.to_string(),
+impl StartError {
+    fn new(origin: &str, desc: impl ToString) -> StartError {
+        StartError {
+            origin: origin.to_string(),
+            desc: desc.to_string(),
+        }
     }
 }
 
@@ -97,31 +101,33 @@ impl Daemon {
 
     /// Carries out the command line, in order.
     pub fn start(&mut self, inv: &Invocation) -> Result<(), StartError> {
-        let chardevs: Vec<&crate::cli::ChardevSpec> = inv
+        // The chardevs with the options that defined them.
+        let chardevs: Vec<(&crate::cli::ChardevSpec, &str)> = inv
             .items
             .iter()
-            .filter_map(|i| match i {
-                CliItem::Chardev(c) => Some(c),
+            .filter_map(|d| match &d.item {
+                CliItem::Chardev(c) => Some((c, d.origin.as_str())),
                 _ => None,
             })
             .collect();
-        for item in &inv.items {
-            match item {
+        for def in &inv.items {
+            let origin = def.origin.as_str();
+            match &def.item {
                 CliItem::Blockdev(v) => {
                     let opts: BlockdevOptions =
-                        read_option(v).map_err(|e| start_error("--blockdev", e))?;
+                        read_option(v).map_err(|e| StartError::new(origin, e))?;
                     self.graph
                         .change(|g| add_node(g, &opts).map(|_| ()))
-                        .map_err(|e| start_error("--blockdev", e))?;
+                        .map_err(|e| StartError::new(origin, e))?;
                 }
                 CliItem::Export(v) => {
                     let opts: qapi::BlockExportOptions =
-                        read_option(v).map_err(|e| start_error("--export", e))?;
+                        read_option(v).map_err(|e| StartError::new(origin, e))?;
                     self.exports
                         .add(&mut self.graph, &mut self.iothreads, &opts)
-                        .map_err(|e| start_error("--export", e))?;
+                        .map_err(|e| StartError::new(origin, e))?;
                 }
-                CliItem::Object(v) => self.add_object(v)?,
+                CliItem::Object(v) => self.add_object(v, origin)?,
                 CliItem::Chardev(c) => self.chardevs.push(Chardev {
                     id: c.id.clone(),
                     path: c.path.clone(),
@@ -129,26 +135,29 @@ impl Daemon {
                     clients: Arc::default(),
                 }),
                 CliItem::Monitor(m) => {
-                    let chardev = chardevs.iter().find(|c| c.id == m.chardev).ok_or_else(|| {
-                        start_error("--monitor", format!("chardev \"{}\" not found", m.chardev))
-                    })?;
+                    let (chardev, chardev_origin) = chardevs
+                        .iter()
+                        .find(|(c, _)| c.id == m.chardev)
+                        .ok_or_else(|| {
+                            StartError::new(origin, format!("chardev \"{}\" not found", m.chardev))
+                        })?;
                     if chardev.wait {
                         log::warn!(
                             "chardev '{}': wait=on is not supported; vubd does not wait for a client",
                             chardev.id
                         );
                     }
-                    self.add_monitor(&chardev.id, &chardev.path, m.pretty)?;
+                    self.add_monitor(&chardev.id, &chardev.path, m.pretty, chardev_origin, origin)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn add_object(&mut self, v: &OptionValue) -> Result<(), StartError> {
-        let opts: qapi::ObjectOptions = read_option(v).map_err(|e| start_error("--object", e))?;
+    fn add_object(&mut self, v: &OptionValue, origin: &str) -> Result<(), StartError> {
+        let opts: qapi::ObjectOptions = read_option(v).map_err(|e| StartError::new(origin, e))?;
         self.object_add(&opts)
-            .map_err(|e| start_error("--object", e))
+            .map_err(|e| StartError::new(origin, e))
     }
 
     /// object-add and --object.
@@ -171,16 +180,21 @@ impl Daemon {
         }
     }
 
+    /// Listens on the chardev's socket (a failure there belongs to the
+    /// `--chardev`, as in qsd, which binds when it meets that option) and
+    /// serves QMP on it.
     fn add_monitor(
         &mut self,
         chardev: &str,
         path: &std::path::Path,
         pretty: bool,
+        chardev_origin: &str,
+        origin: &str,
     ) -> Result<(), StartError> {
         let clients = match self.chardevs.iter_mut().find(|c| c.id == chardev) {
             Some(c) if c.monitor => {
-                return Err(start_error(
-                    "--monitor",
+                return Err(StartError::new(
+                    origin,
                     format!("Chardev '{chardev}' is busy"),
                 ))
             }
@@ -191,9 +205,13 @@ impl Daemon {
             None => Arc::default(),
         };
         let listener = server::listen(path).map_err(|e| {
-            start_error(
-                "--chardev",
-                format!("Failed to bind socket to {}: {e}", path.display()),
+            StartError::new(
+                chardev_origin,
+                format!(
+                    "Failed to bind socket to {}: {}",
+                    path.display(),
+                    strerror(&e)
+                ),
             )
         })?;
         self.sockets.push(path.to_path_buf());
@@ -205,7 +223,7 @@ impl Daemon {
             self.next_session.clone(),
             clients,
         )
-        .map_err(|e| start_error("--monitor", e))?;
+        .map_err(|e| StartError::new(origin, e))?;
         log::info!("monitor listening on {}", path.display());
         Ok(())
     }
