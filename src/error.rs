@@ -1,5 +1,8 @@
 //! The error every QMP command answers with: a QEMU error class and a
 //! description. Module errors convert into it, each knowing its class.
+//! Some carry a hint for people as well, which, as in QEMU, is printed
+//! when the error ends a command-line start-up and is not part of a QMP
+//! reply.
 
 use crate::qapi::QapiErrorClass;
 
@@ -8,6 +11,9 @@ use crate::qapi::QapiErrorClass;
 pub struct QmpError {
     pub class: QapiErrorClass,
     pub desc: String,
+    /// A further line of advice (`Is another process using the image
+    /// [PATH]?`); never sent to QMP clients.
+    pub hint: Option<String>,
 }
 
 impl QmpError {
@@ -15,6 +21,7 @@ impl QmpError {
         QmpError {
             class: QapiErrorClass::GenericError,
             desc: desc.into(),
+            hint: None,
         }
     }
 
@@ -22,6 +29,7 @@ impl QmpError {
         QmpError {
             class,
             desc: desc.into(),
+            hint: None,
         }
     }
 

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use vubd::cli::{self, Command, Invocation};
 use vubd::daemon::process::{daemonize, forward_signals, Pidfile};
-use vubd::daemon::Daemon;
+use vubd::daemon::{Daemon, StartError};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("VUBD_LOG", "warn")).init();
@@ -30,6 +30,16 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// A failed start-up step: the message, then its hint on a line of its
+/// own, as qemu-storage-daemon prints them.
+fn fail_start(e: &StartError) -> ExitCode {
+    match &e.hint {
+        Some(hint) => eprintln!("vubd: {e}\n{hint}"),
+        None => eprintln!("vubd: {e}"),
+    }
+    ExitCode::FAILURE
+}
+
 fn run(inv: &Invocation) -> ExitCode {
     for w in &inv.warnings {
         log::warn!("{w}");
@@ -49,7 +59,7 @@ fn run(inv: &Invocation) -> ExitCode {
     }
     if let Err(e) = daemon.start(inv) {
         daemon.shutdown();
-        return fail(e);
+        return fail_start(&e);
     }
     // The pid file appears only once every socket accepts connections, so
     // scripts can wait for it.

@@ -1393,10 +1393,18 @@ fn second_daemon_exporting_an_image_a_daemon_writes_fails_at_startup() {
         &export,
     ]);
     assert_eq!(status.code(), Some(1), "second daemon: {stderr:?}");
-    let line = stderr.strip_suffix('\n').unwrap_or(&stderr);
-    assert!(!line.contains('\n'), "more than one line: {stderr:?}");
-    assert!(line.contains("--export"), "{line:?}");
-    assert!(line.contains("lock"), "{line:?}");
+    // The error, then QEMU's hint on a line of its own.
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr:?}");
+    assert!(
+        lines[0].starts_with(&format!("vubd: --export {export}: ")),
+        "{stderr:?}"
+    );
+    assert!(lines[0].contains("lock"), "{stderr:?}");
+    assert_eq!(
+        lines[1],
+        format!("Is another process using the image [{path}]?")
+    );
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! These tests run vubd itself (whatever `VUBD_TEST_BINARY` says); the
 //! messages quoted as qsd's are what qemu-storage-daemon 10.0.2 printed
 //! for the same command lines.  Where qemu-storage-daemon is installed,
-//! the error tests also run it side by side with the same arguments.  `--pidfile` and `--daemonize` are covered by
+//! the error tests also run it side by side with the same arguments.
+//! The lock tests need qemu-io.  `--pidfile` and `--daemonize` are covered by
 //! tests/qmp_protocol.rs.
 
 mod common;
@@ -539,6 +540,142 @@ fn serve_errors_name_the_image_or_the_monitor_socket() {
             socket.display()
         )
     );
+}
+
+// --- image locks --------------------------------------------------------
+
+/// qemu-io keeping an image open read-write (as a qcow2 image, so that it
+/// refuses to share writing) until dropped.
+struct QemuIoHolder {
+    child: std::process::Child,
+}
+
+impl QemuIoHolder {
+    fn open_qcow2(path: &Path) -> QemuIoHolder {
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run qemu-io");
+        // qemu-io opens the image, then prompts for commands.
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"qemu-io> ") {
+            match stdout.read(&mut byte) {
+                Ok(1) => seen.push(byte[0]),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("qemu-io did not open {}", path.display());
+                }
+            }
+        }
+        QemuIoHolder { child }
+    }
+}
+
+impl Drop for QemuIoHolder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn lock_conflict_at_startup_asks_whether_another_process_uses_the_image() {
+    let dir = TempDir::new("vubd-cli");
+    let image = dir.path().join("disk.qcow2");
+    qemu_img_create(&image, "qcow2", MIB);
+    let _holder = QemuIoHolder::open_qcow2(&image);
+    let hint = format!("Is another process using the image [{}]?", image.display());
+
+    let export = "vhost-user-blk,id=e0,node-name=r0,addr.type=unix,\
+                  addr.path={dir}/vu.sock,writable=on";
+    let args = [
+        "--blockdev",
+        "file,node-name=f0,filename={dir}/disk.qcow2",
+        "--blockdev",
+        "raw,node-name=r0,file=f0",
+        "--export",
+        export,
+    ];
+    let quoted = format!("--export {export}").replace("{dir}", dir.path().to_str().unwrap());
+    let first = format!("{quoted}: Failed to get \"write\" lock");
+    let run = run_to_exit(dir.path(), &args);
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    assert_eq!(run.stderr, format!("vubd: {first}\n{hint}\n"));
+    if qsd_available() {
+        // qsd words the error the same, but at --export it loses the
+        // hint line (QEMU adds the hint after creating the error, and
+        // qsd's --export makes every error fatal at creation); its
+        // --blockdev of a format node, qemu-io and qemu-img print it.
+        let qsd = run_flavor_to_exit(Flavor::Qsd, dir.path(), &args);
+        assert_eq!(qsd.status.code(), Some(1), "{qsd:?}");
+        assert_eq!(
+            qsd.stderr.lines().next(),
+            Some(format!("qemu-storage-daemon: {first}").as_str())
+        );
+    }
+
+    // The short form, told to serve the file's bytes.
+    let run = run_to_exit(
+        dir.path(),
+        &[
+            "serve",
+            "{dir}/disk.qcow2",
+            "--format",
+            "raw",
+            "--socket",
+            "{dir}/vu.sock",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    assert_eq!(
+        run.stderr,
+        format!(
+            "vubd: serve {}: Failed to get \"write\" lock\n{hint}\n",
+            image.display()
+        )
+    );
+    assert!(!dir.path().join("vu.sock").exists(), "socket left behind");
+}
+
+#[test]
+fn lock_conflict_over_qmp_has_no_hint_as_in_qsd() {
+    // QEMU never puts hints in QMP replies; the desc is the error alone.
+    let flavors: &[Flavor] = if qsd_available() {
+        &[Flavor::Vubd, Flavor::Qsd]
+    } else {
+        &[Flavor::Vubd]
+    };
+    for &flavor in flavors {
+        let d = Daemon::with_flavor(flavor, &[]).monitor().start();
+        let image = d.dir().join("disk.qcow2");
+        qemu_img_create(&image, "qcow2", MIB);
+        let _holder = QemuIoHolder::open_qcow2(&image);
+        let mut qmp = d.qmp();
+        for node in [
+            json!({"driver": "file", "node-name": "f0", "filename": image}),
+            json!({"driver": "raw", "node-name": "r0", "file": "f0"}),
+        ] {
+            assert_eq!(
+                qmp.execute("blockdev-add", node),
+                json!({"return": {}}),
+                "{flavor:?}"
+            );
+        }
+        let reply = qmp.execute(
+            "block-export-add",
+            json!({"type": "vhost-user-blk", "id": "e0", "node-name": "r0",
+                   "writable": true,
+                   "addr": {"type": "unix", "path": d.dir().join("vu.sock")}}),
+        );
+        assert_error(&reply, "GenericError", "Failed to get \"write\" lock");
+    }
 }
 
 // --- option syntax ------------------------------------------------------

@@ -38,6 +38,10 @@ pub enum BlockError {
     ReadOnly,
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// A lock on an image file could not be had; `path` is the image's
+    /// file name as given, for the hint.
+    #[error("{source}")]
+    ImageLock { source: LockError, path: String },
     /// An I/O error on an operation (flush, truncate, stat).
     #[error("{op} failed: {reason}")]
     Io { op: &'static str, reason: String },
@@ -62,6 +66,16 @@ impl BlockError {
         }
     }
 
+    /// A further line of advice for a person reading the error, as QEMU
+    /// appends to some errors (it prints it after the message on the
+    /// command line, and never sends it over QMP).
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BlockError::ImageLock { source, path } => source.hint(path),
+            _ => None,
+        }
+    }
+
     pub fn class(&self) -> QapiErrorClass {
         // QEMU 10 answers GenericError for every block-layer failure that
         // reaches these commands, unknown nodes included.
@@ -81,6 +95,9 @@ pub fn strerror(err: &std::io::Error) -> String {
 
 impl From<BlockError> for QmpError {
     fn from(e: BlockError) -> Self {
-        QmpError::with_class(e.class(), e.to_string())
+        QmpError {
+            hint: e.hint(),
+            ..QmpError::with_class(e.class(), e.to_string())
+        }
     }
 }

@@ -153,9 +153,19 @@ fn a_writer_locks_its_image_against_writers_in_other_processes() {
     .unwrap();
     let err = second.change(|d| Ok(d.add_use(writer_use("r1")))).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        err.as_ref().map(|e| e.to_string()).as_deref(),
         Some("Failed to get \"write\" lock")
     );
+    // The hint names the image as its node was given it; QMP replies
+    // leave it out, as QEMU's do.
+    let hint = format!("Is another process using the image [{}]?", img.path());
+    assert_eq!(err.as_ref().and_then(|e| e.hint()), Some(hint.clone()));
+    let qmp = err.map(crate::error::QmpError::from);
+    assert_eq!(
+        qmp.as_ref().map(|e| e.desc.as_str()),
+        Some("Failed to get \"write\" lock")
+    );
+    assert_eq!(qmp.and_then(|e| e.hint), Some(hint));
     assert!(
         second.uses().is_empty(),
         "a failed change must leave the graph as it was"

@@ -5,7 +5,7 @@
 
 pub mod process;
 
-use crate::block::error::strerror;
+use crate::block::error::{strerror, BlockError};
 use crate::block::graph::Graph;
 use crate::block::open::add_node;
 use crate::cli::{CliItem, Invocation, OptionValue};
@@ -41,6 +41,9 @@ pub enum ControlMsg {
 pub struct StartError {
     pub origin: String,
     pub desc: String,
+    /// A further line of advice, as QEMU prints after some errors
+    /// (`Is another process using the image [PATH]?`).
+    pub hint: Option<String>,
 }
 
 impl StartError {
@@ -48,6 +51,22 @@ impl StartError {
         StartError {
             origin: origin.to_string(),
             desc: desc.to_string(),
+            hint: None,
+        }
+    }
+
+    fn block(origin: &str, e: &BlockError) -> StartError {
+        StartError {
+            hint: e.hint(),
+            ..StartError::new(origin, e)
+        }
+    }
+
+    fn qmp(origin: &str, e: QmpError) -> StartError {
+        StartError {
+            origin: origin.to_string(),
+            desc: e.desc,
+            hint: e.hint,
         }
     }
 }
@@ -118,14 +137,14 @@ impl Daemon {
                         read_option(v).map_err(|e| StartError::new(origin, e))?;
                     self.graph
                         .change(|g| add_node(g, &opts).map(|_| ()))
-                        .map_err(|e| StartError::new(origin, e))?;
+                        .map_err(|e| StartError::block(origin, &e))?;
                 }
                 CliItem::Export(v) => {
                     let opts: qapi::BlockExportOptions =
                         read_option(v).map_err(|e| StartError::new(origin, e))?;
                     self.exports
                         .add(&mut self.graph, &mut self.iothreads, &opts)
-                        .map_err(|e| StartError::new(origin, e))?;
+                        .map_err(|e| StartError::qmp(origin, e))?;
                 }
                 CliItem::Object(v) => self.add_object(v, origin)?,
                 CliItem::Chardev(c) => self.chardevs.push(Chardev {
@@ -157,7 +176,7 @@ impl Daemon {
     fn add_object(&mut self, v: &OptionValue, origin: &str) -> Result<(), StartError> {
         let opts: qapi::ObjectOptions = read_option(v).map_err(|e| StartError::new(origin, e))?;
         self.object_add(&opts)
-            .map_err(|e| StartError::new(origin, e))
+            .map_err(|e| StartError::qmp(origin, e))
     }
 
     /// object-add and --object.

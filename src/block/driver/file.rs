@@ -329,7 +329,12 @@ impl Driver for FileDriver {
         } else {
             perm
         };
-        st.tracker.prepare(&self.io.file, perm, shared)?;
+        st.tracker
+            .prepare(&self.io.file, perm, shared)
+            .map_err(|source| BlockError::ImageLock {
+                source,
+                path: self.io.path.clone(),
+            })?;
         st.pending = Some((perm, shared));
         Ok(())
     }
