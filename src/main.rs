@@ -17,6 +17,10 @@ fn main() -> ExitCode {
             print!("{}", cli::help_text());
             ExitCode::SUCCESS
         }
+        Ok(Command::ServeHelp) => {
+            print!("{}", cli::serve_help_text());
+            ExitCode::SUCCESS
+        }
         Ok(Command::Version) => {
             println!("vubd {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -269,6 +269,68 @@ fn version_prints_name_and_version() {
     }
 }
 
+#[test]
+fn help_subcommand_prints_the_help() {
+    let dir = TempDir::new("vubd-cli");
+    let general = run_to_exit(dir.path(), &["--help"]);
+    let help = run_to_exit(dir.path(), &["help"]);
+    assert_eq!(help.status.code(), Some(0), "{help:?}");
+    assert_eq!(help.stderr, "");
+    assert_eq!(help.stdout, general.stdout);
+    assert!(help.stdout.contains("vubd help [serve]"), "{help:?}");
+}
+
+#[test]
+fn serve_help_is_the_serve_form_s_own() {
+    let dir = TempDir::new("vubd-cli");
+    let general = run_to_exit(dir.path(), &["--help"]);
+    let mut texts = Vec::new();
+    for args in [
+        &["serve", "--help"][..],
+        &["serve", "-h"],
+        &["serve", "disk.img", "--socket", "x.sock", "--help"],
+        &["help", "serve"],
+    ] {
+        let run = run_to_exit(dir.path(), args);
+        assert_eq!(run.status.code(), Some(0), "{args:?}: {run:?}");
+        assert_eq!(run.stderr, "", "{args:?}");
+        assert!(
+            run.stdout
+                .starts_with("Usage: vubd serve IMAGE --socket PATH"),
+            "{args:?}: {run:?}"
+        );
+        assert_ne!(run.stdout, general.stdout, "{args:?}");
+        for option in [
+            "--socket",
+            "--format",
+            "--readonly",
+            "--num-queues",
+            "--monitor-socket",
+            "--pidfile",
+            "--daemonize",
+            "--blockdev",
+        ] {
+            assert!(
+                run.stdout.contains(option),
+                "{args:?}: the serve help does not mention {option}"
+            );
+        }
+        texts.push(run.stdout);
+    }
+    texts.dedup();
+    assert_eq!(texts.len(), 1, "the serve help differs between spellings");
+}
+
+#[test]
+fn help_on_an_unknown_topic_fails() {
+    let dir = TempDir::new("vubd-cli");
+    let run = run_to_exit(dir.path(), &["help", "blockdev"]);
+    assert_eq!(
+        run.assert_failed(),
+        "vubd: help: no help on 'blockdev' (try 'vubd help' or 'vubd help serve')"
+    );
+}
+
 // --- errors -------------------------------------------------------------
 
 #[test]

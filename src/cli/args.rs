@@ -13,7 +13,8 @@
 //! starts with that text, as qsd's do: with several `--blockdev`s the
 //! message shows which one failed.
 //!
-//! A first argument of `serve` selects the short form (see `serve.rs`).
+//! A first argument of `serve` selects the short form (see `serve.rs`);
+//! a first argument of `help` asks for the usage text.
 
 use std::path::PathBuf;
 
@@ -29,8 +30,12 @@ use super::serve::{parse_serve, ServeError};
 pub enum Command {
     /// Run the daemon.
     Run(Invocation),
-    /// Print the usage text (`-h`, `--help`) and exit successfully.
+    /// Print the usage text (`-h`, `--help`, `vubd help`) and exit
+    /// successfully.
     Help,
+    /// Print the usage text of `serve` (`vubd serve --help`, `vubd help
+    /// serve`) and exit successfully.
+    ServeHelp,
     /// Print the version (`-V`, `--version`) and exit successfully.
     Version,
 }
@@ -146,6 +151,9 @@ pub enum CliError {
     /// The `serve` short form is wrong.
     #[error("serve: {0}")]
     Serve(ServeError),
+    /// `vubd help TOPIC` with a topic there is no help on.
+    #[error("help: no help on '{0}' (try 'vubd help' or 'vubd help serve')")]
+    HelpTopic(String),
 }
 
 /// The options of the long form.
@@ -208,13 +216,25 @@ enum Scan {
 /// or argument.
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliError> {
     let args: Vec<String> = args.into_iter().collect();
-    if args.first().is_some_and(|a| a == "serve") {
-        return parse_serve(args.get(1..).unwrap_or(&[]));
+    let rest = args.get(1..).unwrap_or(&[]);
+    match args.first().map(String::as_str) {
+        Some("serve") => return parse_serve(rest),
+        Some("help") => return help_topic(rest),
+        _ => {}
     }
     match scan(&args)? {
         Scan::Help => Ok(Command::Help),
         Scan::Version => Ok(Command::Version),
         Scan::Tokens(tokens) => build(tokens).map(Command::Run),
+    }
+}
+
+/// `vubd help [TOPIC]`.
+fn help_topic(args: &[String]) -> Result<Command, CliError> {
+    match args {
+        [] => Ok(Command::Help),
+        [topic] if topic == "serve" => Ok(Command::ServeHelp),
+        [topic, ..] => Err(CliError::HelpTopic(topic.clone())),
     }
 }
 

@@ -219,6 +219,22 @@ fn help_and_version() {
 }
 
 #[test]
+fn help_subcommand() {
+    assert_eq!(parse_args(args(&["help"])), Ok(Command::Help));
+    assert_eq!(parse_args(args(&["help", "serve"])), Ok(Command::ServeHelp));
+    assert_eq!(
+        err(&["help", "blockdev"]),
+        "help: no help on 'blockdev' (try 'vubd help' or 'vubd help serve')"
+    );
+    assert_eq!(
+        err(&["help", "serve", "more"]),
+        "help: no help on 'serve' (try 'vubd help' or 'vubd help serve')"
+    );
+    // Only as the first argument.
+    assert_eq!(err(&["--daemonize", "help"]), "unexpected argument 'help'");
+}
+
+#[test]
 fn help_wins_over_later_and_argument_errors_but_not_earlier_option_errors() {
     // As in qsd, option arguments and positionals are checked after -h.
     assert_eq!(

@@ -1,4 +1,5 @@
-//! The usage text printed by `vubd --help`.
+//! The usage texts printed by `vubd --help` (or `vubd help`) and by
+//! `vubd serve --help` (or `vubd help serve`).
 
 /// Usage text listing every option, each with an example.
 #[must_use]
@@ -6,9 +7,16 @@ pub fn help_text() -> &'static str {
     USAGE
 }
 
+/// Usage text of the `serve` short form.
+#[must_use]
+pub fn serve_help_text() -> &'static str {
+    SERVE_USAGE
+}
+
 const USAGE: &str = "\
 Usage: vubd [options]
        vubd serve IMAGE --socket PATH [serve options]
+       vubd help [serve]
 
 vubd exports disk images to virtual machines over vhost-user-blk.  Its
 command line follows qemu-storage-daemon's: definitions are processed in
@@ -51,7 +59,7 @@ Definitions:
                            serve QMP on the chardev ID
                              --monitor chardev=qmp0
 
-Short form:
+Short form (details: vubd serve --help):
   vubd serve IMAGE --socket PATH [--format raw|qcow2] [--readonly]
              [--num-queues N] [--monitor-socket PATH]
              [--pidfile PATH] [--daemonize]
@@ -74,6 +82,42 @@ Example:
        --export vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=/run/vm0.sock,writable=on \\
        --chardev socket,id=qmp0,path=/run/vubd-qmp.sock,server=on,wait=off \\
        --monitor qmp0
+";
+
+const SERVE_USAGE: &str = "\
+Usage: vubd serve IMAGE --socket PATH [options]
+
+Exports one disk image to virtual machines on a vhost-user-blk socket.  It
+is a short form of vubd's long options (shown below) for the everyday case.
+
+Options:
+  --socket PATH            listen for the vhost-user frontend on the Unix
+                           socket PATH (required)
+  --format raw|qcow2       the image's format; raw unless given (it is never
+                           guessed)
+  --readonly               open the image read-only and export a read-only
+                           disk
+  --num-queues N           number of request queues, 1 to 65535 (default 1)
+  --monitor-socket PATH    serve QMP on a Unix socket at PATH
+  --pidfile PATH           write the process id to PATH once serving
+  --daemonize              run in the background; the parent exits once
+                           start-up has succeeded or failed
+  -h, --help               show this text and exit
+
+Examples:
+  vubd serve disk.img --socket /run/vm0.sock
+  vubd serve base.img --readonly --num-queues 4 --socket /run/vm1.sock \\
+       --monitor-socket /run/vm1-qmp.sock
+
+'vubd serve IMAGE --socket PATH --monitor-socket MPATH' is the same as:
+  vubd --blockdev driver=file,node-name=disk0-file,filename=IMAGE \\
+       --blockdev driver=raw,node-name=disk0,file=disk0-file \\
+       --export type=vhost-user-blk,id=disk0,node-name=disk0,addr.type=unix,addr.path=PATH,writable=on \\
+       --chardev socket,id=monitor0,path=MPATH,server=on,wait=off \\
+       --monitor chardev=monitor0
+with driver=FORMAT for --format FORMAT, and with --readonly, read-only=on
+on both nodes and writable=off on the export.  Errors name the part of the
+serve command line they concern, e.g. 'vubd: serve IMAGE: ...'.
 ";
 
 #[cfg(test)]
@@ -102,6 +146,39 @@ mod tests {
             "--monitor-socket",
         ] {
             assert!(text.contains(option), "help lacks {option}");
+        }
+    }
+
+    #[test]
+    fn serve_help_mentions_every_serve_option() {
+        let text = serve_help_text();
+        for option in [
+            "--socket",
+            "--format",
+            "--readonly",
+            "--num-queues",
+            "--monitor-socket",
+            "--pidfile",
+            "--daemonize",
+            "--help",
+        ] {
+            assert!(text.contains(option), "serve help lacks {option}");
+        }
+    }
+
+    #[test]
+    fn serve_help_examples_parse() {
+        for example in [
+            "vubd serve disk.img --socket /run/vm0.sock",
+            "vubd serve base.img --readonly --num-queues 4 --socket /run/vm1.sock \
+             --monitor-socket /run/vm1-qmp.sock",
+        ] {
+            let args: Vec<String> = example
+                .split_whitespace()
+                .skip(1)
+                .map(str::to_string)
+                .collect();
+            assert!(super::super::parse_args(args).is_ok(), "{example}");
         }
     }
 

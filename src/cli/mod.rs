@@ -9,7 +9,8 @@
 //!
 //! Files: `keyval` (QEMU's key=value syntax), `qemuopts` (the older syntax
 //! of `--chardev`), `chardev`, `monitor`, `args` (the whole command line),
-//! `serve` (the `vubd serve IMAGE ...` short form), `help`.
+//! `serve` (the `vubd serve IMAGE ...` short form), `help` (the usage
+//! texts of both).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -23,7 +24,7 @@ mod serve;
 
 pub use args::{parse_args, CliError, CliItem, Command, Definition, Invocation};
 pub use chardev::{ChardevError, ChardevSpec};
-pub use help::help_text;
+pub use help::{help_text, serve_help_text};
 pub use keyval::{parse_keyval, parse_option, KeyvalError, OptionValue};
 pub use monitor::{MonitorError, MonitorSpec};
 pub use serve::{

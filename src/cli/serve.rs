@@ -113,7 +113,7 @@ struct Serve {
 /// Parses the arguments after `serve`.
 pub(crate) fn parse_serve(args: &[String]) -> Result<Command, CliError> {
     let serve = match collect(args) {
-        Ok(None) => return Ok(Command::Help),
+        Ok(None) => return Ok(Command::ServeHelp),
         Ok(Some(serve)) => serve,
         Err(e) => return Err(CliError::Serve(e)),
     };

@@ -166,8 +166,14 @@ fn escapes_commas_in_paths() {
 
 #[test]
 fn help() {
-    assert_eq!(parse_args(args(&["serve", "--help"])), Ok(Command::Help));
-    assert_eq!(parse_args(args(&["serve", "x", "-h"])), Ok(Command::Help));
+    assert_eq!(
+        parse_args(args(&["serve", "--help"])),
+        Ok(Command::ServeHelp)
+    );
+    assert_eq!(
+        parse_args(args(&["serve", "x", "-h"])),
+        Ok(Command::ServeHelp)
+    );
 }
 
 #[test]
