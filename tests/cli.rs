@@ -6,7 +6,8 @@
 //! messages quoted as qsd's are what qemu-storage-daemon 10.0.2 printed
 //! for the same command lines.  Where qemu-storage-daemon is installed,
 //! the error tests also run it side by side with the same arguments.
-//! The lock tests need qemu-io.  `--pidfile` and `--daemonize` are covered by
+//! The format refusal of `serve` and the lock tests need qemu-img and
+//! qemu-io.  `--pidfile` and `--daemonize` are covered by
 //! tests/qmp_protocol.rs.
 
 mod common;
@@ -14,7 +15,7 @@ mod common;
 use std::io::Read;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -1023,6 +1024,112 @@ fn serve_readonly_makes_nodes_and_export_read_only() {
         "export is writable: features {:#x}",
         device.features
     );
+}
+
+/// Creates `name` in `dir` with `qemu-img create -f format [options]`.
+fn qemu_img_create_with(dir: &Path, name: &str, format: &str, extra: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .args(extra)
+        .arg(&path)
+        .arg("1M")
+        .output()
+        .expect("cannot run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img create -f {format} {extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+#[test]
+fn serve_without_format_refuses_images_that_name_their_format() {
+    let dir = TempDir::new("vubd-cli");
+    // (file, format qemu-img writes, its options, the format named).
+    let images: &[(&str, &str, &[&str], &str)] = &[
+        ("a.qcow2", "qcow2", &[], "qcow2"),
+        ("a.qcow", "qcow", &[], "qcow"),
+        (
+            "a.luks",
+            "luks",
+            &[
+                "--object",
+                "secret,id=sec0,data=secret",
+                "-o",
+                "key-secret=sec0,iter-time=10",
+            ],
+            "luks",
+        ),
+        ("sparse.vmdk", "vmdk", &[], "vmdk"),
+        // A text descriptor with its data in a separate file.
+        (
+            "flat.vmdk",
+            "vmdk",
+            &["-o", "subformat=monolithicFlat"],
+            "vmdk",
+        ),
+        ("a.vhdx", "vhdx", &[], "vhdx"),
+        ("a.vdi", "vdi", &[], "vdi"),
+        // A dynamic VHD starts with a copy of its footer; a fixed one
+        // has it only at the end.
+        ("dynamic.vhd", "vpc", &[], "vpc"),
+        ("fixed.vhd", "vpc", &["-o", "subformat=fixed"], "vpc"),
+        ("a.qed", "qed", &[], "qed"),
+    ];
+    for (name, format, extra, named) in images {
+        let path = qemu_img_create_with(dir.path(), name, format, extra);
+        let before = std::fs::read(&path).unwrap();
+        let image = format!("{{dir}}/{name}");
+        let run = run_to_exit(dir.path(), &["serve", &image, "--socket", "{dir}/vu.sock"]);
+        let line = run.assert_failed();
+        let want = format!(
+            "vubd: serve {}: the file looks like a {named} image",
+            path.display()
+        );
+        assert!(
+            line.starts_with(&want),
+            "{line:?} does not start with {want:?}"
+        );
+        assert!(
+            line.ends_with("--format raw to export its bytes as they are"),
+            "{line:?}"
+        );
+        assert!(
+            !dir.path().join("vu.sock").exists(),
+            "{name}: socket left behind"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before, "{name} changed");
+    }
+}
+
+#[test]
+fn serve_format_raw_exports_a_formatted_file_s_bytes() {
+    let builder = Daemon::with_flavor(
+        Flavor::Vubd,
+        &[
+            "serve",
+            "{dir}/disk.qcow2",
+            "--format",
+            "raw",
+            "--socket",
+            "{dir}/vu.sock",
+            "--monitor-socket",
+            "{dir}/qmp.sock",
+        ],
+    )
+    .pidfile();
+    let image = builder.dir().join("disk.qcow2");
+    qemu_img_create(&image, "qcow2", MIB);
+    let file_len = std::fs::metadata(&image).unwrap().len();
+    let d = builder.start();
+    let mut qmp = qmp_at(&d);
+    let nodes = named_nodes(&mut qmp);
+    assert_eq!(nodes["disk0"]["drv"], "raw");
+    assert_eq!(nodes["disk0"]["image"]["virtual-size"], file_len);
+    let device = probe_device(&d.dir().join("vu.sock"));
+    assert_eq!(device.capacity(), file_len / 512);
 }
 
 #[test]

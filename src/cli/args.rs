@@ -78,6 +78,10 @@ pub enum CliItem {
     Chardev(ChardevSpec),
     /// `--monitor` (QMP on an earlier chardev).
     Monitor(MonitorSpec),
+    /// `serve IMAGE` without `--format`: the image is served as raw, so it
+    /// is refused if its header says it is in another format (see
+    /// [`crate::block::probe`]).  Comes right after the image's file node.
+    RefuseFormatted(PathBuf),
 }
 
 /// A command-line error.  Its message is one line naming the offending

@@ -136,6 +136,7 @@ fn items_keep_command_line_order() {
             CliItem::Object(_) => "object",
             CliItem::Chardev(_) => "chardev",
             CliItem::Monitor(_) => "monitor",
+            CliItem::RefuseFormatted(_) => "refuse-formatted",
         })
         .collect();
     assert_eq!(

@@ -64,7 +64,9 @@ Short form (details: vubd serve --help):
              [--num-queues N] [--monitor-socket PATH]
              [--pidfile PATH] [--daemonize]
                            export one image; the format is raw unless
-                           --format says otherwise (it is never guessed)
+                           --format says otherwise (it is never guessed,
+                           and an image whose header names another format
+                           is refused without --format)
                              vubd serve disk.qcow2 --format qcow2 --socket /run/vm0.sock
                              vubd serve base.img --readonly --socket /run/vm1.sock --monitor-socket /run/vm1-qmp.sock
                            is the same as:
@@ -93,8 +95,13 @@ is a short form of vubd's long options (shown below) for the everyday case.
 Options:
   --socket PATH            listen for the vhost-user frontend on the Unix
                            socket PATH (required)
-  --format raw|qcow2       the image's format; raw unless given (it is never
-                           guessed)
+  --format raw|qcow2       the image's format.  Without --format the image
+                           is served as raw, except that a file whose header
+                           says it is in another format (qcow2, qcow, luks,
+                           vmdk, vhdx, vdi, vpc or qed) is refused: exporting
+                           its bytes as a writable disk would let the guest
+                           overwrite the image's metadata.  --format raw
+                           exports such a file's bytes on purpose.
   --readonly               open the image read-only and export a read-only
                            disk
   --num-queues N           number of request queues, 1 to 65535 (default 1)

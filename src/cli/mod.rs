@@ -28,5 +28,6 @@ pub use help::{help_text, serve_help_text};
 pub use keyval::{parse_keyval, parse_option, KeyvalError, OptionValue};
 pub use monitor::{MonitorError, MonitorSpec};
 pub use serve::{
-    ServeError, SERVE_EXPORT_ID, SERVE_FILE_NODE, SERVE_FORMAT_NODE, SERVE_MONITOR_CHARDEV,
+    check_unformatted, FormatGuessError, ServeError, SERVE_EXPORT_ID, SERVE_FILE_NODE,
+    SERVE_FORMAT_NODE, SERVE_MONITOR_CHARDEV,
 };

@@ -18,15 +18,26 @@
 //! --monitor chardev=monitor0
 //! ```
 //!
-//! The format is `raw` unless `--format` says otherwise; it is never probed.
+//! The format is `raw` unless `--format` says otherwise, and it is never
+//! guessed into anything else.  But without `--format` the image's header
+//! is checked first: a file that says it is qcow2, vmdk, luks and so on is
+//! refused rather than handed to the guest as a raw disk, whose first
+//! write would wreck it.  `--format raw` serves such a file's bytes on
+//! purpose.
 //!
 //! Messages about the definitions above start with `serve IMAGE` (or
 //! `serve --monitor-socket MPATH` for the monitor), the part of the
 //! command line they stem from.
 
+use std::path::{Path, PathBuf};
+
 use thiserror::Error;
 
-use super::args::{build, CliError, Command, Opt, Token};
+use super::args::{build, CliError, CliItem, Command, Definition, Opt, Token};
+use crate::block::driver::is_built;
+use crate::block::error::strerror;
+use crate::block::probe::probe_path;
+use crate::qapi::BlockdevDriver;
 
 /// Node name of the protocol (`file`) node the short form creates.
 pub const SERVE_FILE_NODE: &str = "disk0-file";
@@ -65,11 +76,58 @@ pub enum ServeError {
     #[error("option '--socket PATH' is required")]
     MissingSocket,
     /// A `--format` other than raw or qcow2.
-    #[error("unsupported format '{0}' (expected raw or qcow2)")]
+    #[error("unsupported format '{0}' (expected {list})", list = SERVE_FORMATS.join(" or "))]
     BadFormat(String),
     /// A `--num-queues` that is not an integer from 1 to 65535.
     #[error("--num-queues expects an integer from 1 to 65535, got '{0}'")]
     BadNumQueues(String),
+}
+
+/// The formats `--format` accepts.
+const SERVE_FORMATS: &[&str] = &["raw", "qcow2"];
+
+/// Why `serve IMAGE` without `--format` refuses the image.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FormatGuessError {
+    /// The header names a format vubd can serve.
+    #[error(
+        "the file looks like a {0} image; pass --format {0} to serve the disk it holds, \
+         or --format raw to export its bytes as they are"
+    )]
+    Servable(&'static str),
+    /// The header names a format vubd cannot read.
+    #[error(
+        "the file looks like a {0} image, which vubd cannot read yet; pass --format raw \
+         to export its bytes as they are"
+    )]
+    Unservable(&'static str),
+    /// The header could not be read.
+    #[error("Could not read the image to check its format: {0}")]
+    Unreadable(String),
+}
+
+/// Checks that the image `serve` is about to serve as raw, without being
+/// told its format, does not say it is in another format.
+///
+/// # Errors
+///
+/// A [`FormatGuessError`] naming the format found, and the flag to pass.
+pub fn check_unformatted(image: &Path) -> Result<(), FormatGuessError> {
+    match probe_path(image) {
+        Ok(None) => Ok(()),
+        Ok(Some(driver)) => Err(refusal(driver)),
+        Err(e) => Err(FormatGuessError::Unreadable(strerror(&e))),
+    }
+}
+
+/// The refusal for an image whose header says `driver`.
+fn refusal(driver: BlockdevDriver) -> FormatGuessError {
+    let name = driver.as_str();
+    if is_built(driver) && SERVE_FORMATS.contains(&name) {
+        FormatGuessError::Servable(name)
+    } else {
+        FormatGuessError::Unservable(name)
+    }
 }
 
 /// The options of the short form.
@@ -117,7 +175,18 @@ pub(crate) fn parse_serve(args: &[String]) -> Result<Command, CliError> {
         Ok(Some(serve)) => serve,
         Err(e) => return Err(CliError::Serve(e)),
     };
-    build(to_tokens(serve)).map(Command::Run)
+    let check = serve.format.is_none().then(|| Definition {
+        item: CliItem::RefuseFormatted(PathBuf::from(serve.image.clone().unwrap_or_default())),
+        origin: image_origin(&serve),
+    });
+    let mut inv = build(to_tokens(serve))?;
+    if let Some(check) = check {
+        // Between the file node and the raw node: a missing file is
+        // reported by the file node as usual, and nothing is served
+        // before the check.
+        inv.items.insert(1.min(inv.items.len()), check);
+    }
+    Ok(Command::Run(inv))
 }
 
 /// `serve IMAGE`, as messages about the image's nodes and export start.

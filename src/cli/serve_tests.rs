@@ -3,6 +3,9 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use super::super::{parse_args, CliItem, Command, Invocation, OptionValue};
+use super::{refusal, FormatGuessError};
+use crate::block::driver::is_built;
+use crate::qapi::BlockdevDriver;
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -48,6 +51,8 @@ fn minimal_defaults_to_raw_and_writable() {
             CliItem::Blockdev(keyval(json!({
                 "driver": "file", "node-name": "disk0-file", "filename": "disk.img"
             }))),
+            // No --format: the image must not say it is in another one.
+            CliItem::RefuseFormatted(PathBuf::from("disk.img")),
             CliItem::Blockdev(keyval(json!({
                 "driver": "raw", "node-name": "disk0", "file": "disk0-file"
             }))),
@@ -59,6 +64,19 @@ fn minimal_defaults_to_raw_and_writable() {
     );
     assert_eq!(inv.pidfile, None);
     assert!(!inv.daemonize);
+}
+
+#[test]
+fn an_explicit_format_is_not_checked() {
+    for format in ["raw", "qcow2"] {
+        let inv = run(&["serve", "disk.img", "--socket", "/s", "--format", format]);
+        assert!(
+            !items(&inv)
+                .iter()
+                .any(|i| matches!(i, CliItem::RefuseFormatted(_))),
+            "{inv:?}"
+        );
+    }
 }
 
 #[test]
@@ -75,6 +93,7 @@ fn origins_name_the_image_or_the_monitor_socket() {
     assert_eq!(
         origins,
         [
+            "serve a,b.img",
             "serve a,b.img",
             "serve a,b.img",
             "serve a,b.img",
@@ -162,6 +181,11 @@ fn escapes_commas_in_paths() {
         _ => None,
     });
     assert_eq!(chardev.path, PathBuf::from("/m,n"));
+    let checked = find(&inv, |i| match i {
+        CliItem::RefuseFormatted(p) => Some(p),
+        _ => None,
+    });
+    assert_eq!(checked, &PathBuf::from("a,b.img"));
 }
 
 #[test]
@@ -235,4 +259,28 @@ fn only_counts_as_first_argument() {
         err(&["--daemonize", "serve"]),
         "unexpected argument 'serve'"
     );
+}
+
+#[test]
+fn refusals_say_which_flag_to_pass() {
+    // vmdk is not a --format choice, so only --format raw is offered.
+    let vmdk = refusal(BlockdevDriver::Vmdk);
+    assert_eq!(vmdk, FormatGuessError::Unservable("vmdk"));
+    assert_eq!(
+        vmdk.to_string(),
+        "the file looks like a vmdk image, which vubd cannot read yet; \
+         pass --format raw to export its bytes as they are"
+    );
+    // qcow2 is offered as soon as its driver is built.
+    let qcow2 = refusal(BlockdevDriver::Qcow2);
+    if is_built(BlockdevDriver::Qcow2) {
+        assert_eq!(qcow2, FormatGuessError::Servable("qcow2"));
+        assert_eq!(
+            qcow2.to_string(),
+            "the file looks like a qcow2 image; pass --format qcow2 to serve \
+             the disk it holds, or --format raw to export its bytes as they are"
+        );
+    } else {
+        assert_eq!(qcow2, FormatGuessError::Unservable("qcow2"));
+    }
 }

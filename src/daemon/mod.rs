@@ -8,7 +8,7 @@ pub mod process;
 use crate::block::error::{strerror, BlockError};
 use crate::block::graph::Graph;
 use crate::block::open::add_node;
-use crate::cli::{CliItem, Invocation, OptionValue};
+use crate::cli::{self, CliItem, Invocation, OptionValue};
 use crate::error::QmpError;
 use crate::export::manager::Exports;
 use crate::iothread::IoThreads;
@@ -167,6 +167,9 @@ impl Daemon {
                         );
                     }
                     self.add_monitor(&chardev.id, &chardev.path, m.pretty, chardev_origin, origin)?;
+                }
+                CliItem::RefuseFormatted(image) => {
+                    cli::check_unformatted(image).map_err(|e| StartError::new(origin, e))?;
                 }
             }
         }
