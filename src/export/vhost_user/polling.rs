@@ -1,0 +1,285 @@
+//! How long an I/O thread busy-polls for work before it goes to sleep.
+//!
+//! Polling is either fixed (the export's `poll-us`: the same time before
+//! every sleep) or adaptive, which is the default and what an iothread's
+//! `poll-max-ns`, `poll-grow` and `poll-shrink` control, with QEMU's
+//! meaning. Adaptive polling looks at how long the thread waited for the
+//! event that ended its idle spell, polling included:
+//!
+//! * no longer than it polls now: polling caught the event, nothing
+//!   changes;
+//! * longer than the ceiling (`poll-max-ns`): no polling within the limit
+//!   would have caught it, so the time is divided by `poll-shrink`, or
+//!   dropped to nothing when that is 0;
+//! * in between: a little more polling would have caught it, so the time
+//!   grows, from nothing to 4 µs and then by the factor `poll-grow` (2 when
+//!   0), never above the ceiling.
+//!
+//! A ceiling of 0 turns polling off. Like QEMU's event loops since 10.0,
+//! which keep a time per event source, a thread keeps one time per kind of
+//! event — requests showing up in its rings, and completions of the I/O
+//! engine — adjusts only those that ended the wait, and polls for the
+//! longer of the two. A thread waiting for a slow device therefore still
+//! polls for a guest that sends the next request right after a completion,
+//! while the device's completions alone would have talked it out of it.
+//!
+//! The rule is kept apart from the clock: the thread measures, this module
+//! only decides, so that the tests can feed it waits of their choosing.
+
+/// QEMU's default ceiling for an iothread's polling, which vubd also uses
+/// for the threads it creates for exports on their own.
+pub const DEFAULT_POLL_MAX_NS: u64 = 32_768;
+/// Where adaptive polling starts when it grows from nothing.
+const FIRST_POLL_NS: u64 = 4_000;
+/// The growth factor a `poll-grow` of 0 stands for.
+const DEFAULT_GROW: u64 = 2;
+
+/// The parameters of adaptive polling, as an iothread object takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adaptive {
+    /// Ceiling of the polling time in nanoseconds; 0 turns polling off.
+    pub max_ns: u64,
+    /// Factor to grow by; 0 means 2.
+    pub grow: u64,
+    /// Divisor to shrink by; 0 means dropping to nothing at once.
+    pub shrink: u64,
+}
+
+impl Adaptive {
+    /// The polling time after a wait of `block_ns` with `ns` in force.
+    pub fn adjust(&self, ns: u64, block_ns: u64) -> u64 {
+        if block_ns <= ns {
+            ns
+        } else if block_ns > self.max_ns {
+            match self.shrink {
+                0 => 0,
+                by => ns / by,
+            }
+        } else if ns < self.max_ns && block_ns < self.max_ns {
+            let grown = match (ns, self.grow) {
+                (0, _) => FIRST_POLL_NS,
+                (ns, 0) => ns.saturating_mul(DEFAULT_GROW),
+                (ns, by) => ns.saturating_mul(by),
+            };
+            grown.min(self.max_ns)
+        } else {
+            ns
+        }
+    }
+}
+
+/// How a thread polls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollPolicy {
+    /// The same time before every sleep, in nanoseconds (0: never poll).
+    Fixed(u64),
+    /// A time that follows the waits (see the module documentation).
+    Adaptive(Adaptive),
+}
+
+impl PollPolicy {
+    /// QEMU's iothread default: adaptive up to 32768 ns.
+    pub const DEFAULT: PollPolicy = PollPolicy::Adaptive(Adaptive {
+        max_ns: DEFAULT_POLL_MAX_NS,
+        grow: 0,
+        shrink: 0,
+    });
+
+    /// The polling of a thread serving an export alone: fixed when the
+    /// export sets `poll-us`, else the default.
+    pub fn for_export(poll_us: Option<u32>) -> PollPolicy {
+        match poll_us {
+            Some(us) => PollPolicy::Fixed(u64::from(us) * 1000),
+            None => PollPolicy::DEFAULT,
+        }
+    }
+}
+
+/// Which kinds of events ended a wait.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fired {
+    /// A ring had new requests (found by polling, or a kick).
+    pub requests: bool,
+    /// The I/O engine had completions.
+    pub completions: bool,
+}
+
+impl Fired {
+    pub const REQUESTS: Fired = Fired {
+        requests: true,
+        completions: false,
+    };
+    pub const COMPLETIONS: Fired = Fired {
+        requests: false,
+        completions: true,
+    };
+
+    pub fn any(self) -> bool {
+        self.requests || self.completions
+    }
+}
+
+/// The polling state of one thread.
+#[derive(Clone, Debug)]
+pub struct PollTime {
+    policy: PollPolicy,
+    /// Adaptive times per kind of event, in nanoseconds.
+    requests_ns: u64,
+    completions_ns: u64,
+}
+
+impl PollTime {
+    pub fn new(policy: PollPolicy) -> Self {
+        PollTime {
+            policy,
+            requests_ns: 0,
+            completions_ns: 0,
+        }
+    }
+
+    /// Whether the time follows the waits (the thread must then measure
+    /// them).
+    pub fn adapts(&self) -> bool {
+        matches!(self.policy, PollPolicy::Adaptive(a) if a.max_ns > 0)
+    }
+
+    /// How long to poll before the next sleep, in nanoseconds.
+    pub fn ns(&self) -> u64 {
+        match self.policy {
+            PollPolicy::Fixed(ns) => ns,
+            PollPolicy::Adaptive(_) => self.requests_ns.max(self.completions_ns),
+        }
+    }
+
+    /// The thread waited `block_ns` (polling included) before the events
+    /// in `fired` ended the wait.
+    pub fn observe(&mut self, block_ns: u64, fired: Fired) {
+        let PollPolicy::Adaptive(rule) = self.policy else {
+            return;
+        };
+        if fired.requests {
+            self.requests_ns = rule.adjust(self.requests_ns, block_ns);
+        }
+        if fired.completions {
+            self.completions_ns = rule.adjust(self.completions_ns, block_ns);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QEMU: Adaptive = Adaptive {
+        max_ns: DEFAULT_POLL_MAX_NS,
+        grow: 0,
+        shrink: 0,
+    };
+
+    /// Feeds `waits` to a fresh rule and returns the time after each.
+    fn walk(rule: Adaptive, waits: &[u64]) -> Vec<u64> {
+        let mut ns = 0;
+        waits
+            .iter()
+            .map(|&w| {
+                ns = rule.adjust(ns, w);
+                ns
+            })
+            .collect()
+    }
+
+    #[test]
+    fn short_waits_grow_from_4us_doubling_up_to_the_ceiling() {
+        assert_eq!(
+            walk(QEMU, &[100, 100, 100, 100, 100, 100]),
+            [4_000, 4_000, 4_000, 4_000, 4_000, 4_000],
+            "a wait within the polling time changes nothing"
+        );
+        assert_eq!(
+            walk(QEMU, &[5_000, 5_000, 9_000, 17_000, 30_000, 32_500, 30_000]),
+            [4_000, 8_000, 16_000, 32_000, 32_000, 32_768, 32_768]
+        );
+    }
+
+    #[test]
+    fn a_wait_beyond_the_ceiling_drops_polling_or_divides_it() {
+        assert_eq!(
+            walk(QEMU, &[20_000, 20_000, 20_000, 40_000]),
+            [4_000, 8_000, 16_000, 0]
+        );
+        let halving = Adaptive { shrink: 2, ..QEMU };
+        assert_eq!(
+            walk(halving, &[20_000, 20_000, 20_000, 40_000, 1_000_000]),
+            [4_000, 8_000, 16_000, 8_000, 4_000]
+        );
+        // Exactly the ceiling neither grows nor shrinks.
+        assert_eq!(QEMU.adjust(8_000, DEFAULT_POLL_MAX_NS), 8_000);
+    }
+
+    #[test]
+    fn grow_factor_and_small_ceilings() {
+        let by4 = Adaptive { grow: 4, ..QEMU };
+        assert_eq!(walk(by4, &[5_000, 5_000, 30_000]), [4_000, 16_000, 32_768]);
+        // A ceiling under 4 µs caps the first step.
+        let tiny = Adaptive {
+            max_ns: 1_000,
+            ..QEMU
+        };
+        assert_eq!(walk(tiny, &[500, 900, 1_001]), [1_000, 1_000, 0]);
+        // Off: nothing ever grows.
+        let off = Adaptive { max_ns: 0, ..QEMU };
+        assert_eq!(walk(off, &[0, 1, 100]), [0, 0, 0]);
+        // Huge values do not overflow.
+        let big = Adaptive {
+            max_ns: u64::MAX,
+            grow: u64::MAX,
+            shrink: 0,
+        };
+        assert_eq!(big.adjust(4_000, 5_000), u64::MAX);
+    }
+
+    #[test]
+    fn a_thread_polls_for_the_longer_of_its_two_times() {
+        let mut t = PollTime::new(PollPolicy::DEFAULT);
+        assert!(t.adapts());
+        assert_eq!(t.ns(), 0);
+        // Requests arrive 3 µs after the thread runs out of work.
+        for _ in 0..5 {
+            t.observe(3_000, Fired::REQUESTS);
+        }
+        assert_eq!(t.ns(), 4_000);
+        for w in [5_000, 9_000, 17_000, 20_000] {
+            t.observe(w, Fired::REQUESTS);
+        }
+        assert_eq!(t.ns(), 32_000);
+        // A slow device's completions do not talk it out of polling for
+        // the next request.
+        t.observe(200_000, Fired::COMPLETIONS);
+        assert_eq!(t.ns(), 32_000);
+        // A guest that goes quiet does.
+        t.observe(5_000_000, Fired::REQUESTS);
+        assert_eq!(t.ns(), 0);
+        // Waits that nothing ended (timeouts, control messages) count
+        // for nothing.
+        t.observe(1_000, Fired::default());
+        assert_eq!(t.ns(), 0);
+    }
+
+    #[test]
+    fn fixed_and_export_policies() {
+        let mut t = PollTime::new(PollPolicy::Fixed(50_000));
+        assert!(!t.adapts());
+        t.observe(1_000_000, Fired::REQUESTS);
+        assert_eq!(t.ns(), 50_000);
+        assert_eq!(PollPolicy::for_export(Some(0)), PollPolicy::Fixed(0));
+        assert_eq!(PollPolicy::for_export(Some(32)), PollPolicy::Fixed(32_000));
+        assert_eq!(PollPolicy::for_export(None), PollPolicy::DEFAULT);
+        let off = PollTime::new(PollPolicy::Adaptive(Adaptive {
+            max_ns: 0,
+            grow: 0,
+            shrink: 0,
+        }));
+        assert!(!off.adapts());
+        assert_eq!(off.ns(), 0);
+    }
+}
