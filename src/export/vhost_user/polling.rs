@@ -23,6 +23,19 @@
 //! polls for a guest that sends the next request right after a completion,
 //! while the device's completions alone would have talked it out of it.
 //!
+//! One thing QEMU's rule cannot see: polling only pays when whoever sends
+//! the next request runs on another CPU. A driver that busy-polls for its
+//! completions on the thread's own CPU (a loaded host puts them there)
+//! cannot send anything while the thread spins, so every polling time runs
+//! out and the request comes right after the thread goes to sleep — a wait
+//! just above the polling time, which the rule answers by polling longer.
+//! The time then climbs from 4 µs to the ceiling, drops, and climbs again,
+//! and each spin is taken out of the driver's share of the CPU. So a thread
+//! that polls, finds nothing, sleeps and is woken within the ceiling
+//! [`FUTILE_LIMIT`] times in a row without polling catching anything in
+//! between, or that loses its CPU while polling, stops polling for the
+//! next [`REST_WAITS`] waits and then starts over.
+//!
 //! The rule is kept apart from the clock: the thread measures, this module
 //! only decides, so that the tests can feed it waits of their choosing.
 
@@ -33,6 +46,11 @@ pub const DEFAULT_POLL_MAX_NS: u64 = 32_768;
 const FIRST_POLL_NS: u64 = 4_000;
 /// The growth factor a `poll-grow` of 0 stands for.
 const DEFAULT_GROW: u64 = 2;
+/// Polling times in a row that ran out before an event the ceiling would
+/// have covered, with no catch in between, after which a thread rests.
+pub const FUTILE_LIMIT: u32 = 8;
+/// Waits a resting thread sleeps through without polling.
+pub const REST_WAITS: u32 = 4096;
 
 /// The parameters of adaptive polling, as an iothread object takes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +137,18 @@ impl Fired {
     }
 }
 
+/// How a wait ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Polling found work.
+    Polling,
+    /// The last look before sleeping found work (polling, if any, had run
+    /// out).
+    LastLook,
+    /// The thread slept until an event woke it.
+    Wakeup,
+}
+
 /// The polling state of one thread.
 #[derive(Clone, Debug)]
 pub struct PollTime {
@@ -126,6 +156,11 @@ pub struct PollTime {
     /// Adaptive times per kind of event, in nanoseconds.
     requests_ns: u64,
     completions_ns: u64,
+    /// Polling times that ran out in a row before an event within the
+    /// ceiling (see the module documentation).
+    futile: u32,
+    /// Waits left before polling again; 0 when not resting.
+    resting: u32,
 }
 
 impl PollTime {
@@ -134,6 +169,8 @@ impl PollTime {
             policy,
             requests_ns: 0,
             completions_ns: 0,
+            futile: 0,
+            resting: 0,
         }
     }
 
@@ -152,17 +189,50 @@ impl PollTime {
     }
 
     /// The thread waited `block_ns` (polling included) before the events
-    /// in `fired` ended the wait.
-    pub fn observe(&mut self, block_ns: u64, fired: Fired) {
+    /// in `fired` ended the wait, as `ended` says.
+    pub fn observe(&mut self, block_ns: u64, fired: Fired, ended: Ended) {
         let PollPolicy::Adaptive(rule) = self.policy else {
             return;
         };
+        if !fired.any() {
+            return;
+        }
+        if self.resting > 0 {
+            self.resting -= 1;
+            return;
+        }
+        match ended {
+            Ended::Polling => self.futile = 0,
+            Ended::Wakeup if self.ns() > 0 && block_ns <= rule.max_ns => {
+                self.futile += 1;
+                if self.futile >= FUTILE_LIMIT {
+                    self.rest();
+                    return;
+                }
+            }
+            Ended::Wakeup | Ended::LastLook => {}
+        }
         if fired.requests {
             self.requests_ns = rule.adjust(self.requests_ns, block_ns);
         }
         if fired.completions {
             self.completions_ns = rule.adjust(self.completions_ns, block_ns);
         }
+    }
+
+    /// The thread lost its CPU while it polled: something else wanted to
+    /// run there, so polling on only takes from it.
+    pub fn preempted(&mut self) {
+        if self.adapts() {
+            self.rest();
+        }
+    }
+
+    fn rest(&mut self) {
+        self.futile = 0;
+        self.resting = REST_WAITS;
+        self.requests_ns = 0;
+        self.completions_ns = 0;
     }
 }
 
@@ -245,31 +315,105 @@ mod tests {
         assert_eq!(t.ns(), 0);
         // Requests arrive 3 µs after the thread runs out of work.
         for _ in 0..5 {
-            t.observe(3_000, Fired::REQUESTS);
+            t.observe(3_000, Fired::REQUESTS, Ended::Polling);
         }
         assert_eq!(t.ns(), 4_000);
         for w in [5_000, 9_000, 17_000, 20_000] {
-            t.observe(w, Fired::REQUESTS);
+            t.observe(w, Fired::REQUESTS, Ended::Wakeup);
         }
         assert_eq!(t.ns(), 32_000);
         // A slow device's completions do not talk it out of polling for
         // the next request.
-        t.observe(200_000, Fired::COMPLETIONS);
+        t.observe(200_000, Fired::COMPLETIONS, Ended::Wakeup);
         assert_eq!(t.ns(), 32_000);
         // A guest that goes quiet does.
-        t.observe(5_000_000, Fired::REQUESTS);
+        t.observe(5_000_000, Fired::REQUESTS, Ended::Wakeup);
         assert_eq!(t.ns(), 0);
         // Waits that nothing ended (timeouts, control messages) count
         // for nothing.
-        t.observe(1_000, Fired::default());
+        t.observe(1_000, Fired::default(), Ended::Wakeup);
         assert_eq!(t.ns(), 0);
+    }
+
+    /// A driver on the thread's own CPU: it sends its request only once
+    /// the thread stops polling and sleeps, 1 µs later.
+    fn colocated_wait(t: &PollTime) -> u64 {
+        t.ns() + 1_000
+    }
+
+    #[test]
+    fn polling_that_never_catches_anything_rests() {
+        let mut t = PollTime::new(PollPolicy::DEFAULT);
+        let mut polled = Vec::new();
+        for _ in 0..20 {
+            polled.push(t.ns());
+            t.observe(colocated_wait(&t), Fired::REQUESTS, Ended::Wakeup);
+        }
+        // QEMU's rule alone would cycle 0, 4, 8, 16, 32 µs for ever; the
+        // eighth time that ran out in vain (the third 8 µs) ends it.
+        assert_eq!(
+            &polled[..13],
+            [0, 4_000, 8_000, 16_000, 32_000, 0, 4_000, 8_000, 16_000, 32_000, 0, 4_000, 8_000]
+        );
+        assert!(polled[13..].iter().all(|&ns| ns == 0), "{polled:?}");
+        // It sits the rest out (7 waits of it are gone), then tries again.
+        for _ in 0..REST_WAITS - 7 {
+            assert_eq!(t.ns(), 0);
+            t.observe(2_000, Fired::REQUESTS, Ended::Wakeup);
+        }
+        t.observe(2_000, Fired::REQUESTS, Ended::Wakeup);
+        assert_eq!(t.ns(), 4_000);
+    }
+
+    #[test]
+    fn polling_that_catches_now_and_then_goes_on() {
+        // A driver on another CPU sending every 20 µs: the time grows past
+        // it, with a miss or three on the way, and polling catches the rest.
+        let mut t = PollTime::new(PollPolicy::DEFAULT);
+        for _ in 0..10_000 {
+            if t.ns() >= 20_000 {
+                t.observe(20_000, Fired::REQUESTS, Ended::Polling);
+            } else {
+                t.observe(20_000 + 2_000, Fired::REQUESTS, Ended::Wakeup);
+            }
+        }
+        assert_eq!(t.ns(), 32_000);
+        // Misses spread among catches never add up to a rest.
+        let mut t = PollTime::new(PollPolicy::DEFAULT);
+        for i in 0..10_000 {
+            let ended = if i % 7 == 6 {
+                Ended::Polling
+            } else {
+                Ended::Wakeup
+            };
+            t.observe(10_000, Fired::REQUESTS, ended);
+            assert!(i < 3 || t.ns() > 0, "rested at {i}");
+        }
+    }
+
+    #[test]
+    fn losing_the_cpu_while_polling_rests() {
+        let mut t = PollTime::new(PollPolicy::DEFAULT);
+        t.observe(3_000, Fired::REQUESTS, Ended::Wakeup);
+        assert_eq!(t.ns(), 4_000);
+        t.preempted();
+        assert_eq!(t.ns(), 0);
+        for _ in 0..REST_WAITS {
+            t.observe(100, Fired::REQUESTS, Ended::LastLook);
+        }
+        t.observe(100, Fired::REQUESTS, Ended::LastLook);
+        assert_eq!(t.ns(), 4_000);
+        // A fixed time is kept whatever happens.
+        let mut f = PollTime::new(PollPolicy::Fixed(20_000));
+        f.preempted();
+        assert_eq!(f.ns(), 20_000);
     }
 
     #[test]
     fn fixed_and_export_policies() {
         let mut t = PollTime::new(PollPolicy::Fixed(50_000));
         assert!(!t.adapts());
-        t.observe(1_000_000, Fired::REQUESTS);
+        t.observe(1_000_000, Fired::REQUESTS, Ended::Wakeup);
         assert_eq!(t.ns(), 50_000);
         assert_eq!(PollPolicy::for_export(Some(0)), PollPolicy::Fixed(0));
         assert_eq!(PollPolicy::for_export(Some(32)), PollPolicy::Fixed(32_000));

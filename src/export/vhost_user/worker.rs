@@ -10,7 +10,7 @@
 
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
-use super::polling::{Fired, PollPolicy, PollTime};
+use super::polling::{Ended, Fired, PollPolicy, PollTime};
 use super::queue::{
     account_finished, complete, polled_avail_idx, remember_guess, resubmit_heads, ring_is_broken,
     snapshot, take_requests, QueueRun, Slot,
@@ -37,6 +37,10 @@ const DRAIN_RETRY: Duration = Duration::from_millis(1);
 const COMPLETION_RECHECK: Duration = Duration::from_millis(10);
 /// Polling looks at the clock once per this many iterations.
 const POLL_CLOCK_EVERY: u32 = 16;
+/// A gap this long between two of polling's looks at the clock, which
+/// normally come well under a microsecond apart, means the thread lost its
+/// CPU in between.
+const POLL_PREEMPTED: Duration = Duration::from_micros(50);
 /// A thread kept busy by polling or by work found when about to sleep
 /// still collects its events (control messages, other queues' kicks)
 /// after this many rounds.
@@ -95,6 +99,8 @@ enum Polled {
     },
     /// Nothing within the polling time, which started at `since`.
     Nothing { since: Instant },
+    /// The thread lost its CPU while polling, which started at `since`.
+    Preempted { since: Instant },
 }
 
 /// Runs an I/O thread until it is told to exit.
@@ -134,12 +140,18 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
                         // Work found before the clock was read came within
                         // a few iterations: a wait of about nothing.
                         let ns = waited.map_or(0, |d| d.as_nanos() as u64);
-                        w.poll.observe(ns, fired);
+                        w.poll.observe(ns, fired, Ended::Polling);
                         w.process_all();
                         rounds += 1;
                         continue;
                     }
                     Polled::Nothing { since } => {
+                        if w.poll.adapts() {
+                            idle_since = Some(since);
+                        }
+                    }
+                    Polled::Preempted { since } => {
+                        w.poll.preempted();
                         if w.poll.adapts() {
                             idle_since = Some(since);
                         }
@@ -152,7 +164,8 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
             let fired = w.arm();
             if fired.any() {
                 if let Some(since) = idle_since {
-                    w.poll.observe(since.elapsed().as_nanos() as u64, fired);
+                    w.poll
+                        .observe(since.elapsed().as_nanos() as u64, fired, Ended::LastLook);
                 }
                 w.process_all();
                 rounds += 1;
@@ -221,7 +234,7 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
             }
         }
         if let Some(d) = woke_after {
-            w.poll.observe(d.as_nanos() as u64, fired);
+            w.poll.observe(d.as_nanos() as u64, fired, Ended::Wakeup);
         }
         w.process_all();
     }
@@ -500,6 +513,9 @@ impl Worker {
                 let d = now - since;
                 if d >= window {
                     return Polled::Nothing { since };
+                }
+                if d - waited.unwrap_or(Duration::ZERO) > POLL_PREEMPTED {
+                    return Polled::Preempted { since };
                 }
                 waited = Some(d);
             }
