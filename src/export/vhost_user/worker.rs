@@ -38,9 +38,9 @@ const COMPLETION_RECHECK: Duration = Duration::from_millis(10);
 /// Polling looks at the clock once per this many iterations.
 const POLL_CLOCK_EVERY: u32 = 16;
 /// A gap this long between two of polling's looks at the clock, which
-/// normally come well under a microsecond apart, means the thread lost its
-/// CPU in between.
-const POLL_PREEMPTED: Duration = Duration::from_micros(50);
+/// normally come well under a microsecond apart, means the thread was kept
+/// off its CPU in between (an interrupt, or another thread that ran).
+const POLL_INTERRUPTED: Duration = Duration::from_micros(4);
 /// A thread kept busy by polling or by work found when about to sleep
 /// still collects its events (control messages, other queues' kicks)
 /// after this many rounds.
@@ -89,18 +89,18 @@ struct Worker {
     poll: PollTime,
 }
 
-/// What polling came to.
+/// What polling came to; `interrupted`: the thread was kept off its CPU
+/// for a moment while it polled.
 enum Polled {
     /// Work showed up; `waited` is how long polling had run by the last
     /// look at the clock (`None`: found before the clock was read at all).
     Work {
         fired: Fired,
         waited: Option<Duration>,
+        interrupted: bool,
     },
     /// Nothing within the polling time, which started at `since`.
-    Nothing { since: Instant },
-    /// The thread lost its CPU while polling, which started at `since`.
-    Preempted { since: Instant },
+    Nothing { since: Instant, interrupted: bool },
 }
 
 /// Runs an I/O thread until it is told to exit.
@@ -125,6 +125,7 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
         // included) sets the next polling time. `idle_since` is when the
         // idle spell began, read only when the thread is about to sleep.
         let mut idle_since = None;
+        let mut interrupted = false;
         let timeout = if rounds >= EVENTS_EVERY
             || w.queues
                 .iter()
@@ -136,22 +137,24 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
             let window = w.poll.ns();
             if window > 0 {
                 match w.poll_for_work(Duration::from_nanos(window)) {
-                    Polled::Work { fired, waited } => {
+                    Polled::Work {
+                        fired,
+                        waited,
+                        interrupted,
+                    } => {
                         // Work found before the clock was read came within
                         // a few iterations: a wait of about nothing.
                         let ns = waited.map_or(0, |d| d.as_nanos() as u64);
-                        w.poll.observe(ns, fired, Ended::Polling);
+                        w.poll.observe(ns, fired, Ended::Polling, interrupted);
                         w.process_all();
                         rounds += 1;
                         continue;
                     }
-                    Polled::Nothing { since } => {
-                        if w.poll.adapts() {
-                            idle_since = Some(since);
-                        }
-                    }
-                    Polled::Preempted { since } => {
-                        w.poll.preempted();
+                    Polled::Nothing {
+                        since,
+                        interrupted: i,
+                    } => {
+                        interrupted = i;
                         if w.poll.adapts() {
                             idle_since = Some(since);
                         }
@@ -164,8 +167,8 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
             let fired = w.arm();
             if fired.any() {
                 if let Some(since) = idle_since {
-                    w.poll
-                        .observe(since.elapsed().as_nanos() as u64, fired, Ended::LastLook);
+                    let ns = since.elapsed().as_nanos() as u64;
+                    w.poll.observe(ns, fired, Ended::LastLook, interrupted);
                 }
                 w.process_all();
                 rounds += 1;
@@ -234,7 +237,8 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
             }
         }
         if let Some(d) = woke_after {
-            w.poll.observe(d.as_nanos() as u64, fired, Ended::Wakeup);
+            w.poll
+                .observe(d.as_nanos() as u64, fired, Ended::Wakeup, interrupted);
         }
         w.process_all();
     }
@@ -474,6 +478,10 @@ impl Worker {
         // found sooner costs no reading at all.
         let mut start: Option<Instant> = None;
         let mut waited: Option<Duration> = None;
+        let mut interrupted = false;
+        // Completions handled since the last look at the clock make the
+        // gap between the looks no sign of anything.
+        let mut worked = false;
         let mut spins = 0u32;
         loop {
             if self.ctx.has_ready() {
@@ -482,8 +490,10 @@ impl Worker {
                     return Polled::Work {
                         fired: Fired::COMPLETIONS,
                         waited,
+                        interrupted,
                     };
                 }
+                worked = true;
             }
             let mut found = false;
             for q in self.queues.iter_mut().flatten() {
@@ -504,6 +514,7 @@ impl Worker {
                 return Polled::Work {
                     fired: Fired::REQUESTS,
                     waited,
+                    interrupted,
                 };
             }
             spins = spins.wrapping_add(1);
@@ -511,12 +522,13 @@ impl Worker {
                 let now = Instant::now();
                 let since = *start.get_or_insert(now);
                 let d = now - since;
+                if !worked {
+                    interrupted |= d - waited.unwrap_or(Duration::ZERO) > POLL_INTERRUPTED;
+                }
                 if d >= window {
-                    return Polled::Nothing { since };
+                    return Polled::Nothing { since, interrupted };
                 }
-                if d - waited.unwrap_or(Duration::ZERO) > POLL_PREEMPTED {
-                    return Polled::Preempted { since };
-                }
+                worked = false;
                 waited = Some(d);
             }
             std::hint::spin_loop();
