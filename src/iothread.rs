@@ -6,6 +6,7 @@
 //! [`crate::export::vhost_user::worker`].
 
 use crate::error::QmpError;
+use crate::export::vhost_user::polling::PollPolicy;
 use crate::export::vhost_user::worker::{self, WorkerMsg};
 use crate::qapi::{BlockExportIothreads, BlockExportOptions, BlockExportOptionsBranch};
 use std::sync::mpsc::{self, Sender};
@@ -21,13 +22,13 @@ pub struct IoThread {
 }
 
 impl IoThread {
-    pub fn spawn(name: &str, poll_us: u32) -> std::io::Result<Arc<Self>> {
+    pub fn spawn(name: &str, poll: PollPolicy) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = mpsc::channel();
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let thread_wake = wake.try_clone()?;
         let join = std::thread::Builder::new()
             .name(format!("iothread-{name}"))
-            .spawn(move || worker::run(rx, thread_wake, poll_us))?;
+            .spawn(move || worker::run(rx, thread_wake, poll))?;
         Ok(Arc::new(IoThread {
             name: name.to_string(),
             tx: Mutex::new(tx),
@@ -70,13 +71,13 @@ pub struct IoThreads {
 }
 
 impl IoThreads {
-    pub fn add(&mut self, id: &str, poll_us: u32) -> Result<(), QmpError> {
+    pub fn add(&mut self, id: &str, poll: PollPolicy) -> Result<(), QmpError> {
         if self.named.iter().any(|t| t.name == id) {
             return Err(QmpError::generic(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
         }
-        let t = IoThread::spawn(id, poll_us)
+        let t = IoThread::spawn(id, poll)
             .map_err(|e| QmpError::generic(format!("cannot start iothread '{id}': {e}")))?;
         self.named.push(t);
         Ok(())
@@ -92,6 +93,12 @@ impl IoThreads {
             return Err(QmpError::generic(format!("object '{id}' is in use")));
         }
         self.named.remove(i);
+        Ok(())
+    }
+
+    /// Gives a running iothread new polling options.
+    pub fn set_poll(&self, id: &str, poll: PollPolicy) -> Result<(), QmpError> {
+        self.get(id)?.send(WorkerMsg::SetPoll(poll));
         Ok(())
     }
 
@@ -122,10 +129,10 @@ impl IoThreads {
             }
             None => {
                 let queues = vu.num_queues.unwrap_or(1).max(1);
-                let poll_us = vu.poll_us.unwrap_or(0);
+                let poll = PollPolicy::for_export(vu.poll_us);
                 (0..queues)
                     .map(|q| {
-                        IoThread::spawn(&format!("{}-q{q}", opts.id), poll_us).map_err(|e| {
+                        IoThread::spawn(&format!("{}-q{q}", opts.id), poll).map_err(|e| {
                             QmpError::generic(format!("cannot start an I/O thread: {e}"))
                         })
                     })

@@ -949,6 +949,55 @@ fn object_iothread_is_created() {
 }
 
 #[test]
+fn object_iothread_takes_qemus_polling_properties() {
+    let d = start_ready(
+        &[
+            "--object",
+            "iothread,id=io0,poll-max-ns=100000,poll-grow=4,poll-shrink=2",
+            "--object",
+            "iothread,id=io1,poll-max-ns=0",
+            "--chardev",
+            "socket,id=m,path={dir}/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
+        &[],
+    );
+    let mut qmp = qmp_at(&d);
+    let reply = qmp.execute(
+        "object-add",
+        json!({"qom-type": "iothread", "id": "io2", "poll-max-ns": 50000, "poll-grow": 0, "poll-shrink": 0}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
+    // As in QEMU, a negative value is refused, naming the property.
+    for name in ["poll-max-ns", "poll-grow", "poll-shrink"] {
+        let reply = qmp.execute(
+            "object-add",
+            json!({"qom-type": "iothread", "id": "io3", name: -1}),
+        );
+        assert_error(
+            &reply,
+            "GenericError",
+            &format!("{name} value must be in range [0, 9223372036854775807]"),
+        );
+    }
+}
+
+#[test]
+fn object_iothread_with_a_negative_polling_property_is_refused() {
+    // qsd: "--object iothread,id=io0,poll-grow=-2: poll-grow value must be
+    // in range [0, 9223372036854775807]"
+    let dir = TempDir::new("vubd-cli");
+    let run = run_to_exit(dir.path(), &["--object", "iothread,id=io0,poll-grow=-2"]);
+    let line = run.assert_failed();
+    assert!(line.contains("--object"), "{line:?}");
+    assert!(
+        line.ends_with("poll-grow value must be in range [0, 9223372036854775807]"),
+        "{line:?}"
+    );
+}
+
+#[test]
 fn object_throttle_group_is_refused_naming_the_type() {
     let dir = TempDir::new("vubd-cli");
     let run = run_to_exit(

@@ -876,6 +876,36 @@ fn two_queues_on_one_named_iothread_each_keep_their_data() {
     concurrent_queues(2, &["--object", "iothread,id=io0"], ",iothread=io0");
 }
 
+#[test]
+fn queues_on_iothreads_with_polling_options_keep_their_data() {
+    // Adaptive polling with QEMU's knobs, and polling turned off.
+    concurrent_queues(
+        2,
+        &[
+            "--object",
+            "iothread,id=io0,poll-max-ns=100000,poll-grow=4,poll-shrink=2",
+        ],
+        ",iothread=io0",
+    );
+    concurrent_queues(
+        2,
+        &["--object", "iothread,id=io0,poll-max-ns=0"],
+        ",iothread=io0",
+    );
+}
+
+#[test]
+fn queues_with_a_fixed_polling_time_keep_their_data() {
+    if vubd_only(
+        "queues_with_a_fixed_polling_time_keep_their_data",
+        "poll-us is vubd's own export option",
+    ) {
+        return;
+    }
+    concurrent_queues(2, &[], ",poll-us=20");
+    concurrent_queues(2, &[], ",poll-us=0");
+}
+
 // ---------------------------------------------------------------------
 // What the frontend sees of the device
 
@@ -2054,6 +2084,56 @@ fn poll_queue_serves_requests_without_notifications() {
         &pattern(49, MIB, 4096),
         "read on queue 0",
     );
+}
+
+/// CPU the daemon uses over `span` while nothing happens.
+fn idle_cpu(d: &Daemon, span: Duration) -> Duration {
+    let before = d.cpu_time();
+    std::thread::sleep(span);
+    d.cpu_time() - before
+}
+
+#[test]
+fn polling_stops_once_the_guest_goes_quiet() {
+    // Arrange: a client that polls makes the export's thread poll for it
+    // (by default it polls adaptively, up to 32 µs before each sleep).
+    let d = start_file_raw(4 * MIB, Fill::Pattern(51), "", "", ",num-queues=2");
+    let mut blk = Blk::connect_with(
+        &sock(&d),
+        BlkOptions {
+            num_queues: 1,
+            num_poll_queues: 1,
+            ..BlkOptions::default()
+        },
+    );
+    let q = blk.queue(1);
+    let busy_until = Instant::now() + Duration::from_millis(300);
+    let mut served = 0u64;
+    while Instant::now() < busy_until {
+        let off = (served % 512) * 4096;
+        let got = q
+            .try_read(off, 4096)
+            .unwrap_or_else(|e| panic!("read {served} at {off}: {e}; daemon log:\n{}", d.stderr()));
+        assert_bytes(&got, &pattern(51, off, 4096), "read");
+        served += 1;
+    }
+
+    // Act: the client stops sending, but stays connected.
+    let cpu = idle_cpu(&d, Duration::from_millis(500));
+
+    // Assert: the thread went to sleep instead of polling on (polling
+    // throughout would use all 500 ms).
+    assert!(served > 100, "only {served} requests in 300 ms");
+    assert!(
+        cpu < Duration::from_millis(100),
+        "{cpu:?} of CPU in 500 ms with nothing to do"
+    );
+    // And it still answers.
+    // And it still answers.
+    let after = q
+        .try_read(0, 4096)
+        .unwrap_or_else(|e| panic!("read after idling: {e}; daemon log:\n{}", d.stderr()));
+    assert_bytes(&after, &pattern(51, 0, 4096), "read after idling");
 }
 
 #[test]

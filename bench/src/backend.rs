@@ -3,7 +3,8 @@
 //!
 //! vubd takes qemu-storage-daemon's command line, so both are started from
 //! the same argument list; only the program differs (and, for several
-//! queues, vubd may get one iothread per queue).
+//! queues, vubd may get one iothread per queue). The defaults setups give
+//! both no iothread object and no polling option at all.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -85,13 +86,20 @@ pub enum Threads {
     /// One iothread per queue, `iothread.0=io0,iothread.1=io1,...`
     /// (the list form of `iothread`, QEMU 11 syntax, which vubd accepts).
     PerQueue,
+    /// No iothread object and no `iothread` option: each daemon's default
+    /// (qsd serves the export from its main loop, vubd gives every queue a
+    /// private thread).
+    Defaults,
 }
 
 impl Threads {
-    pub fn describe(self, queues: u32) -> String {
-        match self {
-            Threads::Single => "1 iothread".to_string(),
-            Threads::PerQueue => format!("{queues} iothreads"),
+    pub fn describe(self, kind: Kind, queues: u32) -> String {
+        match (self, kind) {
+            (Threads::Single, _) => "1 iothread".to_string(),
+            (Threads::PerQueue, _) => format!("{queues} iothreads"),
+            (Threads::Defaults, Kind::Qsd) => "the main loop".to_string(),
+            (Threads::Defaults, Kind::Vubd) if queues == 1 => "1 private thread".to_string(),
+            (Threads::Defaults, Kind::Vubd) => format!("{queues} private threads"),
         }
     }
 }
@@ -140,6 +148,7 @@ pub fn daemon_args(
         }
     }
     let n_threads = match threads {
+        Threads::Defaults => 0,
         Threads::Single => 1,
         Threads::PerQueue => num_queues.max(1),
     };
@@ -155,15 +164,15 @@ pub fn daemon_args(
         args.push(format!("iothread,id=io{i},poll-max-ns={poll_max_ns}"));
     }
     let iothread = match threads {
-        Threads::Single => "iothread=io0".to_string(),
+        Threads::Defaults => String::new(),
+        Threads::Single => ",iothread=io0".to_string(),
         Threads::PerQueue => (0..n_threads)
-            .map(|i| format!("iothread.{i}=io{i}"))
-            .collect::<Vec<_>>()
-            .join(","),
+            .map(|i| format!(",iothread.{i}=io{i}"))
+            .collect(),
     };
     args.push("--export".to_string());
     args.push(format!(
-        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={},writable=on,num-queues={num_queues},{iothread}",
+        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={},writable=on,num-queues={num_queues}{iothread}",
         keyval_escape(&socket.to_string_lossy())
     ));
     Ok(args)
@@ -432,5 +441,41 @@ mod tests {
         let a = daemon_args(Config::Qcow2, Some(img), 0, sock, 1, Threads::Single).unwrap();
         assert_eq!(a[3], "driver=qcow2,node-name=n0,file=f0");
         assert!(daemon_args(Config::Raw, None, 0, sock, 1, Threads::Single).is_err());
+    }
+
+    #[test]
+    fn defaults_command_lines_have_no_tuning() {
+        let sock = Path::new("/tmp/d.sock");
+        let a = daemon_args(Config::Null, None, 1 << 30, sock, 1, Threads::Defaults).unwrap();
+        assert_eq!(
+            a,
+            [
+                "--blockdev",
+                "driver=null-co,node-name=n0,size=1073741824,read-zeroes=off",
+                "--export",
+                "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/d.sock,writable=on,num-queues=1",
+            ]
+        );
+        let img = Path::new("/var/tmp/a.img");
+        let a = daemon_args(Config::Raw, Some(img), 0, sock, 2, Threads::Defaults).unwrap();
+        assert_eq!(
+            a,
+            [
+                "--blockdev",
+                "driver=file,node-name=f0,filename=/var/tmp/a.img,aio=io_uring,cache.direct=off",
+                "--blockdev",
+                "driver=raw,node-name=n0,file=f0",
+                "--export",
+                "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/d.sock,writable=on,num-queues=2",
+            ]
+        );
+        assert!(a
+            .iter()
+            .all(|x| !x.contains("poll") && !x.contains("iothread")));
+        assert_eq!(Threads::Defaults.describe(Kind::Qsd, 2), "the main loop");
+        assert_eq!(
+            Threads::Defaults.describe(Kind::Vubd, 2),
+            "2 private threads"
+        );
     }
 }

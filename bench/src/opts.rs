@@ -18,7 +18,11 @@ alternating the backends, and reports medians and vubd/qsd ratios.
   --warmup SECS         warm-up before each run (default 1)
   --reps N              runs per workload and backend (default 3)
   --configs LIST        null,raw,qcow2 (default: all)
-  --setups LIST         1q,2q,poll (default: all)
+  --setups LIST         1q,2q,poll (the benchmark's iothreads with polling),
+                        1q-def,2q-def,poll-def (the same with both daemons
+                        on their defaults: no iothread objects, no polling
+                        options); 'tuned' and 'defaults' name the groups
+                        (default: all)
   --backends LIST       qsd,vubd (default: both)
   --only TEXT           only workloads whose name contains TEXT, e.g. randread,
                         'QD1', '128k'
@@ -34,8 +38,9 @@ alternating the backends, and reports medians and vubd/qsd ratios.
                         large folio costs several times the CPU)
   --seed N              seed of the offset generator (default 1)
 
-Both daemons' iothreads poll for 32768 ns (QEMU's default); set
-VUBD_BENCH_POLL_MAX_NS=0 in the environment to turn polling off for both.
+In the tuned setups both daemons' iothreads poll for up to 32768 ns
+(QEMU's default for iothreads); set VUBD_BENCH_POLL_MAX_NS=0 in the
+environment to turn polling off for both. The -def setups pass neither.
   --json PATH           write all runs, medians and ratios as JSON
   --markdown PATH       write the results as a markdown table
   -h, --help            this text
@@ -120,7 +125,7 @@ pub fn parse(args: &[String]) -> Result<Option<Opts>, String> {
                 }
             }
             "--configs" => o.configs = list(name, &value()?, Config::parse)?,
-            "--setups" => o.setups = list(name, &value()?, Setup::parse)?,
+            "--setups" => o.setups = setups(name, &value()?)?,
             "--backends" => o.backends = list(name, &value()?, Kind::parse)?,
             "--only" => o.only = Some(value()?),
             "--image-size" => {
@@ -173,6 +178,26 @@ fn list<T: PartialEq>(name: &str, v: &str, f: fn(&str) -> Option<T>) -> Result<V
     Ok(out)
 }
 
+/// A list of setups, where a group name stands for its members.
+fn setups(name: &str, v: &str) -> Result<Vec<Setup>, String> {
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let group = match Setup::parse_group(item) {
+            Some(g) => g.to_vec(),
+            None => vec![Setup::parse(item).ok_or_else(|| format!("{name}: unknown item {item}"))?],
+        };
+        for s in group {
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("{name}: empty list"));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +227,19 @@ mod tests {
         assert_eq!(o.configs, vec![Config::Raw, Config::Null]);
         assert_eq!(o.backends, vec![Kind::Qsd]);
         assert_eq!(o.setups, vec![Setup::Poll]);
+        let o = p(&["--setups", "poll,defaults,1q-def"]).unwrap().unwrap();
+        assert_eq!(
+            o.setups,
+            vec![
+                Setup::Poll,
+                Setup::OneQueueDefaults,
+                Setup::TwoQueuesDefaults,
+                Setup::PollDefaults
+            ]
+        );
+        let o = p(&["--setups=tuned"]).unwrap().unwrap();
+        assert_eq!(o.setups, Setup::TUNED.to_vec());
+        assert!(p(&["--setups", "bogus"]).is_err());
         assert!(p(&["--help"]).unwrap().is_none());
         assert!(p(&["--bogus"]).is_err());
         assert!(p(&["--configs", "nope"]).is_err());

@@ -172,7 +172,7 @@ pub fn summary_table(results: &Results) -> String {
         s,
         "Summary (medians; ×: vubd/qsd, IOPS higher is better, the rest lower is better)"
     );
-    let mut head = format!("{:<7}{:<5}{:<20}", "config", "q", "workload");
+    let mut head = format!("{:<7}{:<9}{:<20}", "config", "q", "workload");
     for m in SUMMARY_METRICS {
         let label = match m {
             Metric::Iops => "IOPS",
@@ -184,7 +184,7 @@ pub fn summary_table(results: &Results) -> String {
         let _ = write!(head, "│ {:^24}", label);
     }
     let _ = writeln!(s, "{head}");
-    let mut sub = format!("{:<32}", "");
+    let mut sub = format!("{:<36}", "");
     for _ in SUMMARY_METRICS {
         let _ = write!(sub, "│ {:>7} {:>7} {:>7} ", "qsd", "vubd", "×");
     }
@@ -204,7 +204,7 @@ pub fn summary_table(results: &Results) -> String {
             let q = results.cell(case, Kind::Qsd);
             let v = results.cell(case, Kind::Vubd);
             let mut line = format!(
-                "{:<7}{:<5}{:<20}",
+                "{:<7}{:<9}{:<20}",
                 case.config.name(),
                 case.setup.name(),
                 case.workload.name()
@@ -214,7 +214,7 @@ pub fn summary_table(results: &Results) -> String {
             }
             let _ = writeln!(s, "{}", line.trim_end());
         }
-        let mut line = format!("{:<32}", format!("{} geomean", config.name()));
+        let mut line = format!("{:<36}", format!("{} geomean", config.name()));
         for m in SUMMARY_METRICS {
             let _ = write!(
                 line,
@@ -260,6 +260,21 @@ pub fn markdown(results: &Results) -> String {
             ""
         }
     );
+    let any_defaults = results.cases.iter().any(|c| c.setup.defaults());
+    let any_tuned = results.cases.iter().any(|c| !c.setup.defaults());
+    if any_defaults {
+        let _ = writeln!(
+            s,
+            "\nRows marked defaults: both daemons started with no iothread object and no polling \
+             option, only --blockdev and --export (qsd serves the export from its main loop, vubd \
+             from a private thread per queue).{}",
+            if any_tuned {
+                " The other rows give both the same iothreads, polling for up to 32768 ns."
+            } else {
+                ""
+            }
+        );
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,

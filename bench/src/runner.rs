@@ -111,7 +111,8 @@ impl Runner<'_> {
     }
 
     /// Starts a backend for a configuration and setup. vubd gets one
-    /// iothread per queue when it accepts that, else qsd's options.
+    /// iothread per queue when it accepts that, else qsd's options; in the
+    /// defaults setups both get no iothread at all.
     fn start(
         &mut self,
         kind: Kind,
@@ -128,10 +129,14 @@ impl Runner<'_> {
             setup.name()
         ));
         let mut tries = Vec::new();
-        if kind == Kind::Vubd && queues > 1 && self.vubd_per_queue != PerQueue::Refused {
-            tries.push(Threads::PerQueue);
+        if setup.defaults() {
+            tries.push(Threads::Defaults);
+        } else {
+            if kind == Kind::Vubd && queues > 1 && self.vubd_per_queue != PerQueue::Refused {
+                tries.push(Threads::PerQueue);
+            }
+            tries.push(Threads::Single);
         }
-        tries.push(Threads::Single);
         let mut last_err = None;
         for threads in tries {
             let args = daemon_args(
@@ -245,7 +250,7 @@ impl Runner<'_> {
             let seed = o.seed.wrapping_mul(1000).wrapping_add(i as u64);
             let r = workload::run(&socket, setup, w, timing, seed, &mut DaemonProbe(&daemon));
             let cell = self.results.cell_mut(case, kind);
-            cell.threads = threads.describe(setup.queues());
+            cell.threads = threads.describe(kind, setup.queues());
             match r {
                 Ok(stats) => {
                     println!(

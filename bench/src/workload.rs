@@ -43,7 +43,8 @@ impl Pattern {
     }
 }
 
-/// How many queues the export has and the client uses, and of which kind.
+/// How many queues the export has and the client uses, and of which kind,
+/// and whether the daemons get the benchmark's tuning or none at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Setup {
     /// One interrupt-driven queue, one client thread.
@@ -52,16 +53,42 @@ pub enum Setup {
     TwoQueues,
     /// One poll queue (the client busy-polls for completions).
     Poll,
+    /// As `OneQueue`, both daemons on their defaults: no iothread objects,
+    /// no polling options (what a user who only changes the program name
+    /// gets).
+    OneQueueDefaults,
+    /// As `TwoQueues`, both daemons on their defaults.
+    TwoQueuesDefaults,
+    /// As `Poll`, both daemons on their defaults.
+    PollDefaults,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 3] = [Setup::OneQueue, Setup::TwoQueues, Setup::Poll];
+    pub const ALL: [Setup; 6] = [
+        Setup::OneQueue,
+        Setup::TwoQueues,
+        Setup::Poll,
+        Setup::OneQueueDefaults,
+        Setup::TwoQueuesDefaults,
+        Setup::PollDefaults,
+    ];
+    /// The setups with the benchmark's iothreads and polling.
+    pub const TUNED: [Setup; 3] = [Setup::OneQueue, Setup::TwoQueues, Setup::Poll];
+    /// The setups with both daemons on their defaults.
+    pub const DEFAULTS: [Setup; 3] = [
+        Setup::OneQueueDefaults,
+        Setup::TwoQueuesDefaults,
+        Setup::PollDefaults,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Setup::OneQueue => "1q",
             Setup::TwoQueues => "2q",
             Setup::Poll => "poll",
+            Setup::OneQueueDefaults => "1q-def",
+            Setup::TwoQueuesDefaults => "2q-def",
+            Setup::PollDefaults => "poll-def",
         }
     }
 
@@ -70,6 +97,9 @@ impl Setup {
             Setup::OneQueue => "1 queue",
             Setup::TwoQueues => "2 queues",
             Setup::Poll => "1 poll queue",
+            Setup::OneQueueDefaults => "1 queue, defaults",
+            Setup::TwoQueuesDefaults => "2 queues, defaults",
+            Setup::PollDefaults => "1 poll queue, defaults",
         }
     }
 
@@ -78,39 +108,67 @@ impl Setup {
             "1" | "1q" => Some(Setup::OneQueue),
             "2" | "2q" => Some(Setup::TwoQueues),
             "poll" | "p" => Some(Setup::Poll),
+            "1q-def" => Some(Setup::OneQueueDefaults),
+            "2q-def" => Some(Setup::TwoQueuesDefaults),
+            "poll-def" => Some(Setup::PollDefaults),
             _ => None,
         }
     }
 
+    /// A name that stands for several setups (`tuned`, `defaults`).
+    pub fn parse_group(s: &str) -> Option<&'static [Setup]> {
+        match s {
+            "tuned" => Some(&Setup::TUNED),
+            "defaults" | "def" => Some(&Setup::DEFAULTS),
+            _ => None,
+        }
+    }
+
+    /// The same queue shape with the benchmark's tuning.
+    fn shape(self) -> Setup {
+        match self {
+            Setup::OneQueue | Setup::OneQueueDefaults => Setup::OneQueue,
+            Setup::TwoQueues | Setup::TwoQueuesDefaults => Setup::TwoQueues,
+            Setup::Poll | Setup::PollDefaults => Setup::Poll,
+        }
+    }
+
+    /// Whether both daemons run on their defaults (no iothread objects, no
+    /// polling options).
+    pub fn defaults(self) -> bool {
+        self.shape() != self
+    }
+
     /// Queues of the export, and client threads (one queue each).
     pub fn queues(self) -> u32 {
-        match self {
+        match self.shape() {
             Setup::TwoQueues => 2,
-            Setup::OneQueue | Setup::Poll => 1,
+            _ => 1,
         }
     }
 
     pub fn polled(self) -> bool {
-        self == Setup::Poll
+        self.shape() == Setup::Poll
     }
 
     /// The workloads run in this setup, reads before writes so that reads
     /// never meet pages dirtied earlier in the same session.
     pub fn workloads(self) -> Vec<Workload> {
         let w = |pattern, bs, qd| Workload { pattern, bs, qd };
-        match self {
-            Setup::OneQueue | Setup::TwoQueues => vec![
+        if self.polled() {
+            vec![
+                w(Pattern::RandRead, 4096, 1),
+                w(Pattern::RandWrite, 4096, 1),
+            ]
+        } else {
+            vec![
                 w(Pattern::RandRead, 4096, 1),
                 w(Pattern::RandRead, 4096, 32),
                 w(Pattern::SeqRead, 128 * 1024, 8),
                 w(Pattern::RandWrite, 4096, 1),
                 w(Pattern::RandWrite, 4096, 32),
                 w(Pattern::SeqWrite, 128 * 1024, 8),
-            ],
-            Setup::Poll => vec![
-                w(Pattern::RandRead, 4096, 1),
-                w(Pattern::RandWrite, 4096, 1),
-            ],
+            ]
         }
     }
 }
@@ -556,6 +614,19 @@ mod tests {
             assert!(first_write > last_read);
         }
         assert_eq!(Setup::parse("poll"), Some(Setup::Poll));
+        assert_eq!(Setup::parse("poll-def"), Some(Setup::PollDefaults));
+        assert!(Setup::PollDefaults.polled() && Setup::PollDefaults.defaults());
+        assert!(!Setup::Poll.defaults());
+        assert_eq!(Setup::TwoQueuesDefaults.queues(), 2);
+        assert_eq!(
+            Setup::OneQueueDefaults.workloads(),
+            Setup::OneQueue.workloads()
+        );
+        assert_eq!(Setup::parse_group("defaults"), Some(&Setup::DEFAULTS[..]));
+        // every setup has a name that parses back to it
+        for s in Setup::ALL {
+            assert_eq!(Setup::parse(s.name()), Some(s));
+        }
         assert_eq!(round_up(4097, 4096), 8192);
     }
 }

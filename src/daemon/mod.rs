@@ -11,6 +11,7 @@ use crate::block::open::add_node;
 use crate::cli::{self, CliItem, Invocation, OptionValue};
 use crate::error::QmpError;
 use crate::export::manager::Exports;
+use crate::export::vhost_user::polling::{Adaptive, PollPolicy, DEFAULT_POLL_MAX_NS};
 use crate::iothread::IoThreads;
 use crate::qapi::{self, rt, BlockdevOptions};
 use crate::qmp::commands::{version_info, Cx};
@@ -183,15 +184,26 @@ impl Daemon {
     }
 
     /// object-add and --object.
+    /// Applies an object's properties after qom-set changed them.
+    pub fn object_changed(&mut self, id: &str) -> Result<(), QmpError> {
+        let Some(opts) = self.objects.iter().find(|o| o.id == id) else {
+            return Ok(());
+        };
+        match &opts.u {
+            qapi::ObjectOptionsBranch::Iothread(t) => {
+                let poll = iothread_polling(t)?;
+                self.iothreads.set_poll(id, poll)
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn object_add(&mut self, opts: &qapi::ObjectOptions) -> Result<(), QmpError> {
         match &opts.u {
             qapi::ObjectOptionsBranch::Iothread(t) => {
                 qom::check_iothread(t)?;
-                let poll_us = t
-                    .poll_max_ns
-                    .map(|ns| (ns / 1000).clamp(0, i64::from(u32::MAX)) as u32)
-                    .unwrap_or(0);
-                self.iothreads.add(&opts.id, poll_us)?;
+                let poll = iothread_polling(t)?;
+                self.iothreads.add(&opts.id, poll)?;
                 self.objects.push(opts.clone());
                 Ok(())
             }
@@ -317,6 +329,25 @@ impl Daemon {
         }
         self.graph = Graph::default();
     }
+}
+
+/// An iothread's polling from its properties, refusing negative values as
+/// QEMU does. The time adapts up to `poll-max-ns` (QEMU's default 32768;
+/// 0 turns polling off).
+fn iothread_polling(t: &qapi::IothreadProperties) -> Result<PollPolicy, QmpError> {
+    let value = |name: &str, v: Option<i64>, default: u64| -> Result<u64, QmpError> {
+        match v {
+            None => Ok(default),
+            Some(v) => u64::try_from(v).map_err(|_| {
+                QmpError::generic(format!("{name} value must be in range [0, {}]", i64::MAX))
+            }),
+        }
+    };
+    Ok(PollPolicy::Adaptive(Adaptive {
+        max_ns: value("poll-max-ns", t.poll_max_ns, DEFAULT_POLL_MAX_NS)?,
+        grow: value("poll-grow", t.poll_grow, 0)?,
+        shrink: value("poll-shrink", t.poll_shrink, 0)?,
+    }))
 }
 
 /// Reads a command-line option into its schema type, strictly for JSON and

@@ -6543,7 +6543,7 @@ pub struct BlockExportOptionsVhostUserBlk {
     pub serial: Option<String>,
     /// largest virtqueue size offered (default: 1024); vubd extension
     pub queue_size: Option<u16>,
-    /// microseconds to busy-poll a virtqueue before waiting for a notification, 0 to never poll (default: chosen by vubd); vubd extension
+    /// microseconds to busy-poll before waiting for a notification, always the same, 0 to never poll; applies to the threads of an export without iothreads (default: adaptive polling, as an iothread with its default poll-max-ns); vubd extension
     pub poll_us: Option<u32>,
 }
 
@@ -6741,11 +6741,11 @@ rt::deserialize_via_qapi!(BlockExportInfo);
 /// Since: 2.0
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct IothreadProperties {
-    /// longest time to busy-poll for events, in nanoseconds; 0 turns polling off
+    /// longest time to busy-poll for events, in nanoseconds; 0 turns polling off (default: 32768)
     pub poll_max_ns: Option<i64>,
-    /// factor by which the polling time grows when events are being missed; 0 means the built-in default (default: 0)
+    /// factor by which the polling time grows when events are being missed; 0 means the built-in default, 2 (default: 0)
     pub poll_grow: Option<i64>,
-    /// divisor by which the polling time shrinks when polling finds nothing; 0 means the built-in default (default: 0)
+    /// divisor by which the polling time shrinks when polling finds nothing; 0 means dropping it to nothing at once (default: 0)
     pub poll_shrink: Option<i64>,
     /// most requests submitted to the AIO engine in one go; 0 means the engine's default (default: 0) (since 6.1)
     pub aio_max_batch: Option<i64>,

@@ -282,6 +282,7 @@ impl qapi::Commands for Cx<'_> {
             &arg.property,
             &arg.value,
         )?;
+        d.object_changed(&id)?;
         log::info!("object '{id}': {} set to {}", arg.property, arg.value);
         Ok(())
     }

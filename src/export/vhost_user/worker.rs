@@ -10,6 +10,7 @@
 
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
+use super::polling::{Ended, Fired, PollPolicy, PollTime};
 use super::queue::{
     account_finished, complete, polled_avail_idx, remember_guess, resubmit_heads, ring_is_broken,
     snapshot, take_requests, QueueRun, Slot,
@@ -36,6 +37,10 @@ const DRAIN_RETRY: Duration = Duration::from_millis(1);
 const COMPLETION_RECHECK: Duration = Duration::from_millis(10);
 /// Polling looks at the clock once per this many iterations.
 const POLL_CLOCK_EVERY: u32 = 16;
+/// A gap this long between two of polling's looks at the clock, which
+/// normally come well under a microsecond apart, means the thread was kept
+/// off its CPU in between (an interrupt, or another thread that ran).
+const POLL_INTERRUPTED: Duration = Duration::from_micros(4);
 /// A thread kept busy by polling or by work found when about to sleep
 /// still collects its events (control messages, other queues' kicks)
 /// after this many rounds.
@@ -73,6 +78,8 @@ pub enum WorkerMsg {
         key: QueueKey,
         call: EventFd,
     },
+    /// An iothread's polling options changed (qom-set).
+    SetPoll(PollPolicy),
     Exit,
 }
 
@@ -81,12 +88,26 @@ struct Worker {
     ctx: IoContext,
     queues: Vec<Option<QueueRun>>,
     completions: Vec<Completion>,
-    poll: Duration,
+    poll: PollTime,
+}
+
+/// What polling came to; `interrupted`: the thread was kept off its CPU
+/// for a moment while it polled.
+enum Polled {
+    /// Work showed up; `waited` is how long polling had run by the last
+    /// look at the clock (`None`: found before the clock was read at all).
+    Work {
+        fired: Fired,
+        waited: Option<Duration>,
+        interrupted: bool,
+    },
+    /// Nothing within the polling time, which started at `since`.
+    Nothing { since: Instant, interrupted: bool },
 }
 
 /// Runs an I/O thread until it is told to exit.
-pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
-    let mut w = match Worker::new(&wake, poll_us) {
+pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
+    let mut w = match Worker::new(&wake, poll) {
         Ok(w) => w,
         Err(e) => {
             log::error!("I/O thread cannot start: {e}");
@@ -101,6 +122,12 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
         // events are still collected (without waiting) so that the other
         // queues, completions and control messages are not starved. So
         // are they every EVENTS_EVERY rounds found by polling or arming.
+        // When the thread runs out of work it is idle until something
+        // shows up; with adaptive polling, how long that took (polling
+        // included) sets the next polling time. `idle_since` is when the
+        // idle spell began, read only when the thread is about to sleep.
+        let mut idle_since = None;
+        let mut interrupted = false;
         let timeout = if rounds >= EVENTS_EVERY
             || w.queues
                 .iter()
@@ -109,12 +136,42 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
         {
             Duration::ZERO
         } else {
-            if !w.poll.is_zero() && w.poll_for_work() {
-                w.process_all();
-                rounds += 1;
-                continue;
+            let window = w.poll.ns();
+            if window > 0 {
+                match w.poll_for_work(Duration::from_nanos(window)) {
+                    Polled::Work {
+                        fired,
+                        waited,
+                        interrupted,
+                    } => {
+                        // Work found before the clock was read came within
+                        // a few iterations: a wait of about nothing.
+                        let ns = waited.map_or(0, |d| d.as_nanos() as u64);
+                        w.poll.observe(ns, fired, Ended::Polling, interrupted);
+                        w.process_all();
+                        rounds += 1;
+                        continue;
+                    }
+                    Polled::Nothing {
+                        since,
+                        interrupted: i,
+                    } => {
+                        interrupted = i;
+                        if w.poll.adapts() {
+                            idle_since = Some(since);
+                        }
+                    }
+                }
             }
-            if !w.arm() {
+            if w.poll.adapts() && idle_since.is_none() {
+                idle_since = Some(Instant::now());
+            }
+            let fired = w.arm();
+            if fired.any() {
+                if let Some(since) = idle_since {
+                    let ns = since.elapsed().as_nanos() as u64;
+                    w.poll.observe(ns, fired, Ended::LastLook, interrupted);
+                }
                 w.process_all();
                 rounds += 1;
                 continue;
@@ -134,6 +191,8 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
         if !timeout.is_zero() {
             w.ctx.disarm();
         }
+        // Read the clock before handling anything: the wait ended now.
+        let woke_after = idle_since.map(|since| since.elapsed());
         for q in w.queues.iter_mut().flatten() {
             if q.held {
                 q.held = false;
@@ -152,6 +211,7 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
             // The safety net below COMPLETION_RECHECK.
             w.reap();
         }
+        let mut fired = Fired::default();
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_CONTROL => {
@@ -166,22 +226,28 @@ pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll_us: u32) {
                 TOKEN_IO => {
                     w.ctx.clear_wake();
                     w.reap();
+                    fired.completions = true;
                 }
                 t => {
                     let i = (t - TOKEN_QUEUE) as usize;
                     if let Some(Some(q)) = w.queues.get_mut(i) {
                         let _ = q.kick.read();
                         q.deferred = true;
+                        fired.requests = true;
                     }
                 }
             }
+        }
+        if let Some(d) = woke_after {
+            w.poll
+                .observe(d.as_nanos() as u64, fired, Ended::Wakeup, interrupted);
         }
         w.process_all();
     }
 }
 
 impl Worker {
-    fn new(wake: &EventFd, poll_us: u32) -> std::io::Result<Self> {
+    fn new(wake: &EventFd, poll: PollPolicy) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         let epoll = Epoll::new()?;
         let ctx = IoContext::new(RING_DEPTH, false)?;
@@ -200,7 +266,7 @@ impl Worker {
             ctx,
             queues: Vec::new(),
             completions: Vec::with_capacity(256),
-            poll: Duration::from_micros(u64::from(poll_us)),
+            poll: PollTime::new(poll),
         })
     }
 
@@ -221,6 +287,7 @@ impl Worker {
                     q.call = call;
                 }
             }
+            WorkerMsg::SetPoll(p) => self.poll = PollTime::new(p),
             WorkerMsg::Exit => return false,
         }
         true
@@ -373,14 +440,14 @@ impl Worker {
 
     /// Prepares to sleep: turns the guest's kicks and the engine's
     /// wake-ups back on, then looks once more for work that arrived before
-    /// they were on. Returns false when there is some (the caller
+    /// they were on. Returns what it found, if anything (the caller then
     /// processes it instead of sleeping).
     ///
     /// Kicks stay off for as long as the thread is awake (see
     /// `take_requests`), so a guest that adds requests while it works, or
     /// polls, does not pay for a kick nobody waits for.
-    fn arm(&mut self) -> bool {
-        let mut work = false;
+    fn arm(&mut self) -> Fired {
+        let mut fired = Fired::default();
         for q in self.queues.iter_mut().flatten() {
             if !q.can_take() {
                 continue;
@@ -389,37 +456,47 @@ impl Worker {
             match q.queue.enable_notification(&**mem) {
                 Ok(true) if !ring_is_broken(q) => {
                     q.deferred = true;
-                    work = true;
+                    fired.requests = true;
                 }
                 _ => {}
             }
         }
         if !self.ctx.arm() {
-            work = true;
+            fired.completions = true;
         }
-        if work {
+        if fired.any() {
             self.ctx.disarm();
         }
-        !work
+        fired
     }
 
-    /// Busy-waits up to the polling time for new requests or completions.
+    /// Busy-waits up to `window` for new requests or completions.
     ///
     /// An iteration is kept to a few loads from shared memory: the avail
     /// index through the queue's current snapshot (a memory table change is
     /// picked up when requests are taken), the completion queue's tail, and
     /// the clock only every [`POLL_CLOCK_EVERY`] iterations.
-    fn poll_for_work(&mut self) -> bool {
+    fn poll_for_work(&mut self, window: Duration) -> Polled {
         // The clock is first read after POLL_CLOCK_EVERY iterations: work
         // found sooner costs no reading at all.
         let mut start: Option<Instant> = None;
+        let mut waited: Option<Duration> = None;
+        let mut interrupted = false;
+        // Completions handled since the last look at the clock make the
+        // gap between the looks no sign of anything.
+        let mut worked = false;
         let mut spins = 0u32;
         loop {
             if self.ctx.has_ready() {
                 self.reap();
                 if self.queues.iter().flatten().any(|q| q.need_notify) {
-                    return true;
+                    return Polled::Work {
+                        fired: Fired::COMPLETIONS,
+                        waited,
+                        interrupted,
+                    };
                 }
+                worked = true;
             }
             let mut found = false;
             for q in self.queues.iter_mut().flatten() {
@@ -437,13 +514,25 @@ impl Worker {
                 }
             }
             if found {
-                return true;
+                return Polled::Work {
+                    fired: Fired::REQUESTS,
+                    waited,
+                    interrupted,
+                };
             }
             spins = spins.wrapping_add(1);
-            if spins % POLL_CLOCK_EVERY == 0
-                && start.get_or_insert_with(Instant::now).elapsed() >= self.poll
-            {
-                return false;
+            if spins % POLL_CLOCK_EVERY == 0 {
+                let now = Instant::now();
+                let since = *start.get_or_insert(now);
+                let d = now - since;
+                if !worked {
+                    interrupted |= d - waited.unwrap_or(Duration::ZERO) > POLL_INTERRUPTED;
+                }
+                if d >= window {
+                    return Polled::Nothing { since, interrupted };
+                }
+                worked = false;
+                waited = Some(d);
             }
             std::hint::spin_loop();
         }
