@@ -2129,7 +2129,6 @@ fn polling_stops_once_the_guest_goes_quiet() {
         "{cpu:?} of CPU in 500 ms with nothing to do"
     );
     // And it still answers.
-    // And it still answers.
     let after = q
         .try_read(0, 4096)
         .unwrap_or_else(|e| panic!("read after idling: {e}; daemon log:\n{}", d.stderr()));
