@@ -101,6 +101,27 @@ impl IoRequest {
         IoRequest { offset, ..*self }
     }
 
+    /// The same request under another tag (a node starting it as a part
+    /// of its own request).
+    pub fn with_tag(&self, tag: u64) -> Self {
+        IoRequest { tag, ..*self }
+    }
+
+    /// The same request over a part of the range: `len` bytes from
+    /// `offset`, its buffers the ones `iov` describes (a node splitting it).
+    ///
+    /// # Safety
+    /// As [`Self::new`], for `iov`.
+    pub unsafe fn part(&self, offset: u64, len: u64, iov: *const libc::iovec, iovcnt: u32) -> Self {
+        IoRequest {
+            offset,
+            len,
+            iov,
+            iovcnt,
+            ..*self
+        }
+    }
+
     /// Fills the request's buffers with zeroes.
     pub fn zero_buffers(&self) {
         for i in 0..self.iovcnt as usize {

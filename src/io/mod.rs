@@ -6,7 +6,8 @@
 //! seccomp policy, `io_uring_disabled`), a small thread pool runs the same
 //! operations with plain system calls.
 //!
-//! Requests are identified by a caller-chosen tag. Buffers and iovec arrays
+//! Requests are identified by a caller-chosen tag, with bits 62 and 63
+//! clear (they mark the executor's tags and the engine's sleeps). Buffers and iovec arrays
 //! handed to an operation must stay valid and unmoved until the completion
 //! with that tag has been reaped; this is the caller's contract on the
 //! `unsafe` submission functions.
@@ -14,6 +15,7 @@
 pub mod aligned;
 pub mod mailbox;
 mod pool;
+pub mod task;
 mod uring;
 
 use std::os::fd::RawFd;
@@ -88,6 +90,8 @@ pub struct IoContext {
     no_nowait: Vec<RawFd>,
     /// Completions of operations other threads did for this one.
     mailbox: std::sync::Arc<mailbox::Mailbox>,
+    /// Multi-step requests in flight ([`task`]).
+    exec: task::Executor,
 }
 
 impl IoContext {
@@ -113,6 +117,7 @@ impl IoContext {
             wake,
             lone: None,
             no_nowait: Vec::new(),
+            exec: task::Executor::default(),
         })
     }
 
@@ -212,13 +217,25 @@ impl IoContext {
     /// Moves every finished operation into `out`. The wake-up eventfd is
     /// left as it is: the owner clears it when its event loop reports it
     /// ([`Self::clear_wake`]).
+    ///
+    /// Completions of parts of multi-step requests are not handed out:
+    /// they move their requests on, and what those complete is.
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        let from = out.len();
         out.append(&mut self.immediate);
         self.mailbox.take(out);
         match &mut self.engine {
             Engine::Uring(u) => u.reap(out),
             Engine::Threads(p) => p.reap(out),
         }
+        if !self.exec.is_idle() {
+            self.route(out, from);
+        }
+    }
+
+    /// The executor of multi-step requests ([`task`]).
+    pub fn executor(&self) -> &task::Executor {
+        &self.exec
     }
 
     /// Resets the wake-up eventfd after the event loop saw it readable.
@@ -257,7 +274,8 @@ impl IoContext {
 
     /// Whether operations are queued or running.
     pub fn busy(&self) -> bool {
-        !self.immediate.is_empty()
+        !self.exec.is_idle()
+            || !self.immediate.is_empty()
             || self.lone.is_some()
             || self.mailbox.pending() > 0
             || match &self.engine {
