@@ -87,6 +87,9 @@ pub struct Graph {
     next_auto_name: u64,
     next_use: u64,
     perms: HashMap<String, NodePerm>,
+    /// Edges a draft re-pointed (parent, role): their data-plane links
+    /// follow when the change is committed.
+    relinks: Vec<(String, ChildRole)>,
 }
 
 /// One parent's claim on a node, for the permission check.
@@ -117,16 +120,63 @@ impl Graph {
 
     /// Makes a change on a copy, checks it and, if it holds, keeps it. Nodes
     /// that the change removed are closed afterwards.
+    ///
+    /// The change is a transaction: the copy is checked first (cycles,
+    /// permissions); then every data-plane user the change affects is
+    /// drained (its root changes, or its requests pass through an edge
+    /// that is re-pointed), all of them or none; then the image locks are
+    /// taken (all or none); only then are edges re-pointed and roots
+    /// published, and the users resume. Any failure before that point
+    /// leaves the live graph, its locks and its data plane as they were.
     pub fn change<T>(
         &mut self,
         f: impl FnOnce(&mut Graph) -> Result<T, BlockError>,
     ) -> Result<T, BlockError> {
         let mut draft = self.clone();
+        draft.relinks.clear();
         let out = f(&mut draft)?;
         let plan = draft.check()?;
+        let slots = self.slots_to_drain(&draft);
+        let mut drained = Vec::with_capacity(slots.len());
+        for (name, slot) in &slots {
+            let guard = slot
+                .drain(DRAIN_TIMEOUT)
+                .map_err(|e| BlockError::invalid(format!("Cannot drain '{name}': {e}")))?;
+            drained.push((guard, slot));
+        }
         apply_plan(&draft, &plan)?;
+        let relinked = !draft.relinks.is_empty();
+        for (parent, role) in std::mem::take(&mut draft.relinks) {
+            let Some(p) = draft.node(&parent) else {
+                continue;
+            };
+            let new_child = p
+                .children
+                .iter()
+                .find(|e| e.role == role)
+                .and_then(|e| draft.node(&e.child))
+                .map(|c| c.io.clone());
+            match (p.driver.child(role), new_child) {
+                (Some(link), Some(io)) => {
+                    // SAFETY: every user whose requests can reach `parent`
+                    // is drained above (slots_to_drain), and nothing here
+                    // holds a reference from the link.
+                    drop(unsafe { link.replace(io) });
+                }
+                _ => log::error!("node '{parent}' has no '{}' link to re-point", role.name()),
+            }
+        }
+        for (guard, slot) in &drained {
+            if let Some(u) = draft
+                .uses
+                .iter()
+                .find(|u| u.slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, slot)))
+            {
+                guard.publish(draft.node(&u.node).map(|n| n.io.clone()));
+            }
+        }
+        drop(drained);
         draft.perms = plan;
-        publish_roots(&draft)?;
         let kept: HashSet<&str> = draft.nodes.iter().map(|n| n.name.as_str()).collect();
         let removed: Vec<Arc<dyn Driver>> = self
             .nodes
@@ -135,12 +185,85 @@ impl Graph {
             .map(|n| n.driver.clone())
             .collect();
         *self = draft;
+        if relinked {
+            self.refresh_lengths();
+        }
         for driver in removed {
             if let Err(e) = driver.close() {
                 log::warn!("closing a removed node: {e}");
             }
         }
         Ok(out)
+    }
+
+    /// The data-plane users a change from `self` to `draft` must drain:
+    /// those whose root node changes, and those whose requests reach the
+    /// parent of an edge the draft re-points.
+    fn slots_to_drain(&self, draft: &Graph) -> Vec<(String, Arc<RootSlot>)> {
+        let mut out: Vec<(String, Arc<RootSlot>)> = Vec::new();
+        for u in &draft.uses {
+            let Some(slot) = &u.slot else { continue };
+            let new_root = draft.node(&u.node).map(|n| n.io.clone());
+            let same = match (&new_root, &slot.current()) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            let reaches_relink = !draft.relinks.is_empty() && {
+                let below = self.below(&u.node);
+                draft
+                    .relinks
+                    .iter()
+                    .any(|(p, _)| below.contains(p.as_str()))
+            };
+            if (!same || reaches_relink) && !out.iter().any(|(_, s)| Arc::ptr_eq(s, slot)) {
+                out.push((u.name.clone(), slot.clone()));
+            }
+        }
+        out
+    }
+
+    /// `name` and every node below it.
+    fn below(&self, name: &str) -> HashSet<&str> {
+        let mut seen = HashSet::new();
+        let mut stack = vec![name];
+        while let Some(n) = stack.pop() {
+            let Some(node) = self.node(n) else { continue };
+            if seen.insert(node.name.as_str()) {
+                stack.extend(node.children.iter().map(|e| e.child.as_str()));
+            }
+        }
+        seen
+    }
+
+    /// Re-points every edge and user that refers to `old` at `new`, except
+    /// the edges of `new` itself (an overlay's `backing` stays on `old`).
+    /// Meant for a draft: the data plane follows when the change commits.
+    pub fn replace_node(&mut self, old: &str, new: &str) -> Result<(), BlockError> {
+        for name in [old, new] {
+            if self.node(name).is_none() {
+                return Err(BlockError::NoSuchNode(name.to_string()));
+            }
+        }
+        let mut relinks = Vec::new();
+        for n in self.nodes.iter_mut().filter(|n| n.name != new) {
+            for e in n.children.iter_mut().filter(|e| e.child == old) {
+                if n.driver.child(e.role).is_none() {
+                    return Err(BlockError::invalid(format!(
+                        "Node '{}' cannot change its '{}' child",
+                        n.name,
+                        e.role.name()
+                    )));
+                }
+                e.child = new.to_string();
+                relinks.push((n.name.clone(), e.role));
+            }
+        }
+        self.relinks.extend(relinks);
+        for u in self.uses.iter_mut().filter(|u| u.node == old) {
+            u.node = new.to_string();
+        }
+        Ok(())
     }
 
     /// Lets every node re-read lengths it keeps in memory (after a resize).
@@ -392,29 +515,6 @@ fn apply_plan(graph: &Graph, plan: &HashMap<String, NodePerm>) -> Result<(), Blo
         if let Some(np) = plan.get(&node.name) {
             node.driver.commit_perm(np.perm, np.shared);
         }
-    }
-    Ok(())
-}
-
-/// Drains every data-plane user whose root node changed, installs the
-/// new roots, and lets requests flow again.
-fn publish_roots(draft: &Graph) -> Result<(), BlockError> {
-    for u in &draft.uses {
-        let Some(slot) = &u.slot else { continue };
-        let new_root = draft.node(&u.node).map(|n| n.io.clone());
-        let old_root = slot.current();
-        let same = match (&new_root, &old_root) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if same {
-            continue;
-        }
-        let drained = slot
-            .drain(DRAIN_TIMEOUT)
-            .map_err(|e| BlockError::invalid(format!("Cannot drain '{}': {e}", u.name)))?;
-        drained.publish(new_root);
     }
     Ok(())
 }

@@ -318,3 +318,166 @@ fn a_writer_export_keeps_another_writer_of_the_same_node_out() {
         "{err:?}"
     );
 }
+
+fn slot_use(name: &str, node: &str, slot: &std::sync::Arc<super::drain::RootSlot>) -> Use {
+    Use {
+        name: name.into(),
+        slot: Some(slot.clone()),
+        ..writer_use(node)
+    }
+}
+
+fn length_of(g: &Graph, node: &str) -> u64 {
+    g.node(node).unwrap().io.length().unwrap()
+}
+
+#[test]
+fn replacing_a_node_re_points_parents_and_users_on_the_data_plane() {
+    // Arrange: raw 'r' over null 'n1' (1 MiB); 'n2' (2 MiB) beside; an
+    // export-like user on 'n1' with a published root.
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "null-co", "node-name": "n1", "size": 1 << 20}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "null-co", "node-name": "n2", "size": 2 << 20}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r", "file": "n1"}),
+    )
+    .unwrap();
+    let slot = std::sync::Arc::new(super::drain::RootSlot::new(None));
+    g.change(|d| {
+        d.add_use(slot_use("dev", "n1", &slot));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(slot.current().unwrap().length().unwrap(), 1 << 20);
+    assert_eq!(length_of(&g, "r"), 1 << 20);
+
+    // Act
+    g.change(|d| d.replace_node("n1", "n2")).unwrap();
+
+    // Assert: the graph, the raw node's link and the user's root moved.
+    assert_eq!(g.node("r").unwrap().children[0].child, "n2");
+    assert_eq!(length_of(&g, "r"), 2 << 20);
+    let raw = g.node("r").unwrap();
+    let link = raw.driver.child(super::driver::ChildRole::File).unwrap();
+    assert_eq!(link.get().length().unwrap(), 2 << 20);
+    assert_eq!(g.uses()[0].node, "n2");
+    assert_eq!(slot.current().unwrap().length().unwrap(), 2 << 20);
+}
+
+#[test]
+fn the_new_nodes_own_edges_keep_pointing_at_the_old_node() {
+    // Arrange: 'top' uses 'base'; 'over' (standing in for an overlay)
+    // has 'base' as its child too.
+    let mut g = Graph::default();
+    add(&mut g, json!({"driver": "null-co", "node-name": "base"})).unwrap();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "top", "file": "base"}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "over", "file": "base"}),
+    )
+    .unwrap();
+
+    // Act
+    g.change(|d| d.replace_node("base", "over")).unwrap();
+
+    // Assert: no cycle, 'top' goes through 'over', 'over' still to 'base'.
+    assert_eq!(g.node("top").unwrap().children[0].child, "over");
+    assert_eq!(g.node("over").unwrap().children[0].child, "base");
+}
+
+#[test]
+fn a_failed_change_leaves_links_and_roots_as_they_were() {
+    // Arrange: 'r' over 'n1'; 'n2' is read-only; a writer uses 'r'.
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "null-co", "node-name": "n1", "size": 1 << 20}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "null-co", "node-name": "n2", "size": 2 << 20, "read-only": true}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r", "file": "n1"}),
+    )
+    .unwrap();
+    let slot = std::sync::Arc::new(super::drain::RootSlot::new(None));
+    g.change(|d| {
+        d.add_use(slot_use("dev", "r", &slot));
+        Ok(())
+    })
+    .unwrap();
+
+    // Act: re-pointing the writer's path onto a read-only node fails.
+    let err = g.change(|d| d.replace_node("n1", "n2")).err();
+
+    // Assert
+    assert!(matches!(err, Some(BlockError::ReadOnly)), "{err:?}");
+    assert_eq!(g.node("r").unwrap().children[0].child, "n1");
+    let raw = g.node("r").unwrap();
+    let link = raw.driver.child(super::driver::ChildRole::File).unwrap();
+    assert_eq!(link.get().length().unwrap(), 1 << 20);
+    assert_eq!(slot.current().unwrap().length().unwrap(), 1 << 20);
+}
+
+#[test]
+fn a_change_waits_for_requests_through_a_re_pointed_edge() {
+    // Arrange: a user on 'r' (over 'n1') with one request in flight on an
+    // I/O thread's view of its slot.
+    let mut g = Graph::default();
+    add(
+        &mut g,
+        json!({"driver": "null-co", "node-name": "n1", "size": 1 << 20}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "null-co", "node-name": "n2", "size": 2 << 20}),
+    )
+    .unwrap();
+    add(
+        &mut g,
+        json!({"driver": "raw", "node-name": "r", "file": "n1"}),
+    )
+    .unwrap();
+    let slot = std::sync::Arc::new(super::drain::RootSlot::new(None));
+    g.change(|d| {
+        d.add_use(slot_use("dev", "r", &slot));
+        Ok(())
+    })
+    .unwrap();
+    let mut local = slot.register();
+    assert!(local.enter());
+    let finisher = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        local.leave();
+        local
+    });
+
+    // Act
+    let started = std::time::Instant::now();
+    g.change(|d| d.replace_node("n1", "n2")).unwrap();
+
+    // Assert: the change waited for the request, then re-pointed.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(40));
+    let mut local = finisher.join().unwrap();
+    assert!(local.enter());
+    assert_eq!(local.root().unwrap().length().unwrap(), 2 << 20);
+    local.leave();
+}

@@ -4,6 +4,7 @@
 pub mod detect_zeroes;
 pub mod drain;
 pub mod driver;
+pub mod edge;
 pub mod error;
 pub mod file_lock;
 pub mod graph;

@@ -75,6 +75,13 @@ pub trait Driver: Send + Sync {
     /// The node's data face.
     fn io(&self) -> Root;
 
+    /// The data-plane edge to the child in `role`, for the graph to
+    /// re-point (a snapshot, a pivot, a medium change).
+    fn child(&self, role: ChildRole) -> Option<&crate::block::edge::Child> {
+        let _ = role;
+        None
+    }
+
     /// What QEMU calls the node's filename: the path of a file, the
     /// filename of a format node's file, a pseudo-URL for null nodes.
     fn filename(&self) -> String;

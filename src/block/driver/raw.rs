@@ -3,6 +3,7 @@
 
 use super::{Driver, DriverKind};
 use crate::block::drain::Root;
+use crate::block::edge::Child;
 use crate::block::error::BlockError;
 use crate::block::io::{BlockIo, IoRequest};
 use crate::io::IoContext;
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub struct RawIo {
-    child: Root,
+    child: Child,
     offset: u64,
     /// The window's length when `size` was given; it cannot be resized.
     fixed_size: Option<u64>,
@@ -25,20 +26,20 @@ impl BlockIo for RawIo {
     }
 
     fn allocated_size(&self) -> Option<u64> {
-        self.child.allocated_size()
+        self.child.get().allocated_size()
     }
 
     fn mem_alignment(&self) -> usize {
-        self.child.mem_alignment()
+        self.child.get().mem_alignment()
     }
 
     fn preferred_alignment(&self) -> u32 {
-        self.child.preferred_alignment()
+        self.child.get().preferred_alignment()
     }
 
     fn refresh_length(&self) {
         if self.fixed_size.is_none() {
-            if let Ok(len) = self.child.length() {
+            if let Ok(len) = self.child.get().length() {
                 self.size
                     .store(len.saturating_sub(self.offset), Ordering::Relaxed);
             }
@@ -53,13 +54,13 @@ impl BlockIo for RawIo {
             .offset
             .checked_add(size)
             .ok_or_else(|| BlockError::invalid("Image size too large"))?;
-        self.child.truncate(end)?;
+        self.child.get().truncate(end)?;
         self.size.store(size, Ordering::Relaxed);
         Ok(())
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        self.child.flush()
+        self.child.get().flush()
     }
 
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
@@ -69,7 +70,7 @@ impl BlockIo for RawIo {
             .checked_add(req.len())
             .is_some_and(|end| end <= size);
         match req.offset().checked_add(self.offset) {
-            Some(offset) if in_range => self.child.submit(ctx, &req.at(offset)),
+            Some(offset) if in_range => self.child.get().submit(ctx, &req.at(offset)),
             _ => ctx.complete_now(req.tag(), -libc::EIO),
         }
     }
@@ -125,7 +126,7 @@ impl RawDriver {
         Ok(RawDriver {
             child_desc: child_desc.replace("\":", "\": ").replace(",\"", ", \""),
             io: Arc::new(RawIo {
-                child,
+                child: Child::new(super::ChildRole::File, child),
                 offset,
                 fixed_size,
                 size: AtomicU64::new(size),
@@ -153,6 +154,10 @@ impl Driver for RawDriver {
 
     fn io(&self) -> Root {
         self.io.clone()
+    }
+
+    fn child(&self, role: super::ChildRole) -> Option<&Child> {
+        (role == super::ChildRole::File).then_some(&self.io.child)
     }
 
     fn filename(&self) -> String {
