@@ -14,5 +14,6 @@ pub mod io;
 pub mod open;
 pub mod perm;
 pub mod probe;
+pub mod qcow2;
 pub mod query;
 pub mod stats;
