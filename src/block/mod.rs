@@ -17,3 +17,4 @@ pub mod probe;
 pub mod qcow2;
 pub mod query;
 pub mod stats;
+pub mod sync_io;

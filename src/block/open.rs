@@ -3,6 +3,7 @@
 
 use super::driver::file::FileDriver;
 use super::driver::null::NullDriver;
+use super::driver::qcow2;
 use super::driver::raw::RawDriver;
 use super::driver::{is_built, ChildRole, Driver, NodeFlags};
 use super::error::BlockError;
@@ -108,6 +109,56 @@ fn open_node(
             });
             Arc::new(driver)
         }
+        BlockdevOptionsBranch::Qcow2(q) => {
+            let child = open_child(graph, &q.file, &flags, depth)?;
+            let file_node = graph
+                .node(&child)
+                .ok_or_else(|| BlockError::NoSuchNode(child.clone()))?;
+            let file_io = file_node.io.clone();
+            let file_filename = file_node.driver.filename();
+            let header = qcow2::read_header(&file_io)?;
+            children.push(Edge {
+                role: ChildRole::File,
+                child,
+            });
+            let backing = match q.backing.as_deref() {
+                // An empty reference: no backing node, whatever the image says.
+                Some(BlockdevRef::Reference(r)) if r.is_empty() => None,
+                Some(r) => Some(open_child(graph, r, &backing_flags(&flags), depth)?),
+                None => match qcow2::BackingInfo::from_header(&header) {
+                    None => None,
+                    Some(b) => Some(open_backing_from_header(
+                        graph,
+                        &b,
+                        &file_filename,
+                        &flags,
+                        depth,
+                    )?),
+                },
+            };
+            let backing_io = match &backing {
+                Some(b) => {
+                    let node = graph
+                        .node(b)
+                        .ok_or_else(|| BlockError::NoSuchNode(b.clone()))?;
+                    children.push(Edge {
+                        role: ChildRole::Backing,
+                        child: b.clone(),
+                    });
+                    Some((node.io.clone(), node.driver.filename()))
+                }
+                None => None,
+            };
+            Arc::new(qcow2::Qcow2Driver::open(
+                &name,
+                file_io,
+                file_filename,
+                header,
+                backing_io,
+                q.l2_cache_size,
+                flags.read_only,
+            )?)
+        }
         _ => return Err(BlockError::DriverNotBuilt(driver_name.as_str().to_string())),
     };
     let flags = NodeFlags {
@@ -151,4 +202,61 @@ fn open_child(
         },
         BlockdevRef::Definition(opts) => open_node(graph, opts, Some(parent), false, depth + 1),
     }
+}
+
+/// What a backing node inherits: read-only, and the parent's cache mode.
+fn backing_flags(parent: &NodeFlags) -> NodeFlags {
+    NodeFlags {
+        read_only: true,
+        auto_read_only: false,
+        force_share: false,
+        detect_zeroes: BlockdevDetectZeroesOptions::Off,
+        ..*parent
+    }
+}
+
+/// Opens the backing file an image's header names: its path taken
+/// relative to the image's directory, its format as recorded or, when
+/// none is, as its contents say (a file without a known signature is
+/// raw).
+fn open_backing_from_header(
+    graph: &mut Graph,
+    b: &qcow2::BackingInfo,
+    image_filename: &str,
+    parent: &NodeFlags,
+    depth: usize,
+) -> Result<String, BlockError> {
+    let path = if b.name.starts_with('/') || b.name.contains("://") {
+        b.name.clone()
+    } else {
+        match std::path::Path::new(image_filename).parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(&b.name).display().to_string(),
+            _ => b.name.clone(),
+        }
+    };
+    let format = match &b.format {
+        Some(f) => f.clone(),
+        None => match super::probe::probe_path(std::path::Path::new(&path)) {
+            Ok(Some(d)) => d.as_str().to_string(),
+            Ok(None) => "raw".to_string(),
+            Err(e) => {
+                return Err(BlockError::Open {
+                    path: path.clone(),
+                    reason: super::error::strerror(&e),
+                })
+            }
+        },
+    };
+    let v = serde_json::json!({
+        "driver": format,
+        "file": {"driver": "file", "filename": path},
+    });
+    let opts: BlockdevOptions = crate::qapi::rt::read(&v, crate::qapi::rt::Syntax::Json)
+        .map_err(|e| BlockError::invalid(format!("backing file '{}': {e}", b.name)))?;
+    if depth + 1 > MAX_DEPTH {
+        return Err(BlockError::invalid(format!(
+            "Backing chain of '{image_filename}' is longer than {MAX_DEPTH} images (or loops)"
+        )));
+    }
+    open_node(graph, &opts, Some(&backing_flags(parent)), false, depth + 1)
 }

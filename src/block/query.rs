@@ -7,8 +7,17 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// ImageInfo of a node (what `qemu-img info` would show of it).
-pub fn image_info(node: &Node) -> ImageInfo {
+/// The node's backing node, if it has one.
+fn backing_of<'g>(graph: &'g Graph, node: &Node) -> Option<&'g Node> {
+    node.children
+        .iter()
+        .find(|e| e.role == super::driver::ChildRole::Backing)
+        .and_then(|e| graph.node(&e.child))
+}
+
+/// ImageInfo of a node (what `qemu-img info` would show of it), with the
+/// backing chain below it as `backing-image`.
+pub fn image_info(graph: &Graph, node: &Node) -> ImageInfo {
     let io = node.driver.io();
     let mut info = ImageInfo {
         filename: node.driver.filename(),
@@ -18,21 +27,30 @@ pub fn image_info(node: &Node) -> ImageInfo {
         ..ImageInfo::default()
     };
     node.driver.describe_image(&mut info);
+    info.backing_image = backing_of(graph, node).map(|b| Box::new(image_info(graph, b)));
     info
 }
 
 /// BlockDeviceInfo of a node (query-named-block-nodes, query-block).
-pub fn device_info(node: &Node) -> BlockDeviceInfo {
+pub fn device_info(graph: &Graph, node: &Node) -> BlockDeviceInfo {
+    let mut depth = 0;
+    let mut below = backing_of(graph, node);
+    while let Some(b) = below {
+        depth += 1;
+        below = backing_of(graph, b);
+    }
+    let image = image_info(graph, node);
     BlockDeviceInfo {
         file: node.driver.filename(),
         node_name: Some(node.name.clone()),
         ro: node.flags.read_only,
         drv: node.driver.name().to_string(),
-        backing_file_depth: 0,
+        backing_file_depth: depth,
         encrypted: false,
         encryption_key_missing: false,
         detect_zeroes: node.flags.detect_zeroes,
-        image: image_info(node),
+        backing_file: image.backing_filename.clone(),
+        image,
         cache: BlockdevCacheInfo {
             writeback: true,
             direct: node.flags.cache_direct,
@@ -40,7 +58,6 @@ pub fn device_info(node: &Node) -> BlockDeviceInfo {
         },
         write_threshold: to_i64(node.write_threshold),
         active: true,
-        backing_file: None,
         bps: 0,
         bps_rd: 0,
         bps_wr: 0,
@@ -66,7 +83,12 @@ pub fn device_info(node: &Node) -> BlockDeviceInfo {
 
 /// Every named node, the newest first (as QEMU lists them).
 pub fn named_nodes(graph: &Graph) -> Vec<BlockDeviceInfo> {
-    graph.nodes().iter().rev().map(device_info).collect()
+    graph
+        .nodes()
+        .iter()
+        .rev()
+        .map(|n| device_info(graph, n))
+        .collect()
 }
 
 /// Statistics of a node and, below it, of its file child (`parent` in

@@ -150,7 +150,7 @@ impl qapi::Commands for Cx<'_> {
                 r#type: "unknown".into(),
                 removable: false,
                 locked: false,
-                inserted: g.node(&u.node).map(query::device_info),
+                inserted: g.node(&u.node).map(|n| query::device_info(g, n)),
                 tray_open: None,
                 io_status: None,
                 dirty_bitmaps: None,

@@ -5,6 +5,7 @@
 pub mod file;
 mod inline_write;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 
 use super::drain::Root;
@@ -165,5 +166,6 @@ pub fn is_built(driver: BlockdevDriver) -> bool {
             | BlockdevDriver::Raw
             | BlockdevDriver::NullCo
             | BlockdevDriver::NullAio
+            | BlockdevDriver::Qcow2
     )
 }

@@ -1,0 +1,94 @@
+//! The L2 table cache: tables read from the image, by their offset in the
+//! file, shared by every thread that serves the node.
+//!
+//! A table is kept as its raw 64-bit words (two per entry with extended
+//! L2 entries), decoded when looked up. The least recently used table
+//! goes when the cache is full. Lookups take the cache's mutex for a few
+//! loads; no I/O happens under it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct L2Cache {
+    tables: HashMap<u64, Entry>,
+    capacity: usize,
+    clock: u64,
+}
+
+struct Entry {
+    words: Arc<[u64]>,
+    used: u64,
+}
+
+impl L2Cache {
+    /// A cache of at most `capacity` tables (at least 2).
+    pub fn new(capacity: usize) -> Self {
+        L2Cache {
+            tables: HashMap::new(),
+            capacity: capacity.max(2),
+            clock: 0,
+        }
+    }
+
+    /// Word `i` of the table at `offset`, if the table is cached.
+    pub fn word(&mut self, offset: u64, i: usize) -> Option<u64> {
+        self.clock += 1;
+        let e = self.tables.get_mut(&offset)?;
+        e.used = self.clock;
+        e.words.get(i).copied()
+    }
+
+    /// Words `i` and `i + 1` (an extended entry and its bitmap).
+    pub fn pair(&mut self, offset: u64, i: usize) -> Option<(u64, u64)> {
+        self.clock += 1;
+        let e = self.tables.get_mut(&offset)?;
+        e.used = self.clock;
+        Some((*e.words.get(i)?, *e.words.get(i + 1)?))
+    }
+
+    /// Adds a table read from the image.
+    pub fn insert(&mut self, offset: u64, words: Arc<[u64]>) {
+        self.clock += 1;
+        if self.tables.len() >= self.capacity && !self.tables.contains_key(&offset) {
+            if let Some(&oldest) = self
+                .tables
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(k, _)| k)
+            {
+                self.tables.remove(&oldest);
+            }
+        }
+        self.tables.insert(
+            offset,
+            Entry {
+                words,
+                used: self.clock,
+            },
+        );
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.tables.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_least_recently_used_table_goes_first() {
+        let mut c = L2Cache::new(2);
+        c.insert(1, Arc::from(vec![10u64, 11]));
+        c.insert(2, Arc::from(vec![20u64, 21]));
+        assert_eq!(c.word(1, 1), Some(11));
+        c.insert(3, Arc::from(vec![30u64]));
+        assert_eq!(c.word(2, 0), None);
+        assert_eq!(c.word(1, 0), Some(10));
+        assert_eq!(c.pair(1, 0), Some((10, 11)));
+        assert_eq!(c.word(3, 0), Some(30));
+        assert_eq!(c.len(), 2);
+    }
+}

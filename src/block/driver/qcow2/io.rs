@@ -1,0 +1,339 @@
+//! The qcow2 data face: guest requests mapped through the L1/L2 tables.
+//!
+//! A read that stays within one cluster (one subcluster with extended L2
+//! entries) whose table is cached goes the direct way: the request is
+//! passed to the file, or the backing node, at the mapped offset, or its
+//! buffers are zeroed, with no task. Everything else — a table to read
+//! first, a compressed cluster, a request over several clusters — runs as
+//! a task that walks the range piece by piece.
+
+use super::cache::L2Cache;
+use super::iov;
+use crate::block::edge::Child;
+use crate::block::error::BlockError;
+use crate::block::io::{BlockIo, IoKind, IoRequest};
+use crate::block::qcow2::format::{
+    decompress, CompressedCluster, CompressionType, ExtendedL2Entry, Geometry, L1Entry, L2Entry,
+    Subcluster,
+};
+use crate::io::task;
+use crate::io::IoContext;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+/// Where a guest byte's data is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Map {
+    /// At this offset of the file.
+    Data(u64),
+    /// Reads as zeroes.
+    Zero,
+    /// Not in this image: the backing node's, or zeroes.
+    Unallocated,
+    /// Inside this compressed cluster, which starts at the given guest
+    /// offset.
+    Compressed(CompressedCluster),
+}
+
+/// What looking up a guest offset found.
+pub(super) enum Lookup {
+    /// The mapping, valid for `len` bytes from the offset.
+    Found(Map, u64),
+    /// The L2 table at this file offset must be read first.
+    NeedTable(u64),
+    /// The tables are corrupt here.
+    Bad(String),
+}
+
+pub struct Qcow2Io {
+    pub(super) me: Weak<Qcow2Io>,
+    pub(super) file: Child,
+    pub(super) backing: Option<Child>,
+    pub(super) geo: Geometry,
+    pub(super) size: AtomicU64,
+    pub(super) compression: CompressionType,
+    /// The L1 table's raw entries.
+    pub(super) l1: Vec<u64>,
+    pub(super) cache: Mutex<L2Cache>,
+    /// The node's name, for messages.
+    pub(super) name: String,
+}
+
+impl Qcow2Io {
+    fn cache(&self) -> std::sync::MutexGuard<'_, L2Cache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Maps guest offset `off` with what is cached.
+    pub(super) fn lookup(&self, off: u64) -> Lookup {
+        let geo = &self.geo;
+        let pos = geo.guest_position(off);
+        let to_cluster_end = geo.cluster_size() - pos.offset_in_cluster;
+        let Some(&raw) = self.l1.get(pos.l1_index as usize) else {
+            return Lookup::Found(Map::Unallocated, to_cluster_end);
+        };
+        let l1 = match L1Entry::decode(raw, geo) {
+            Ok(e) => e,
+            Err(e) => return Lookup::Bad(format!("L1 entry {}: {e}", pos.l1_index)),
+        };
+        if l1.l2_offset == 0 {
+            return Lookup::Found(Map::Unallocated, to_cluster_end);
+        }
+        let oic = pos.offset_in_cluster;
+        if geo.extended_l2() {
+            let i = (pos.l2_index * 2) as usize;
+            let Some((word, bitmap)) = self.cache().pair(l1.l2_offset, i) else {
+                return Lookup::NeedTable(l1.l2_offset);
+            };
+            let entry = match ExtendedL2Entry::decode(word, bitmap, geo) {
+                Ok(e) => e,
+                Err(e) => return Lookup::Bad(format!("L2 entry at {off}: {e}")),
+            };
+            let sub = geo.subcluster_size();
+            let to_sub_end = sub - oic % sub;
+            return match entry.subcluster(geo.subcluster_index(oic), geo) {
+                Ok(Subcluster::Data { host_offset }) => {
+                    Lookup::Found(Map::Data(host_offset + oic % sub), to_sub_end)
+                }
+                Ok(Subcluster::Zero) => Lookup::Found(Map::Zero, to_sub_end),
+                Ok(Subcluster::Unallocated) => Lookup::Found(Map::Unallocated, to_sub_end),
+                Ok(Subcluster::Compressed(c)) => Lookup::Found(Map::Compressed(c), to_cluster_end),
+                Err(e) => Lookup::Bad(format!("L2 entry at {off}: {e}")),
+            };
+        }
+        let Some(word) = self.cache().word(l1.l2_offset, pos.l2_index as usize) else {
+            return Lookup::NeedTable(l1.l2_offset);
+        };
+        match L2Entry::decode(word, geo) {
+            Ok(L2Entry::Normal { host_offset, .. }) => {
+                Lookup::Found(Map::Data(host_offset + oic), to_cluster_end)
+            }
+            Ok(L2Entry::Zero { .. }) => Lookup::Found(Map::Zero, to_cluster_end),
+            Ok(L2Entry::Unallocated) => Lookup::Found(Map::Unallocated, to_cluster_end),
+            Ok(L2Entry::Compressed(c)) => Lookup::Found(Map::Compressed(c), to_cluster_end),
+            Err(e) => Lookup::Bad(format!("L2 entry at {off}: {e}")),
+        }
+    }
+
+    /// The backing node and its length, if there is one.
+    fn backing_len(&self) -> Option<(&dyn BlockIo, u64)> {
+        let b = self.backing.as_ref()?.get();
+        Some((b, b.length().unwrap_or(0)))
+    }
+
+    /// Tries the direct way for a read; false when it needs a task.
+    fn read_direct(&self, ctx: &mut IoContext, req: &IoRequest) -> bool {
+        let Lookup::Found(map, len) = self.lookup(req.offset()) else {
+            return false;
+        };
+        if req.len() > len {
+            return false;
+        }
+        match map {
+            Map::Data(host) => self.file.get().submit(ctx, &req.at(host)),
+            Map::Zero => {
+                req.zero_buffers();
+                ctx.complete_now(req.tag(), req.len() as i32);
+            }
+            Map::Unallocated => match self.backing_len() {
+                Some((b, blen)) if req.offset() + req.len() <= blen => b.submit(ctx, req),
+                Some((_, blen)) if req.offset() < blen => return false,
+                _ => {
+                    req.zero_buffers();
+                    ctx.complete_now(req.tag(), req.len() as i32);
+                }
+            },
+            Map::Compressed(_) => return false,
+        }
+        true
+    }
+
+    fn corrupt(&self, what: &str) -> i32 {
+        log::error!("qcow2 node '{}': {what}", self.name);
+        -libc::EIO
+    }
+}
+
+/// Reads the L2 table at `offset` into the cache.
+async fn load_table(io: &Qcow2Io, offset: u64) -> Result<(), i32> {
+    let size = io.geo.cluster_size() as usize;
+    let mut buf = vec![0u8; size];
+    let iovs = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: size,
+    }];
+    // SAFETY: `buf` and `iovs` live in this future until the read is
+    // awaited below.
+    let req = unsafe { IoRequest::new(IoKind::Read, offset, size as u64, iovs.as_ptr(), 1, 0) };
+    let r = task::submit(io.file.get(), &req).await;
+    if r < 0 {
+        return Err(r);
+    }
+    if (r as usize) < size {
+        return Err(io.corrupt(&format!("L2 table at {offset} is past the end of the file")));
+    }
+    let words: Arc<[u64]> = buf
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    io.cache().insert(offset, words);
+    Ok(())
+}
+
+/// Reads one compressed cluster into `out` (one cluster long).
+async fn read_compressed(io: &Qcow2Io, c: CompressedCluster, out: &mut [u8]) -> Result<(), i32> {
+    let len = c.compressed_len() as usize;
+    let mut input = vec![0u8; len];
+    let iovs = [libc::iovec {
+        iov_base: input.as_mut_ptr().cast(),
+        iov_len: len,
+    }];
+    // SAFETY: `input` and `iovs` live in this future until the read is
+    // awaited below.
+    let req =
+        unsafe { IoRequest::new(IoKind::Read, c.host_offset, len as u64, iovs.as_ptr(), 1, 0) };
+    let r = task::submit(io.file.get(), &req).await;
+    if r < 0 {
+        return Err(r);
+    }
+    // The last sector may run past the end of the file.
+    input.truncate(r as usize);
+    decompress(io.compression, &input, out).map_err(|e| {
+        io.corrupt(&format!(
+            "compressed cluster at {} does not decompress: {e}",
+            c.host_offset
+        ))
+    })
+}
+
+/// Reads the whole request, piece by piece.
+async fn read_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
+    let mut done = 0u64;
+    let mut cluster: Option<(u64, Vec<u8>)> = None;
+    while done < req.len() {
+        let off = req.offset() + done;
+        let (map, avail) = match io.lookup(off) {
+            Lookup::Found(m, n) => (m, n),
+            Lookup::NeedTable(t) => {
+                if let Err(e) = load_table(&io, t).await {
+                    return e;
+                }
+                continue;
+            }
+            Lookup::Bad(what) => return io.corrupt(&what),
+        };
+        let n = avail.min(req.len() - done);
+        let part = iov::slice(&req, done, n);
+        match map {
+            Map::Data(host) => {
+                // SAFETY: `part` points into the request's buffers, valid
+                // until the request completes, which is after this await.
+                let r = task::submit(io.file.get(), &unsafe {
+                    req.part(host, n, part.as_ptr(), part.len() as u32)
+                })
+                .await;
+                if r < 0 {
+                    return r;
+                }
+            }
+            Map::Zero => iov::zero(&part),
+            Map::Unallocated => {
+                let Some((b, blen)) = io.backing_len() else {
+                    iov::zero(&part);
+                    done += n;
+                    continue;
+                };
+                let from_backing = blen.saturating_sub(off).min(n);
+                if from_backing > 0 {
+                    let head = iov::slice(&req, done, from_backing);
+                    // SAFETY: as for the data case.
+                    let r = task::submit(b, &unsafe {
+                        req.part(off, from_backing, head.as_ptr(), head.len() as u32)
+                    })
+                    .await;
+                    if r < 0 {
+                        return r;
+                    }
+                }
+                if from_backing < n {
+                    iov::zero(&iov::slice(&req, done + from_backing, n - from_backing));
+                }
+            }
+            Map::Compressed(c) => {
+                let start = off - io.geo.offset_in_cluster(off);
+                let cached = matches!(&cluster, Some((s, _)) if *s == start);
+                if !cached {
+                    let mut buf = vec![0u8; io.geo.cluster_size() as usize];
+                    if let Err(e) = read_compressed(&io, c, &mut buf).await {
+                        return e;
+                    }
+                    cluster = Some((start, buf));
+                }
+                if let Some((_, buf)) = &cluster {
+                    let at = io.geo.offset_in_cluster(off) as usize;
+                    iov::fill(&part, &buf[at..at + n as usize]);
+                }
+            }
+        }
+        done += n;
+    }
+    i32::try_from(req.len()).unwrap_or(i32::MAX)
+}
+
+impl BlockIo for Qcow2Io {
+    fn length(&self) -> Result<u64, BlockError> {
+        Ok(self.size.load(Ordering::Relaxed))
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.file.get().allocated_size()
+    }
+
+    fn truncate(&self, _size: u64) -> Result<(), BlockError> {
+        Err(BlockError::invalid(
+            "Resizing qcow2 images is not supported by vubd yet",
+        ))
+    }
+
+    fn mem_alignment(&self) -> usize {
+        self.file.get().mem_alignment()
+    }
+
+    fn preferred_alignment(&self) -> u32 {
+        self.file.get().preferred_alignment()
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        self.file.get().flush()
+    }
+
+    fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        let size = self.size.load(Ordering::Relaxed);
+        if req
+            .offset()
+            .checked_add(req.len())
+            .is_none_or(|end| end > size)
+        {
+            ctx.complete_now(req.tag(), -libc::EIO);
+            return;
+        }
+        match req.kind() {
+            IoKind::Read => {
+                if req.is_empty() {
+                    ctx.complete_now(req.tag(), 0);
+                } else if !self.read_direct(ctx, req) {
+                    match self.me.upgrade() {
+                        Some(me) => ctx.spawn(req.tag(), read_task(me, *req)),
+                        None => ctx.complete_now(req.tag(), -libc::EIO),
+                    }
+                }
+            }
+            IoKind::Flush => self.file.get().submit(ctx, req),
+            // Writing comes with allocation; until then the node is
+            // opened read-only and nothing above sends writes.
+            IoKind::Write | IoKind::Discard | IoKind::WriteZeroes { .. } => {
+                ctx.complete_now(req.tag(), -libc::EROFS)
+            }
+        }
+    }
+}

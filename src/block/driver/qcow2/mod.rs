@@ -1,0 +1,208 @@
+//! The `qcow2` format driver: QEMU's copy-on-write images, with backing
+//! chains. The on-disk format itself is [`crate::block::qcow2::format`];
+//! this is the node that opens an image and serves requests from it.
+//!
+//! Opening reads the header and the L1 table synchronously on the control
+//! thread ([`crate::block::sync_io`]); L2 tables are read on demand by the
+//! I/O threads into a shared cache ([`cache`]).
+//!
+//! This build serves qcow2 images read-only: writing needs cluster
+//! allocation with crash-safe refcount updates, which comes next.
+
+mod cache;
+mod io;
+mod iov;
+
+use super::{ChildRole, Driver, DriverKind};
+use crate::block::drain::Root;
+use crate::block::edge::Child;
+use crate::block::error::BlockError;
+use crate::block::perm::Perm;
+use crate::block::qcow2::format::{CryptMethod, FormatError, Geometry, Header};
+use crate::block::sync_io;
+use io::Qcow2Io;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+/// QEMU's default upper bound for the L2 cache on Linux: 32 MiB.
+const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+/// The longest L1 table read at open (QEMU's limit is 32 MiB as well).
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+/// What the image header says about its backing file.
+pub struct BackingInfo {
+    /// The name as written in the image.
+    pub name: String,
+    /// The format recorded with it, if any.
+    pub format: Option<String>,
+}
+
+/// Reads and checks an image's header from its file node.
+pub fn read_header(file: &Root) -> Result<Header, BlockError> {
+    let mut buf = vec![0u8; 4096];
+    sync_io::read_at(&**file, 0, &mut buf)?;
+    // The header and its extensions fit in the first cluster, which may
+    // be larger than what was read.
+    let cluster_bits = u32::from_be_bytes([buf[20], buf[21], buf[22], buf[23]]);
+    if buf[..4] == crate::block::qcow2::format::MAGIC && (13..=21).contains(&cluster_bits) {
+        buf = vec![0u8; 1 << cluster_bits];
+        sync_io::read_at(&**file, 0, &mut buf)?;
+    }
+    Header::parse(&buf).map_err(|e: FormatError| BlockError::invalid(e.to_string()))
+}
+
+impl BackingInfo {
+    pub fn from_header(h: &Header) -> Option<BackingInfo> {
+        let name = h.backing_file.as_ref()?;
+        Some(BackingInfo {
+            name: String::from_utf8_lossy(name).into_owned(),
+            format: h
+                .backing_format()
+                .map(|f| String::from_utf8_lossy(f).into_owned()),
+        })
+    }
+}
+
+pub struct Qcow2Driver {
+    io: Arc<Qcow2Io>,
+    header: Header,
+    read_only: bool,
+    file_filename: String,
+    backing_filename: Option<String>,
+}
+
+impl Qcow2Driver {
+    /// Opens the image on `file`, with `backing` as its backing node.
+    pub fn open(
+        name: &str,
+        file: Root,
+        file_filename: String,
+        header: Header,
+        backing: Option<(Root, String)>,
+        l2_cache_size: Option<i64>,
+        read_only: bool,
+    ) -> Result<Self, BlockError> {
+        if !read_only {
+            return Err(BlockError::invalid(
+                "qcow2 images can only be opened read-only in this build of vubd (read-only=on)",
+            ));
+        }
+        if header.crypt_method != CryptMethod::None {
+            return Err(BlockError::invalid(
+                "Encrypted qcow2 images are not supported by vubd yet",
+            ));
+        }
+        if header.has_external_data_file() {
+            return Err(BlockError::invalid(
+                "qcow2 images with an external data file are not supported by vubd yet",
+            ));
+        }
+        let geo: Geometry = header
+            .geometry()
+            .map_err(|e| BlockError::invalid(e.to_string()))?;
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(BlockError::invalid("Active L1 table too large"));
+        }
+        let mut raw = vec![0u8; l1_bytes as usize];
+        if !raw.is_empty() {
+            sync_io::read_at(&*file, header.l1_table_offset, &mut raw)?;
+        }
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let cluster = geo.cluster_size();
+        // Enough tables to map the whole disk, within the cache bound.
+        let whole_disk = geo.l1_entries_for(header.size).max(1);
+        let bound = match l2_cache_size {
+            Some(b) if b < 0 => {
+                return Err(BlockError::invalid("l2-cache-size must not be negative"))
+            }
+            Some(b) => (b as u64 / cluster).max(2),
+            None => DEFAULT_L2_CACHE_BYTES / cluster,
+        };
+        let tables = whole_disk.min(bound).max(2) as usize;
+        let (backing, backing_filename) = match backing {
+            Some((root, filename)) => (Some(Child::new(ChildRole::Backing, root)), Some(filename)),
+            None => (None, None),
+        };
+        let io = Arc::new_cyclic(|me| Qcow2Io {
+            me: me.clone(),
+            file: Child::new(ChildRole::File, file),
+            backing,
+            geo,
+            size: AtomicU64::new(header.size),
+            compression: header.compression_type,
+            l1,
+            cache: Mutex::new(cache::L2Cache::new(tables)),
+            name: name.to_string(),
+        });
+        Ok(Qcow2Driver {
+            io,
+            header,
+            read_only,
+            file_filename,
+            backing_filename,
+        })
+    }
+}
+
+impl Driver for Qcow2Driver {
+    fn name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+
+    fn io(&self) -> Root {
+        self.io.clone()
+    }
+
+    fn child(&self, role: ChildRole) -> Option<&Child> {
+        match role {
+            ChildRole::File => Some(&self.io.file),
+            ChildRole::Backing => self.io.backing.as_ref(),
+        }
+    }
+
+    fn filename(&self) -> String {
+        self.file_filename.clone()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn child_perm(&self, role: ChildRole, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        match role {
+            // A backing node is only read, and others (a commit job) may
+            // write it.
+            ChildRole::Backing => (Perm::CONSISTENT_READ, Perm::ALL),
+            ChildRole::File => super::default_child_perm(self.kind(), self.read_only, perm, shared),
+        }
+    }
+
+    fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
+        let h = &self.header;
+        info.cluster_size = Some(h.cluster_size() as i64);
+        info.dirty_flag = Some(h.is_dirty());
+        if let Some(b) = BackingInfo::from_header(h) {
+            info.backing_filename = Some(b.name);
+            info.backing_filename_format = b.format;
+        }
+        if let Some(full) = &self.backing_filename {
+            info.full_backing_filename = Some(full.clone());
+        }
+        info.format_specific = Some(crate::qapi::ImageInfoSpecific::Qcow2(
+            crate::qapi::ImageInfoSpecificQCow2 {
+                compat: if h.version == 2 { "0.10" } else { "1.1" }.to_string(),
+                lazy_refcounts: (h.version >= 3).then(|| h.has_lazy_refcounts()),
+                corrupt: (h.version >= 3).then(|| h.is_corrupt()),
+                refcount_bits: i64::from(h.refcount_bits()),
+            },
+        ));
+    }
+}
