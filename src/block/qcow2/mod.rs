@@ -1,6 +1,6 @@
 //! qcow2: QEMU's copy-on-write image format.
 //!
-//! [`format`] is the on-disk format and nothing else: parsing and
+//! [`format`](mod@format) is the on-disk format and nothing else: parsing and
 //! encoding of the header and its extensions, L1/L2/refcount entries,
 //! refcount blocks, the snapshot table, and decompression of compressed
 //! clusters, all on byte slices. It does no I/O; the qcow2 driver reads
