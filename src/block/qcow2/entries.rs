@@ -337,10 +337,10 @@ impl ExtendedL2Entry {
             L2Entry::Compressed(c) => Subcluster::Compressed(c),
             _ if self.bitmap.zero & bit != 0 => Subcluster::Zero,
             L2Entry::Normal { host_offset, .. } if self.bitmap.allocated & bit != 0 => {
+                let step = geometry.cluster_size() / u64::from(SUBCLUSTERS_PER_CLUSTER);
                 Subcluster::Data {
-                    host_offset: host_offset
-                        + u64::from(index)
-                            * (geometry.cluster_size() / u64::from(SUBCLUSTERS_PER_CLUSTER)),
+                    // Saturating: an entry built by hand may hold any offset.
+                    host_offset: host_offset.saturating_add(u64::from(index) * step),
                 }
             }
             _ => Subcluster::Unallocated,

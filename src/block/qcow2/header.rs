@@ -121,7 +121,12 @@ impl Header {
     /// return zeros); if it is shorter than what the header turns out to
     /// need, the error is [`FormatError::Truncated`] with the length to
     /// read. The checks are QEMU's, in QEMU's order, so the first problem
-    /// found is the one QEMU reports.
+    /// found is the one QEMU reports. Two are vubd's own: a backing file
+    /// name may not start inside the header fields, and a virtual size
+    /// above 2^63 - 1 is "Image is too big" (QEMU's arithmetic would
+    /// overflow instead). What depends on how the image is opened (the
+    /// corrupt bit for writers, AES in system emulators, the dirty bit's
+    /// repair) is the driver's to decide.
     pub fn parse(buf: &[u8]) -> Result<Header, FormatError> {
         let magic_len = buf.len().min(4);
         if buf.get(..magic_len) != MAGIC.get(..magic_len) {
