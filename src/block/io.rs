@@ -101,6 +101,12 @@ impl IoRequest {
         IoRequest { offset, ..*self }
     }
 
+    /// The same request as another kind (a write-zeroes a node carries
+    /// out as a write of zeroes, with buffers given by [`Self::part`]).
+    pub fn with_kind(&self, kind: IoKind) -> Self {
+        IoRequest { kind, ..*self }
+    }
+
     /// The same request under another tag (a node starting it as a part
     /// of its own request).
     pub fn with_tag(&self, tag: u64) -> Self {

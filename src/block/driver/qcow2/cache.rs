@@ -4,10 +4,15 @@
 //! A table is kept as its raw 64-bit words (two per entry with extended
 //! L2 entries), decoded when looked up. The least recently used table
 //! goes when the cache is full. Lookups take the cache's mutex for a few
-//! loads; no I/O happens under it.
+//! loads; no I/O happens under it. Tables are write-through: a word is
+//! changed in memory only after the image has it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// A cached table's words.
+pub type Words = Arc<[AtomicU64]>;
 
 pub struct L2Cache {
     tables: HashMap<u64, Entry>,
@@ -16,7 +21,7 @@ pub struct L2Cache {
 }
 
 struct Entry {
-    words: Arc<[u64]>,
+    words: Words,
     used: u64,
 }
 
@@ -35,7 +40,15 @@ impl L2Cache {
         self.clock += 1;
         let e = self.tables.get_mut(&offset)?;
         e.used = self.clock;
-        e.words.get(i).copied()
+        e.words.get(i).map(|w| w.load(Ordering::Acquire))
+    }
+
+    /// The table at `offset`, if cached (to change words of it).
+    pub fn table(&mut self, offset: u64) -> Option<Words> {
+        self.clock += 1;
+        let e = self.tables.get_mut(&offset)?;
+        e.used = self.clock;
+        Some(e.words.clone())
     }
 
     /// Words `i` and `i + 1` (an extended entry and its bitmap).
@@ -43,11 +56,14 @@ impl L2Cache {
         self.clock += 1;
         let e = self.tables.get_mut(&offset)?;
         e.used = self.clock;
-        Some((*e.words.get(i)?, *e.words.get(i + 1)?))
+        Some((
+            e.words.get(i)?.load(Ordering::Acquire),
+            e.words.get(i + 1)?.load(Ordering::Acquire),
+        ))
     }
 
     /// Adds a table read from the image.
-    pub fn insert(&mut self, offset: u64, words: Arc<[u64]>) {
+    pub fn insert(&mut self, offset: u64, words: Words) {
         self.clock += 1;
         if self.tables.len() >= self.capacity && !self.tables.contains_key(&offset) {
             if let Some(&oldest) = self
@@ -78,13 +94,17 @@ impl L2Cache {
 mod tests {
     use super::*;
 
+    fn words(v: &[u64]) -> Words {
+        v.iter().map(|&w| AtomicU64::new(w)).collect()
+    }
+
     #[test]
     fn the_least_recently_used_table_goes_first() {
         let mut c = L2Cache::new(2);
-        c.insert(1, Arc::from(vec![10u64, 11]));
-        c.insert(2, Arc::from(vec![20u64, 21]));
+        c.insert(1, words(&[10, 11]));
+        c.insert(2, words(&[20, 21]));
         assert_eq!(c.word(1, 1), Some(11));
-        c.insert(3, Arc::from(vec![30u64]));
+        c.insert(3, words(&[30]));
         assert_eq!(c.word(2, 0), None);
         assert_eq!(c.word(1, 0), Some(10));
         assert_eq!(c.pair(1, 0), Some((10, 11)));

@@ -24,8 +24,12 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 /// Where a guest byte's data is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Map {
-    /// At this offset of the file.
+    /// At this offset of the file, in a cluster only this image uses
+    /// (refcount 1: it may be written in place).
     Data(u64),
+    /// At this offset of the file, in a cluster shared with an internal
+    /// snapshot (written by copying it first).
+    Shared(u64),
     /// Reads as zeroes.
     Zero,
     /// Not in this image: the backing node's, or zeroes.
@@ -52,15 +56,21 @@ pub struct Qcow2Io {
     pub(super) geo: Geometry,
     pub(super) size: AtomicU64,
     pub(super) compression: CompressionType,
-    /// The L1 table's raw entries.
-    pub(super) l1: Vec<u64>,
+    /// The L1 table's raw entries (changed when an L2 table is added).
+    pub(super) l1: Vec<AtomicU64>,
     pub(super) cache: Mutex<L2Cache>,
+    /// Counts metadata writes that completed (see `load_table`).
+    pub(super) meta_writes: AtomicU64,
+    /// What writing needs; None on a read-only node.
+    pub(super) alloc: Option<super::alloc::Allocator>,
     /// The node's name, for messages.
     pub(super) name: String,
+    /// The image's qcow2 version (zero clusters need 3).
+    pub(super) version: u32,
 }
 
 impl Qcow2Io {
-    fn cache(&self) -> std::sync::MutexGuard<'_, L2Cache> {
+    pub(super) fn cache(&self) -> std::sync::MutexGuard<'_, L2Cache> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -69,7 +79,11 @@ impl Qcow2Io {
         let geo = &self.geo;
         let pos = geo.guest_position(off);
         let to_cluster_end = geo.cluster_size() - pos.offset_in_cluster;
-        let Some(&raw) = self.l1.get(pos.l1_index as usize) else {
+        let Some(raw) = self
+            .l1
+            .get(pos.l1_index as usize)
+            .map(|e| e.load(Ordering::Acquire))
+        else {
             return Lookup::Found(Map::Unallocated, to_cluster_end);
         };
         let l1 = match L1Entry::decode(raw, geo) {
@@ -105,8 +119,12 @@ impl Qcow2Io {
             return Lookup::NeedTable(l1.l2_offset);
         };
         match L2Entry::decode(word, geo) {
+            Ok(L2Entry::Normal {
+                host_offset,
+                copied: true,
+            }) => Lookup::Found(Map::Data(host_offset + oic), to_cluster_end),
             Ok(L2Entry::Normal { host_offset, .. }) => {
-                Lookup::Found(Map::Data(host_offset + oic), to_cluster_end)
+                Lookup::Found(Map::Shared(host_offset + oic), to_cluster_end)
             }
             Ok(L2Entry::Zero { .. }) => Lookup::Found(Map::Zero, to_cluster_end),
             Ok(L2Entry::Unallocated) => Lookup::Found(Map::Unallocated, to_cluster_end),
@@ -130,7 +148,7 @@ impl Qcow2Io {
             return false;
         }
         match map {
-            Map::Data(host) => self.file.get().submit(ctx, &req.at(host)),
+            Map::Data(host) | Map::Shared(host) => self.file.get().submit(ctx, &req.at(host)),
             Map::Zero => {
                 req.zero_buffers();
                 ctx.complete_now(req.tag(), req.len() as i32);
@@ -148,14 +166,27 @@ impl Qcow2Io {
         true
     }
 
-    fn corrupt(&self, what: &str) -> i32 {
+    /// Tries the direct way for a write: a cluster of this image's own
+    /// whose table is cached; false when it needs a task.
+    fn write_direct(&self, ctx: &mut IoContext, req: &IoRequest) -> bool {
+        match self.lookup(req.offset()) {
+            Lookup::Found(Map::Data(host), len) if req.len() <= len => {
+                self.file.get().submit(ctx, &req.at(host));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn corrupt(&self, what: &str) -> i32 {
         log::error!("qcow2 node '{}': {what}", self.name);
         -libc::EIO
     }
 }
 
 /// Reads the L2 table at `offset` into the cache.
-async fn load_table(io: &Qcow2Io, offset: u64) -> Result<(), i32> {
+pub(super) async fn load_table(io: &Qcow2Io, offset: u64) -> Result<(), i32> {
+    let before = io.meta_writes.load(Ordering::Acquire);
     let size = io.geo.cluster_size() as usize;
     let mut buf = vec![0u8; size];
     let iovs = [libc::iovec {
@@ -172,16 +203,29 @@ async fn load_table(io: &Qcow2Io, offset: u64) -> Result<(), i32> {
     if (r as usize) < size {
         return Err(io.corrupt(&format!("L2 table at {offset} is past the end of the file")));
     }
-    let words: Arc<[u64]> = buf
+    let words: super::cache::Words = buf
         .chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .map(|c| {
+            AtomicU64::new(u64::from_be_bytes([
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+            ]))
+        })
         .collect();
+    // A table written while it was being read may have been read half
+    // old: read it again.
+    if io.meta_writes.load(Ordering::Acquire) != before {
+        return Box::pin(load_table(io, offset)).await;
+    }
     io.cache().insert(offset, words);
     Ok(())
 }
 
 /// Reads one compressed cluster into `out` (one cluster long).
-async fn read_compressed(io: &Qcow2Io, c: CompressedCluster, out: &mut [u8]) -> Result<(), i32> {
+pub(super) async fn read_compressed(
+    io: &Qcow2Io,
+    c: CompressedCluster,
+    out: &mut [u8],
+) -> Result<(), i32> {
     let len = c.compressed_len() as usize;
     let mut input = vec![0u8; len];
     let iovs = [libc::iovec {
@@ -225,7 +269,7 @@ async fn read_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
         let n = avail.min(req.len() - done);
         let part = iov::slice(&req, done, n);
         match map {
-            Map::Data(host) => {
+            Map::Data(host) | Map::Shared(host) => {
                 // SAFETY: `part` points into the request's buffers, valid
                 // until the request completes, which is after this await.
                 let r = task::submit(io.file.get(), &unsafe {
@@ -280,6 +324,15 @@ async fn read_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
     i32::try_from(req.len()).unwrap_or(i32::MAX)
 }
 
+impl Qcow2Io {
+    fn spawn_write(&self, ctx: &mut IoContext, req: &IoRequest) {
+        match self.me.upgrade() {
+            Some(me) => ctx.spawn(req.tag(), super::write::write_task(me, *req)),
+            None => ctx.complete_now(req.tag(), -libc::EIO),
+        }
+    }
+}
+
 impl BlockIo for Qcow2Io {
     fn length(&self) -> Result<u64, BlockError> {
         Ok(self.size.load(Ordering::Relaxed))
@@ -329,11 +382,18 @@ impl BlockIo for Qcow2Io {
                 }
             }
             IoKind::Flush => self.file.get().submit(ctx, req),
-            // Writing comes with allocation; until then the node is
-            // opened read-only and nothing above sends writes.
-            IoKind::Write | IoKind::Discard | IoKind::WriteZeroes { .. } => {
-                ctx.complete_now(req.tag(), -libc::EROFS)
+            _ if self.alloc.is_none() => ctx.complete_now(req.tag(), -libc::EROFS),
+            IoKind::Write => {
+                if req.is_empty() {
+                    ctx.complete_now(req.tag(), 0);
+                } else if !self.write_direct(ctx, req) {
+                    self.spawn_write(ctx, req);
+                }
             }
+            IoKind::WriteZeroes { .. } => self.spawn_write(ctx, req),
+            // Dropping data is optional: the clusters stay as they are
+            // (reads may return anything after a discard).
+            IoKind::Discard => ctx.complete_now(req.tag(), 0),
         }
     }
 }

@@ -6,12 +6,17 @@
 //! thread ([`crate::block::sync_io`]); L2 tables are read on demand by the
 //! I/O threads into a shared cache ([`cache`]).
 //!
-//! This build serves qcow2 images read-only: writing needs cluster
-//! allocation with crash-safe refcount updates, which comes next.
+//! Writes go in place to clusters the image owns, and allocate new
+//! clusters otherwise ([`write`], [`alloc`]), with metadata written
+//! through (no dirty cache to lose). Not yet: internal snapshots written
+//! to, images with extended L2 entries or lazy refcounts opened for
+//! writing, reuse of freed clusters, resizing.
 
+mod alloc;
 mod cache;
 mod io;
 mod iov;
+mod write;
 
 use super::{ChildRole, Driver, DriverKind};
 use crate::block::drain::Root;
@@ -82,11 +87,6 @@ impl Qcow2Driver {
         l2_cache_size: Option<i64>,
         read_only: bool,
     ) -> Result<Self, BlockError> {
-        if !read_only {
-            return Err(BlockError::invalid(
-                "qcow2 images can only be opened read-only in this build of vubd (read-only=on)",
-            ));
-        }
         if header.crypt_method != CryptMethod::None {
             return Err(BlockError::invalid(
                 "Encrypted qcow2 images are not supported by vubd yet",
@@ -108,9 +108,13 @@ impl Qcow2Driver {
         if !raw.is_empty() {
             sync_io::read_at(&*file, header.l1_table_offset, &mut raw)?;
         }
-        let l1: Vec<u64> = raw
+        let l1: Vec<AtomicU64> = raw
             .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .map(|c| {
+                AtomicU64::new(u64::from_be_bytes([
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                ]))
+            })
             .collect();
         let cluster = geo.cluster_size();
         // Enough tables to map the whole disk, within the cache bound.
@@ -123,6 +127,11 @@ impl Qcow2Driver {
             None => DEFAULT_L2_CACHE_BYTES / cluster,
         };
         let tables = whole_disk.min(bound).max(2) as usize;
+        let alloc = if read_only {
+            None
+        } else {
+            Some(open_for_writing(&file, &header, &geo)?)
+        };
         let (backing, backing_filename) = match backing {
             Some((root, filename)) => (Some(Child::new(ChildRole::Backing, root)), Some(filename)),
             None => (None, None),
@@ -136,7 +145,10 @@ impl Qcow2Driver {
             compression: header.compression_type,
             l1,
             cache: Mutex::new(cache::L2Cache::new(tables)),
+            meta_writes: AtomicU64::new(0),
+            alloc,
             name: name.to_string(),
+            version: header.version,
         });
         Ok(Qcow2Driver {
             io,
@@ -146,6 +158,56 @@ impl Qcow2Driver {
             backing_filename,
         })
     }
+}
+
+/// Checks that the image can be written and reads what writing needs:
+/// the refcount table and the file's length.
+fn open_for_writing(
+    file: &Root,
+    header: &Header,
+    geo: &Geometry,
+) -> Result<alloc::Allocator, BlockError> {
+    if header.is_corrupt() {
+        return Err(BlockError::invalid(
+            "qcow2: Image is corrupt; cannot be opened read/write",
+        ));
+    }
+    if header.is_dirty() {
+        return Err(BlockError::invalid(
+            "qcow2: the image was not closed cleanly (dirty, lazy refcounts); repair it with 'qemu-img check -r all' before writing with vubd",
+        ));
+    }
+    if header.has_extended_l2() {
+        return Err(BlockError::invalid(
+            "qcow2 images with extended L2 entries can only be opened read-only by vubd yet",
+        ));
+    }
+    if header.nb_snapshots > 0 {
+        return Err(BlockError::invalid(
+            "qcow2 images with internal snapshots can only be opened read-only by vubd yet",
+        ));
+    }
+    let bytes = u64::from(header.refcount_table_clusters) * geo.cluster_size();
+    if bytes > MAX_L1_BYTES {
+        return Err(BlockError::invalid("Refcount table too large"));
+    }
+    let mut raw = vec![0u8; bytes as usize];
+    sync_io::read_at(&**file, header.refcount_table_offset, &mut raw)?;
+    let reftable: Vec<u64> = raw
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    let file_len = file.length()?;
+    let unit = (file.mem_alignment() as u64).max(512);
+    Ok(alloc::Allocator::new(
+        reftable,
+        header.refcount_table_offset,
+        file_len,
+        geo.cluster_size(),
+        unit,
+        header.l1_table_offset,
+        header.refcount_order,
+    ))
 }
 
 impl Driver for Qcow2Driver {
