@@ -414,6 +414,11 @@ impl BlkQueue {
         self.q.write(off, self.ptr(at), len, tag, flags);
     }
 
+    /// Queues a flush with user data `tag`.
+    pub fn submit_flush(&mut self, tag: usize) {
+        self.q.flush(tag, ReqFlags::empty());
+    }
+
     /// Queues a read into any memory (even memory the daemon cannot see).
     pub fn submit_read_raw(&mut self, off: u64, buf: *mut u8, len: usize, tag: usize) {
         self.q.read(off, buf, len, tag, ReqFlags::empty());
