@@ -67,3 +67,29 @@ impl Child {
         unsafe { std::mem::replace(&mut *self.node.get(), node) }
     }
 }
+
+/// The node an optional edge points at while it has no child (a qcow2
+/// image without a backing file): zero bytes long, so nothing reads it.
+pub struct Absent;
+
+impl BlockIo for Absent {
+    fn length(&self) -> Result<u64, super::error::BlockError> {
+        Ok(0)
+    }
+    fn truncate(&self, _size: u64) -> Result<(), super::error::BlockError> {
+        Err(super::error::BlockError::invalid("no node here"))
+    }
+    fn flush(&self) -> Result<(), super::error::BlockError> {
+        Ok(())
+    }
+    fn submit(&self, ctx: &mut crate::io::IoContext, req: &super::io::IoRequest) {
+        ctx.complete_now(req.tag(), -libc::EIO);
+    }
+}
+
+impl Child {
+    /// An edge with no child yet (see [`Absent`]).
+    pub fn absent(role: ChildRole) -> Self {
+        Child::new(role, std::sync::Arc::new(Absent))
+    }
+}

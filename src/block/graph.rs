@@ -236,6 +236,45 @@ impl Graph {
         seen
     }
 
+    /// Gives `parent` the child `child` in `role` (adding or changing the
+    /// edge). Meant for a draft: the data plane follows when the change
+    /// commits.
+    pub fn set_child(
+        &mut self,
+        parent: &str,
+        role: ChildRole,
+        child: &str,
+    ) -> Result<(), BlockError> {
+        if self.node(child).is_none() {
+            return Err(BlockError::NoSuchNode(child.to_string()));
+        }
+        let p = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == parent)
+            .ok_or_else(|| BlockError::NoSuchNode(parent.to_string()))?;
+        if p.driver.child(role).is_none() {
+            return Err(BlockError::invalid(format!(
+                "Node '{parent}' cannot have a '{}' child",
+                role.name()
+            )));
+        }
+        match p.children.iter_mut().find(|e| e.role == role) {
+            Some(e) => e.child = child.to_string(),
+            None => p.children.push(Edge {
+                role,
+                child: child.to_string(),
+            }),
+        }
+        self.relinks.push((parent.to_string(), role));
+        Ok(())
+    }
+
+    /// Whether anything (a node or a user) holds `name`.
+    pub fn has_parents(&self, name: &str) -> bool {
+        self.parents_of(name) > 0 || self.uses.iter().any(|u| u.node == name)
+    }
+
     /// Re-points every edge and user that refers to `old` at `new`, except
     /// the edges of `new` itself (an overlay's `backing` stays on `old`).
     /// Meant for a draft: the data plane follows when the change commits.

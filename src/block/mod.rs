@@ -16,5 +16,6 @@ pub mod perm;
 pub mod probe;
 pub mod qcow2;
 pub mod query;
+pub mod snapshot;
 pub mod stats;
 pub mod sync_io;

@@ -122,6 +122,16 @@ impl qapi::Commands for Cx<'_> {
         Ok(())
     }
 
+    fn blockdev_snapshot_sync(&mut self, arg: qapi::BlockdevSnapshotSync) -> Result<(), QmpError> {
+        crate::block::snapshot::snapshot_sync(&mut self.daemon.graph, &arg)?;
+        Ok(())
+    }
+
+    fn blockdev_snapshot(&mut self, arg: qapi::BlockdevSnapshot) -> Result<(), QmpError> {
+        crate::block::snapshot::snapshot(&mut self.daemon.graph, &arg)?;
+        Ok(())
+    }
+
     fn blockdev_del(&mut self, arg: BlockdevDelArg) -> Result<(), QmpError> {
         self.daemon.delete_node(&arg.node_name)
     }
@@ -132,11 +142,16 @@ impl qapi::Commands for Cx<'_> {
 
     fn query_named_block_nodes(
         &mut self,
-        _arg: qapi::QueryNamedBlockNodesArg,
+        arg: qapi::QueryNamedBlockNodesArg,
     ) -> Result<Vec<BlockDeviceInfo>, QmpError> {
-        // `flat` only changes how backing images nest in ImageInfo; vubd's
-        // nodes have none yet.
-        Ok(query::named_nodes(&self.daemon.graph))
+        let mut nodes = query::named_nodes(&self.daemon.graph);
+        // `flat` leaves out the backing images' info (each is listed).
+        if arg.flat.unwrap_or(false) {
+            for n in &mut nodes {
+                n.image.backing_image = None;
+            }
+        }
+        Ok(nodes)
     }
 
     fn query_block(&mut self) -> Result<Vec<BlockInfo>, QmpError> {

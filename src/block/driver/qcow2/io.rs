@@ -52,7 +52,9 @@ pub(super) enum Lookup {
 pub struct Qcow2Io {
     pub(super) me: Weak<Qcow2Io>,
     pub(super) file: Child,
-    pub(super) backing: Option<Child>,
+    /// The backing node ([`crate::block::edge::Absent`] while there is
+    /// none: it is 0 bytes long, so everything reads as zeroes).
+    pub(super) backing: Child,
     pub(super) geo: Geometry,
     pub(super) size: AtomicU64,
     pub(super) compression: CompressionType,
@@ -133,10 +135,13 @@ impl Qcow2Io {
         }
     }
 
-    /// The backing node and its length, if there is one.
-    fn backing_len(&self) -> Option<(&dyn BlockIo, u64)> {
-        let b = self.backing.as_ref()?.get();
-        Some((b, b.length().unwrap_or(0)))
+    /// The backing node and its length (0 when there is none).
+    pub(super) fn backing_len(&self) -> Option<(&dyn BlockIo, u64)> {
+        let b = self.backing.get();
+        match b.length().unwrap_or(0) {
+            0 => None,
+            len => Some((b, len)),
+        }
     }
 
     /// Tries the direct way for a read; false when it needs a task.

@@ -14,6 +14,7 @@
 
 mod alloc;
 mod cache;
+pub mod create;
 mod io;
 mod iov;
 mod write;
@@ -133,8 +134,8 @@ impl Qcow2Driver {
             Some(open_for_writing(&file, &header, &geo)?)
         };
         let (backing, backing_filename) = match backing {
-            Some((root, filename)) => (Some(Child::new(ChildRole::Backing, root)), Some(filename)),
-            None => (None, None),
+            Some((root, filename)) => (Child::new(ChildRole::Backing, root), Some(filename)),
+            None => (Child::absent(ChildRole::Backing), None),
         };
         let io = Arc::new_cyclic(|me| Qcow2Io {
             me: me.clone(),
@@ -226,7 +227,7 @@ impl Driver for Qcow2Driver {
     fn child(&self, role: ChildRole) -> Option<&Child> {
         match role {
             ChildRole::File => Some(&self.io.file),
-            ChildRole::Backing => self.io.backing.as_ref(),
+            ChildRole::Backing => Some(&self.io.backing),
         }
     }
 

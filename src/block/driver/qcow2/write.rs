@@ -200,13 +200,12 @@ async fn read_old(io: &Qcow2Io, map: Map, from: u64, buf: &mut [u8]) -> Result<(
             let base = h - io.geo.offset_in_cluster(h);
             task::submit(io.file.get(), &req.at(base + (from - cstart))).await
         }
-        Map::Unallocated => match io.backing.as_ref() {
+        Map::Unallocated => match io.backing_len() {
             None => {
                 buf.fill(0);
                 return Ok(());
             }
-            Some(b) => {
-                let blen = b.get().length().unwrap_or(0);
+            Some((b, blen)) => {
                 let avail = blen.saturating_sub(from).min(len);
                 buf[avail as usize..].fill(0);
                 if avail == 0 {
@@ -219,7 +218,7 @@ async fn read_old(io: &Qcow2Io, map: Map, from: u64, buf: &mut [u8]) -> Result<(
                 // SAFETY: `buf` and `head_iov` outlive the awaited read.
                 let head =
                     unsafe { IoRequest::new(IoKind::Read, from, avail, head_iov.as_ptr(), 1, 0) };
-                task::submit(b.get(), &head).await
+                task::submit(b, &head).await
             }
         },
         Map::Compressed(c) => {
