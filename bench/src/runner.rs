@@ -248,7 +248,15 @@ impl Runner<'_> {
             };
             // Same offsets for both backends and every repetition.
             let seed = o.seed.wrapping_mul(1000).wrapping_add(i as u64);
-            let r = workload::run(&socket, setup, w, timing, seed, &mut DaemonProbe(&daemon));
+            let r = workload::run(
+                &socket,
+                setup,
+                w,
+                timing,
+                false,
+                seed,
+                &mut DaemonProbe(&daemon),
+            );
             let cell = self.results.cell_mut(case, kind);
             cell.threads = threads.describe(kind, setup.queues());
             match r {

@@ -8,6 +8,7 @@
 
 use std::mem::MaybeUninit;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -282,33 +283,62 @@ struct ThreadResult {
     latencies_ns: Vec<u32>,
 }
 
+/// Where one client thread's requests go: random blocks of its range, or
+/// its range in order.
+#[derive(Clone, Debug)]
+struct Offsets {
+    random: bool,
+    bs: u64,
+    rng: XorShift64,
+    /// Byte offset of the range.
+    start: u64,
+    /// Blocks in the range.
+    blocks: u64,
+    /// Next block for sequential patterns.
+    next_block: u64,
+    /// Sequential only: go through the range once instead of starting over
+    /// at its end.
+    once: bool,
+}
+
+impl Offsets {
+    /// The next request's offset; `None` once a single pass is over.
+    fn next(&mut self) -> Option<u64> {
+        let block = if self.random {
+            self.rng.below(self.blocks)
+        } else {
+            if self.next_block >= self.blocks {
+                if self.once {
+                    return None;
+                }
+                self.next_block = 0;
+            }
+            self.next_block += 1;
+            self.next_block - 1
+        };
+        Some(self.start + block * self.bs)
+    }
+}
+
+/// When the first client thread of a single-pass run had nothing left to
+/// submit: the measurement window of every thread ends there.
+type Stop = Arc<OnceLock<Instant>>;
+
 /// One client thread's share of the device and its request loop.
 struct Worker {
     queue: Blkioq,
     buf: usize,
     w: Workload,
-    rng: XorShift64,
-    /// Byte range of the device this thread works in.
-    start: u64,
-    blocks: u64,
-    /// Next block for sequential patterns.
-    next_block: u64,
+    offsets: Offsets,
+    stop: Stop,
 }
 
 impl Worker {
-    fn next_offset(&mut self) -> u64 {
-        let block = if self.w.pattern.is_random() {
-            self.rng.below(self.blocks)
-        } else {
-            let b = self.next_block;
-            self.next_block = (b + 1) % self.blocks;
-            b
+    /// Queues a request in `slot`; false when the thread's range is done.
+    fn submit(&mut self, slot: usize) -> bool {
+        let Some(off) = self.offsets.next() else {
+            return false;
         };
-        self.start + block * self.w.bs as u64
-    }
-
-    fn submit(&mut self, slot: usize) {
-        let off = self.next_offset();
         let ptr = (self.buf + slot * self.w.bs) as *mut u8;
         if self.w.pattern.is_write() {
             self.queue
@@ -317,6 +347,7 @@ impl Worker {
             self.queue
                 .read(off, ptr, self.w.bs, slot, ReqFlags::empty());
         }
+        true
     }
 
     fn run(mut self, go: Instant, warm_end: Instant, end: Instant) -> Result<ThreadResult, String> {
@@ -331,11 +362,15 @@ impl Worker {
         if go > now {
             thread::sleep(go - now);
         }
+        let mut in_flight = 0;
         for (slot, t) in submitted_at.iter_mut().enumerate() {
             *t = Instant::now();
-            self.submit(slot);
+            if !self.submit(slot) {
+                let _ = self.stop.set(*t);
+                break;
+            }
+            in_flight += 1;
         }
-        let mut in_flight = qd;
         let mut requests = 0u64;
         let mut failed: Option<String> = None;
         while in_flight > 0 {
@@ -359,17 +394,21 @@ impl Worker {
                         std::io::Error::from_raw_os_error(-c.ret)
                     ));
                 }
-                if now >= warm_end && now < end {
+                let stopped = self.stop.get().is_some();
+                if now >= warm_end && now < end && !stopped {
                     let ns = (now - submitted_at[slot]).as_nanos();
                     latencies.push(u32::try_from(ns).unwrap_or(u32::MAX));
                     requests += 1;
                 }
-                if now < end && failed.is_none() {
+                if now < end && failed.is_none() && !stopped {
                     submitted_at[slot] = Instant::now();
-                    self.submit(slot);
-                } else {
-                    in_flight -= 1;
+                    if self.submit(slot) {
+                        continue;
+                    }
+                    // This thread cannot keep its queue depth any more.
+                    let _ = self.stop.set(now);
                 }
+                in_flight -= 1;
             }
         }
         match failed {
@@ -480,11 +519,19 @@ impl std::fmt::Display for RunError {
 }
 
 /// Runs one workload against the daemon listening on `socket`.
+///
+/// With `once`, a sequential pattern goes through each thread's range a
+/// single time instead of starting over, so that every write lands where
+/// nothing was written in the run before (on a new image: every write
+/// allocates). The run then ends early when the first thread has nothing
+/// left to submit; the window, and so IOPS, covers only the time up to
+/// that point (`RunStats::seconds`).
 pub fn run(
     socket: &Path,
     setup: Setup,
     w: Workload,
     timing: Timing,
+    once: bool,
     seed: u64,
     probe: &mut dyn Probe,
 ) -> Result<RunStats, RunError> {
@@ -501,6 +548,7 @@ pub fn run(
     let go = Instant::now() + Duration::from_millis(20);
     let warm_end = go + timing.warmup;
     let end = warm_end + timing.duration;
+    let stop: Stop = Arc::default();
 
     let mut handles = Vec::new();
     for (i, (queue, buf)) in queues.into_iter().zip(bufs).enumerate() {
@@ -517,10 +565,16 @@ pub fn run(
             queue,
             buf,
             w,
-            rng: XorShift64::new(seed ^ (i + 1).wrapping_mul(0x9e37_79b9)),
-            start,
-            blocks,
-            next_block: 0,
+            offsets: Offsets {
+                random: w.pattern.is_random(),
+                bs,
+                rng: XorShift64::new(seed ^ (i + 1).wrapping_mul(0x9e37_79b9)),
+                start,
+                blocks,
+                next_block: 0,
+                once,
+            },
+            stop: Arc::clone(&stop),
         };
         handles.push(thread::spawn(move || worker.run(go, warm_end, end)));
     }
@@ -534,7 +588,14 @@ pub fn run(
     sleep_until(warm_end);
     let cpu0 = probe.cpu_seconds();
     let t0 = Instant::now();
-    sleep_until(end);
+    // Until the end, or until a single-pass run has run out.
+    loop {
+        let now = Instant::now();
+        if now >= end || stop.get().is_some() {
+            break;
+        }
+        thread::sleep((end - now).min(Duration::from_millis(1)));
+    }
     let cpu1 = probe.cpu_seconds();
     let window = t0.elapsed().as_secs_f64();
 
@@ -569,12 +630,20 @@ pub fn run(
         (Err(e), _) | (_, Err(e)) => return Err(RunError::Io(format!("backend CPU time: {e}"))),
     };
     let rss_kib = rss.map_err(|e| RunError::Io(format!("backend RSS: {e}")))?;
+    let window_end = stop.get().map_or(end, |&t| t.min(end));
+    if window_end <= warm_end {
+        return Err(RunError::Io(
+            "the single pass reached the end of the device during the warm-up \
+             (a larger --image-size or a shorter --warmup helps)"
+                .into(),
+        ));
+    }
     if requests == 0 {
         return Err(RunError::Io("no request completed in the window".into()));
     }
     latencies.sort_unstable();
     let us = |p| percentile(&latencies, p).map_or(f64::NAN, |ns| ns as f64 / 1000.0);
-    let seconds = (end - warm_end).as_secs_f64();
+    let seconds = (window_end - warm_end).as_secs_f64();
     let iops = requests as f64 / seconds;
     Ok(RunStats {
         requests,
@@ -628,5 +697,42 @@ mod tests {
             assert_eq!(Setup::parse(s.name()), Some(s));
         }
         assert_eq!(round_up(4097, 4096), 8192);
+    }
+
+    fn offsets(random: bool, once: bool) -> Offsets {
+        Offsets {
+            random,
+            bs: 4096,
+            rng: XorShift64::new(3),
+            start: 8192,
+            blocks: 3,
+            next_block: 0,
+            once,
+        }
+    }
+
+    #[test]
+    fn sequential_ranges_wrap_or_end() {
+        let mut o = offsets(false, false);
+        let v: Vec<_> = (0..5).map(|_| o.next()).collect();
+        assert_eq!(
+            v,
+            [
+                Some(8192),
+                Some(12288),
+                Some(16384),
+                Some(8192),
+                Some(12288)
+            ]
+        );
+        let mut o = offsets(false, true);
+        let v: Vec<_> = (0..5).map(|_| o.next()).collect();
+        assert_eq!(v, [Some(8192), Some(12288), Some(16384), None, None]);
+        // a single pass means nothing to random offsets
+        let mut o = offsets(true, true);
+        for _ in 0..100 {
+            let off = o.next().unwrap();
+            assert!((8192..8192 + 3 * 4096).contains(&off) && off % 4096 == 0);
+        }
     }
 }
