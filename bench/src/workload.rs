@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
+use crate::backend::Config;
 use crate::stats::{percentile, RunStats, XorShift64};
 
 /// Access pattern.
@@ -172,6 +173,17 @@ impl Setup {
             ]
         }
     }
+}
+
+/// The workloads of a configuration in a setup: the setup's, except that a
+/// new qcow2 image (`qcow2-fresh`) gets no reads — they would only measure
+/// how fast a daemon returns zeroes for clusters that are not there.
+pub fn plan(config: Config, setup: Setup) -> Vec<Workload> {
+    let mut ws = setup.workloads();
+    if config == Config::Qcow2Fresh {
+        ws.retain(|w| w.pattern.is_write());
+    }
+    ws
 }
 
 /// One workload: pattern, block size and queue depth (per queue).
@@ -421,13 +433,40 @@ impl Worker {
     }
 }
 
+/// What an export's blocks hold before the benchmark writes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contents {
+    /// Nothing is stored (`null-co`): reads return whatever they return.
+    Discarded,
+    /// The benchmark's non-zero data.
+    Filled,
+    /// Zeroes: a new image.
+    Zeroes,
+}
+
+impl Contents {
+    pub fn of(config: Config) -> Contents {
+        if !config.uses_image() {
+            Contents::Discarded
+        } else if config.holds_data() {
+            Contents::Filled
+        } else {
+            Contents::Zeroes
+        }
+    }
+}
+
 /// Checks, on a connection of its own, that the export really moves data:
 /// a block written with a fresh pattern reads back identical (unless the
-/// node discards data, as `null-co` does), and the first block of an image
-/// holds the non-zero data it was filled with. A daemon that answers
-/// without doing the I/O would otherwise produce flattering figures.
-pub fn verify(socket: &Path, stores_data: bool, seed: u64) -> Result<(), String> {
+/// node discards data, as `null-co` does), and the first block holds what
+/// the image holds: the non-zero data it was filled with, or zeroes in a
+/// new image (read into a buffer that is not zero before). A daemon that
+/// answers without doing the I/O would otherwise produce flattering
+/// figures. The write goes to the last block, which the workloads reach
+/// last (a new image gets that one cluster allocated early).
+pub fn verify(socket: &Path, contents: Contents, seed: u64) -> Result<(), String> {
     const BS: usize = 4096;
+    let stores_data = contents != Contents::Discarded;
     let w = Workload {
         pattern: Pattern::RandWrite,
         bs: BS,
@@ -488,12 +527,23 @@ pub fn verify(socket: &Path, stores_data: bool, seed: u64) -> Result<(), String>
     if stores_data && read_back() != pattern {
         return Err("the last block does not read back as written".into());
     }
-    if stores_data {
-        // SAFETY: see above.
-        unsafe { std::ptr::write_bytes(rbuf, 0, BS) };
-        one(q, false, 0, "read of the first block")?;
-        if read_back().iter().all(|&b| b == 0) {
-            return Err("the first block reads as zeroes, not the image's data".into());
+    match contents {
+        Contents::Discarded => {}
+        Contents::Filled => {
+            // SAFETY: see above.
+            unsafe { std::ptr::write_bytes(rbuf, 0, BS) };
+            one(q, false, 0, "read of the first block")?;
+            if read_back().iter().all(|&b| b == 0) {
+                return Err("the first block reads as zeroes, not the image's data".into());
+            }
+        }
+        Contents::Zeroes => {
+            // SAFETY: see above.
+            unsafe { std::ptr::write_bytes(rbuf, 0xa5, BS) };
+            one(q, false, 0, "read of the first block")?;
+            if read_back().iter().any(|&b| b != 0) {
+                return Err("the first block of the new image does not read as zeroes".into());
+            }
         }
     }
     drop(queues);
@@ -634,7 +684,7 @@ pub fn run(
     if window_end <= warm_end {
         return Err(RunError::Io(
             "the single pass reached the end of the device during the warm-up \
-             (a larger --image-size or a shorter --warmup helps)"
+             (a larger --pass-size helps)"
                 .into(),
         ));
     }
@@ -697,6 +747,21 @@ mod tests {
             assert_eq!(Setup::parse(s.name()), Some(s));
         }
         assert_eq!(round_up(4097, 4096), 8192);
+    }
+
+    #[test]
+    fn plans_per_configuration() {
+        for s in Setup::ALL {
+            assert_eq!(plan(Config::Raw, s), s.workloads());
+            assert_eq!(plan(Config::Qcow2Meta, s), s.workloads());
+            let fresh = plan(Config::Qcow2Fresh, s);
+            assert!(!fresh.is_empty());
+            assert!(fresh.iter().all(|w| w.pattern.is_write()), "{s:?}");
+        }
+        assert_eq!(Contents::of(Config::Null), Contents::Discarded);
+        assert_eq!(Contents::of(Config::Qcow2), Contents::Filled);
+        assert_eq!(Contents::of(Config::Qcow2Meta), Contents::Zeroes);
+        assert_eq!(Contents::of(Config::Qcow2Fresh), Contents::Zeroes);
     }
 
     fn offsets(random: bool, once: bool) -> Offsets {
