@@ -26,9 +26,12 @@ alternating the backends, and reports medians and vubd/qsd ratios.
                         = the three qcow2 ones, 'all' = all five
                         (default: default; qcow2-meta and qcow2-fresh are
                         opt-in, as each write workload on them gets a
-                        session and an image of its own)
-                        Sequential writes to qcow2-meta and qcow2-fresh
-                        go through the image once and end when it is full
+                        session and an image of its own, made anew).
+                        Every qcow2 configuration adds seqwrite 64k QD1 and
+                        QD8 (one cluster per write) in the setups without
+                        a poll queue. Sequential writes to qcow2-meta and
+                        qcow2-fresh go through the image once (see
+                        --pass-size) and end when it is full.
   --setups LIST         1q,2q,poll (the benchmark's iothreads with polling),
                         1q-def,2q-def,poll-def (the same with both daemons
                         on their defaults: no iothread objects, no polling

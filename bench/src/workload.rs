@@ -175,16 +175,32 @@ impl Setup {
     }
 }
 
-/// The workloads of a configuration in a setup: the setup's, except that a
-/// new qcow2 image (`qcow2-fresh`) gets no reads — they would only measure
-/// how fast a daemon returns zeroes for clusters that are not there.
+/// The workloads of a configuration in a setup: the setup's, plus on
+/// every qcow2 image, in the setups without a poll queue, 64k sequential
+/// writes at QD1 and QD8 — one cluster per write, so that on a new image
+/// each allocates one, and on the converted image the same writes only
+/// overwrite (the difference is the cost of allocating). A new qcow2 image
+/// (`qcow2-fresh`) gets no reads: they would only measure how fast a
+/// daemon returns zeroes for clusters that are not there.
 pub fn plan(config: Config, setup: Setup) -> Vec<Workload> {
     let mut ws = setup.workloads();
+    if Config::QCOW2.contains(&config) && !setup.polled() {
+        for qd in [1, 8] {
+            ws.push(Workload {
+                pattern: Pattern::SeqWrite,
+                bs: CLUSTER,
+                qd,
+            });
+        }
+    }
     if config == Config::Qcow2Fresh {
         ws.retain(|w| w.pattern.is_write());
     }
     ws
 }
+
+/// The cluster size of the qcow2 images (qemu-img's default).
+const CLUSTER: usize = 64 * 1024;
 
 /// One workload: pattern, block size and queue depth (per queue).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -751,12 +767,34 @@ mod tests {
 
     #[test]
     fn plans_per_configuration() {
+        let alloc: Vec<String> = plan(Config::Qcow2Fresh, Setup::OneQueue)
+            .iter()
+            .map(Workload::name)
+            .filter(|n| n.contains(" 64k "))
+            .collect();
+        assert_eq!(alloc, ["seqwrite 64k QD1", "seqwrite 64k QD8"]);
         for s in Setup::ALL {
+            assert_eq!(plan(Config::Null, s), s.workloads());
             assert_eq!(plan(Config::Raw, s), s.workloads());
-            assert_eq!(plan(Config::Qcow2Meta, s), s.workloads());
+            let extra = if s.polled() { 0 } else { 2 };
+            for c in [Config::Qcow2, Config::Qcow2Meta] {
+                let p = plan(c, s);
+                assert_eq!(p[..p.len() - extra], s.workloads()[..], "{c:?} {s:?}");
+                assert!(p[p.len() - extra..]
+                    .iter()
+                    .all(|w| w.pattern == Pattern::SeqWrite && w.bs == CLUSTER));
+                // reads still come before writes
+                let first_write = p.iter().position(|w| w.pattern.is_write());
+                let last_read = p.iter().rposition(|w| !w.pattern.is_write());
+                assert!(first_write > last_read);
+            }
             let fresh = plan(Config::Qcow2Fresh, s);
             assert!(!fresh.is_empty());
             assert!(fresh.iter().all(|w| w.pattern.is_write()), "{s:?}");
+            let writes = plan(Config::Qcow2, s)
+                .into_iter()
+                .filter(|w| w.pattern.is_write());
+            assert!(fresh.into_iter().eq(writes), "{s:?}");
         }
         assert_eq!(Contents::of(Config::Null), Contents::Discarded);
         assert_eq!(Contents::of(Config::Qcow2), Contents::Filled);
