@@ -173,6 +173,14 @@ pub fn notes(results: &Results) -> Vec<String> {
              faster for a faster backend."
                 .to_string(),
         );
+        if results.meta.small_pages {
+            out.push(
+                "--small-pages gives 4 KiB pages to what is read back; qcow2-fresh's clusters \
+                 lie beyond the end of the file then, and get the pages the kernel's write path \
+                 makes."
+                    .to_string(),
+            );
+        }
     }
     if configs.iter().any(|c| c.renews_image()) {
         out.push(format!(
@@ -658,6 +666,8 @@ mod tests {
              qcow2-fresh, 1 queue, seqwrite 64k QD8 (qsd 0.50 s)."
         );
         assert!(markdown(&r).contains(&n[2]));
+        r.meta.small_pages = true;
+        assert!(notes(&r)[1].starts_with("--small-pages gives 4 KiB pages"));
         assert!(summary_table(&r).contains("qcow2-fresh 1q       seqwrite 64k QD8"));
         let line = progress_line(0, 1, &case, Kind::Qsd, &run(0.5), 1.0);
         assert!(line.ends_with("(image full after 0.50 s)"), "{line}");
