@@ -48,18 +48,38 @@ pub enum Config {
     Null,
     /// A raw image on a `file` node with `aio=io_uring`, page cache on.
     Raw,
-    /// A fully allocated qcow2 image on the same kind of `file` node.
+    /// A fully allocated qcow2 image (the raw image converted) on the same
+    /// kind of `file` node.
     Qcow2,
+    /// A qcow2 image made with `preallocation=metadata`: every cluster is
+    /// mapped, but the file under it is a hole, so reads return zeroes and
+    /// writes fill the file without allocating clusters.
+    Qcow2Meta,
+    /// A new, empty qcow2 image: every write to a cluster not written
+    /// before allocates it.
+    Qcow2Fresh,
 }
 
 impl Config {
-    pub const ALL: [Config; 3] = [Config::Null, Config::Raw, Config::Qcow2];
+    pub const ALL: [Config; 5] = [
+        Config::Null,
+        Config::Raw,
+        Config::Qcow2,
+        Config::Qcow2Meta,
+        Config::Qcow2Fresh,
+    ];
+    /// What runs when `--configs` is not given.
+    pub const DEFAULT: [Config; 3] = [Config::Null, Config::Raw, Config::Qcow2];
+    /// The qcow2 images.
+    pub const QCOW2: [Config; 3] = [Config::Qcow2, Config::Qcow2Meta, Config::Qcow2Fresh];
 
     pub fn name(self) -> &'static str {
         match self {
             Config::Null => "null",
             Config::Raw => "raw",
             Config::Qcow2 => "qcow2",
+            Config::Qcow2Meta => "qcow2-meta",
+            Config::Qcow2Fresh => "qcow2-fresh",
         }
     }
 
@@ -68,6 +88,18 @@ impl Config {
             "null" | "null-co" => Some(Config::Null),
             "raw" | "file" => Some(Config::Raw),
             "qcow2" => Some(Config::Qcow2),
+            "qcow2-meta" => Some(Config::Qcow2Meta),
+            "qcow2-fresh" => Some(Config::Qcow2Fresh),
+            _ => None,
+        }
+    }
+
+    /// A name that stands for several configurations.
+    pub fn parse_group(s: &str) -> Option<&'static [Config]> {
+        match s {
+            "all" => Some(&Config::ALL),
+            "default" => Some(&Config::DEFAULT),
+            "qcow2-all" => Some(&Config::QCOW2),
             _ => None,
         }
     }
@@ -75,6 +107,40 @@ impl Config {
     /// Whether the configuration reads and writes an image file.
     pub fn uses_image(self) -> bool {
         !matches!(self, Config::Null)
+    }
+
+    /// The image's file name in the benchmark's directory.
+    pub fn image_file(self) -> Option<&'static str> {
+        match self {
+            Config::Null => None,
+            Config::Raw => Some("bench.img"),
+            Config::Qcow2 => Some("bench.qcow2"),
+            Config::Qcow2Meta => Some("bench-meta.qcow2"),
+            Config::Qcow2Fresh => Some("bench-fresh.qcow2"),
+        }
+    }
+
+    /// Whether the image holds the benchmark's non-zero data (the others
+    /// read as zeroes where nothing was written).
+    pub fn holds_data(self) -> bool {
+        matches!(self, Config::Raw | Config::Qcow2)
+    }
+
+    /// Whether writes change how later writes to the image are served
+    /// (clusters or file blocks get allocated), so that the image is made
+    /// anew with `qemu-img create` before every session that writes, and
+    /// the two daemons find it in the same state.
+    pub fn renews_image(self) -> bool {
+        matches!(self, Config::Qcow2Meta | Config::Qcow2Fresh)
+    }
+
+    /// The format driver of the exported node, for image configurations.
+    fn format(self) -> Option<&'static str> {
+        match self {
+            Config::Null => None,
+            Config::Raw => Some("raw"),
+            Config::Qcow2 | Config::Qcow2Meta | Config::Qcow2Fresh => Some("qcow2"),
+        }
     }
 }
 
@@ -133,18 +199,12 @@ pub fn daemon_args(
                 "driver=null-co,node-name=n0,size={null_size},read-zeroes=off"
             ));
         }
-        Config::Raw | Config::Qcow2 => {
+        Config::Raw | Config::Qcow2 | Config::Qcow2Meta | Config::Qcow2Fresh => {
+            let format = config.format().unwrap_or("raw");
             args.push("--blockdev".to_string());
             args.push(file_node(image)?);
             args.push("--blockdev".to_string());
-            args.push(format!(
-                "driver={},node-name=n0,file=f0",
-                if config == Config::Raw {
-                    "raw"
-                } else {
-                    "qcow2"
-                }
-            ));
+            args.push(format!("driver={format},node-name=n0,file=f0"));
         }
     }
     let n_threads = match threads {
@@ -441,6 +501,63 @@ mod tests {
         let a = daemon_args(Config::Qcow2, Some(img), 0, sock, 1, Threads::Single).unwrap();
         assert_eq!(a[3], "driver=qcow2,node-name=n0,file=f0");
         assert!(daemon_args(Config::Raw, None, 0, sock, 1, Threads::Single).is_err());
+    }
+
+    #[test]
+    fn qcow2_images_share_the_command_line() {
+        let sock = Path::new("/tmp/q.sock");
+        let img = Path::new("/var/tmp/b,c.qcow2");
+        for config in [Config::Qcow2Meta, Config::Qcow2Fresh] {
+            let a = daemon_args(config, Some(img), 0, sock, 2, Threads::Single).unwrap();
+            assert_eq!(
+                a,
+                [
+                    "--blockdev",
+                    "driver=file,node-name=f0,filename=/var/tmp/b,,c.qcow2,aio=io_uring,cache.direct=off",
+                    "--blockdev",
+                    "driver=qcow2,node-name=n0,file=f0",
+                    "--object",
+                    "iothread,id=io0,poll-max-ns=32768",
+                    "--export",
+                    "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/q.sock,writable=on,num-queues=2,iothread=io0",
+                ]
+            );
+            let d = daemon_args(config, Some(img), 0, sock, 1, Threads::Defaults).unwrap();
+            assert_eq!(d[3], "driver=qcow2,node-name=n0,file=f0");
+            assert!(d.iter().all(|x| !x.contains("iothread")));
+            assert!(daemon_args(config, None, 0, sock, 1, Threads::Single).is_err());
+        }
+    }
+
+    #[test]
+    fn config_names_and_properties() {
+        for c in Config::ALL {
+            assert_eq!(Config::parse(c.name()), Some(c));
+            assert_eq!(c.image_file().is_some(), c.uses_image());
+        }
+        assert_eq!(Config::parse("qcow2-meta"), Some(Config::Qcow2Meta));
+        assert_eq!(Config::parse("qcow2-fresh"), Some(Config::Qcow2Fresh));
+        assert_eq!(Config::parse("qcow2-new"), None);
+        assert_eq!(Config::parse_group("all"), Some(&Config::ALL[..]));
+        assert_eq!(
+            Config::parse_group("qcow2-all"),
+            Some(&[Config::Qcow2, Config::Qcow2Meta, Config::Qcow2Fresh][..])
+        );
+        assert_eq!(Config::DEFAULT, [Config::Null, Config::Raw, Config::Qcow2]);
+        // only the images filled with data are read back as data, and
+        // only the new ones are made again
+        let data: Vec<_> = Config::ALL.into_iter().filter(|c| c.holds_data()).collect();
+        assert_eq!(data, [Config::Raw, Config::Qcow2]);
+        let renewed: Vec<_> = Config::ALL
+            .into_iter()
+            .filter(|c| c.renews_image())
+            .collect();
+        assert_eq!(renewed, [Config::Qcow2Meta, Config::Qcow2Fresh]);
+        // distinct files, so that one configuration never reuses another's
+        let mut files: Vec<_> = Config::ALL.iter().filter_map(|c| c.image_file()).collect();
+        files.sort_unstable();
+        files.dedup();
+        assert_eq!(files.len(), 4);
     }
 
     #[test]

@@ -13,11 +13,25 @@ Runs the same libblkio workloads against qemu-storage-daemon (qsd) and vubd,
 alternating the backends, and reports medians and vubd/qsd ratios.
 
   --quick               smoke test: 1 repetition of 0.5 s (+0.2 s warm-up),
-                        256 MiB image
+                        256 MiB image, 1024 MiB single-pass image
   --duration SECS       measured time per run (default 5)
   --warmup SECS         warm-up before each run (default 1)
   --reps N              runs per workload and backend (default 3)
-  --configs LIST        null,raw,qcow2 (default: all)
+  --configs LIST        null, raw, qcow2 (the raw image converted: every
+                        cluster allocated and filled), qcow2-meta (qemu-img
+                        create -o preallocation=metadata: clusters mapped,
+                        file sparse, reads return zeroes), qcow2-fresh
+                        (qemu-img create: writes allocate clusters; no read
+                        workloads); 'default' = null,raw,qcow2, 'qcow2-all'
+                        = the three qcow2 ones, 'all' = all five
+                        (default: default; qcow2-meta and qcow2-fresh are
+                        opt-in, as each write workload on them gets a
+                        session and an image of its own, made anew).
+                        Every qcow2 configuration adds seqwrite 64k QD1 and
+                        QD8 (one cluster per write) in the setups without
+                        a poll queue. Sequential writes to qcow2-meta and
+                        qcow2-fresh go through the image once (see
+                        --pass-size) and end when it is full.
   --setups LIST         1q,2q,poll (the benchmark's iothreads with polling),
                         1q-def,2q-def,poll-def (the same with both daemons
                         on their defaults: no iothread objects, no polling
@@ -27,6 +41,11 @@ alternating the backends, and reports medians and vubd/qsd ratios.
   --only TEXT           only workloads whose name contains TEXT, e.g. randread,
                         'QD1', '128k'
   --image-size MIB      size of the images and of the null device (default 1024)
+  --pass-size MIB       size of the qcow2-meta and qcow2-fresh images that
+                        sequential writes go through once (default 2048:
+                        a window of about a second at 2 GB/s into the page
+                        cache, and below the dirty data at which the kernel
+                        starts throttling writers with 16 GiB of memory)
   --dir DIR             images, sockets and daemon logs (default /var/tmp/vubd-bench)
   --qsd PATH            qemu-storage-daemon binary (default: from PATH)
   --vubd PATH           vubd binary (default target/release/vubd)
@@ -56,6 +75,8 @@ pub struct Opts {
     pub backends: Vec<Kind>,
     pub only: Option<String>,
     pub image_mib: u64,
+    /// Size of the images sequential writes go through once.
+    pub pass_mib: u64,
     pub dir: PathBuf,
     pub qsd: PathBuf,
     pub vubd: PathBuf,
@@ -73,11 +94,12 @@ impl Default for Opts {
             duration: Duration::from_secs(5),
             warmup: Duration::from_secs(1),
             reps: 3,
-            configs: Config::ALL.to_vec(),
+            configs: Config::DEFAULT.to_vec(),
             setups: Setup::ALL.to_vec(),
             backends: vec![Kind::Qsd, Kind::Vubd],
             only: None,
             image_mib: 1024,
+            pass_mib: 2048,
             dir: PathBuf::from("/var/tmp/vubd-bench"),
             qsd: PathBuf::from("qemu-storage-daemon"),
             vubd: PathBuf::from("target/release/vubd"),
@@ -100,6 +122,7 @@ pub fn parse(args: &[String]) -> Result<Option<Opts>, String> {
         o.warmup = Duration::from_millis(200);
         o.reps = 1;
         o.image_mib = 256;
+        o.pass_mib = 1024;
     }
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -124,14 +147,22 @@ pub fn parse(args: &[String]) -> Result<Option<Opts>, String> {
                     return Err("--reps must be at least 1".into());
                 }
             }
-            "--configs" => o.configs = list(name, &value()?, Config::parse)?,
-            "--setups" => o.setups = setups(name, &value()?)?,
+            "--configs" => {
+                o.configs = grouped(name, &value()?, Config::parse_group, Config::parse)?
+            }
+            "--setups" => o.setups = grouped(name, &value()?, Setup::parse_group, Setup::parse)?,
             "--backends" => o.backends = list(name, &value()?, Kind::parse)?,
             "--only" => o.only = Some(value()?),
             "--image-size" => {
                 o.image_mib = num(name, &value()?)?;
                 if o.image_mib < 16 {
                     return Err("--image-size must be at least 16 (MiB)".into());
+                }
+            }
+            "--pass-size" => {
+                o.pass_mib = num(name, &value()?)?;
+                if o.pass_mib < 16 {
+                    return Err("--pass-size must be at least 16 (MiB)".into());
                 }
             }
             "--dir" => o.dir = PathBuf::from(value()?),
@@ -178,17 +209,22 @@ fn list<T: PartialEq>(name: &str, v: &str, f: fn(&str) -> Option<T>) -> Result<V
     Ok(out)
 }
 
-/// A list of setups, where a group name stands for its members.
-fn setups(name: &str, v: &str) -> Result<Vec<Setup>, String> {
+/// A list where a group name stands for its members (setups, configs).
+fn grouped<T: PartialEq + Copy + 'static>(
+    name: &str,
+    v: &str,
+    group: fn(&str) -> Option<&'static [T]>,
+    one: fn(&str) -> Option<T>,
+) -> Result<Vec<T>, String> {
     let mut out = Vec::new();
     for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let group = match Setup::parse_group(item) {
+        let members = match group(item) {
             Some(g) => g.to_vec(),
-            None => vec![Setup::parse(item).ok_or_else(|| format!("{name}: unknown item {item}"))?],
+            None => vec![one(item).ok_or_else(|| format!("{name}: unknown item {item}"))?],
         };
-        for s in group {
-            if !out.contains(&s) {
-                out.push(s);
+        for x in members {
+            if !out.contains(&x) {
+                out.push(x);
             }
         }
     }
@@ -245,5 +281,40 @@ mod tests {
         assert!(p(&["--configs", "nope"]).is_err());
         assert!(p(&["--reps", "0"]).is_err());
         assert!(p(&["--duration"]).is_err());
+    }
+
+    #[test]
+    fn qcow2_configs() {
+        let o = p(&[]).unwrap().unwrap();
+        assert_eq!(o.configs, vec![Config::Null, Config::Raw, Config::Qcow2]);
+        let o = p(&["--quick", "--configs", "qcow2-meta,qcow2-fresh"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.configs, vec![Config::Qcow2Meta, Config::Qcow2Fresh]);
+        let o = p(&["--configs=qcow2-fresh,qcow2-all"]).unwrap().unwrap();
+        assert_eq!(
+            o.configs,
+            vec![Config::Qcow2Fresh, Config::Qcow2, Config::Qcow2Meta]
+        );
+        let o = p(&["--configs", "all"]).unwrap().unwrap();
+        assert_eq!(o.configs, Config::ALL.to_vec());
+        let o = p(&["--configs", "default,qcow2-meta"]).unwrap().unwrap();
+        assert_eq!(
+            o.configs,
+            vec![Config::Null, Config::Raw, Config::Qcow2, Config::Qcow2Meta]
+        );
+        let o = p(&["--configs", "qcow2-fresh", "--small-pages"])
+            .unwrap()
+            .unwrap();
+        assert!(o.small_pages);
+        assert_eq!(o.pass_mib, 2048);
+        let o = p(&["--quick"]).unwrap().unwrap();
+        assert_eq!((o.image_mib, o.pass_mib), (256, 1024));
+        let o = p(&["--pass-size=4096", "--quick"]).unwrap().unwrap();
+        assert_eq!(o.pass_mib, 4096);
+        assert!(p(&["--pass-size", "8"]).is_err());
+        assert!(p(&["--configs", "qcow2-prealloc"]).is_err());
+        assert!(p(&["--configs", ","]).is_err());
+        assert!(USAGE.contains("qcow2-meta") && USAGE.contains("qcow2-fresh"));
     }
 }

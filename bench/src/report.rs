@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use crate::backend::{Config, Kind};
 use crate::results::{Case, Cell, Results};
-use crate::stats::{geomean, median_of, Metric, RunStats};
+use crate::stats::{geomean, median, median_of, Metric, RunStats};
 
 fn med(cell: Option<&Cell>, m: Metric) -> Option<f64> {
     cell.and_then(|c| median_of(&c.runs, m))
@@ -115,10 +115,18 @@ pub fn case_table(results: &Results, case: &Case) -> String {
     s
 }
 
-/// One line of the live progress output.
-pub fn progress_line(rep: usize, reps: usize, case: &Case, kind: Kind, r: &RunStats) -> String {
-    format!(
-        "[{}/{}] {:<5} {:<4} {:<4} {:<19} {:>8.0} IOPS {:>8.1} MiB/s  p50 {:>7} µs  p99 {:>7} µs  CPU {:>6.2} µs/req  RSS {:>6.1} MiB",
+/// One line of the live progress output; a window shorter than the
+/// planned `duration_s` (a single pass that filled the image) is noted.
+pub fn progress_line(
+    rep: usize,
+    reps: usize,
+    case: &Case,
+    kind: Kind,
+    r: &RunStats,
+    duration_s: f64,
+) -> String {
+    let mut line = format!(
+        "[{}/{}] {:<11} {:<4} {:<4} {:<19} {:>8.0} IOPS {:>8.1} MiB/s  p50 {:>7} µs  p99 {:>7} µs  CPU {:>6.2} µs/req  RSS {:>6.1} MiB",
         rep + 1,
         reps,
         case.config.name(),
@@ -131,7 +139,80 @@ pub fn progress_line(rep: usize, reps: usize, case: &Case, kind: Kind, r: &RunSt
         fmt_value(Metric::P99, Some(r.p99_us)),
         r.cpu_us_per_req,
         r.rss_mib
-    )
+    );
+    if short_window(r.seconds, duration_s) {
+        let _ = write!(line, "  (image full after {:.2} s)", r.seconds);
+    }
+    line
+}
+
+fn short_window(seconds: f64, duration_s: f64) -> bool {
+    seconds < duration_s * 0.999
+}
+
+/// Notes on what the new qcow2 images are, and on measurement windows cut
+/// short because a single pass filled the image: one sentence each.
+pub fn notes(results: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    let configs = configs_in(results);
+    if configs.contains(&Config::Qcow2Meta) {
+        out.push(
+            "qcow2-meta is a qcow2 image made with qemu-img create -o preallocation=metadata \
+             (anew before every session that writes): all clusters are mapped, but the file \
+             holds holes there, so reads return zeroes and writes fill the file without \
+             allocating clusters."
+                .to_string(),
+        );
+    }
+    if configs.contains(&Config::Qcow2Fresh) {
+        out.push(
+            "qcow2-fresh is a new qcow2 image (qemu-img create, no preallocation) made anew \
+             before every write workload, so that each starts with no cluster allocated; it \
+             has no read workloads. A random write allocates the cluster it lands in unless an \
+             earlier one did, so the share of allocating writes falls during the run, and \
+             faster for a faster backend."
+                .to_string(),
+        );
+        if results.meta.small_pages {
+            out.push(
+                "--small-pages gives 4 KiB pages to what is read back; qcow2-fresh's clusters \
+                 lie beyond the end of the file then, and get the pages the kernel's write path \
+                 makes."
+                    .to_string(),
+            );
+        }
+    }
+    if configs.iter().any(|c| c.renews_image()) {
+        out.push(format!(
+            "Sequential writes to qcow2-meta and qcow2-fresh go through an image of {} MiB \
+             once (warm-up at most 0.1 s), so that every write lands where nothing was written \
+             before; the window ends when the image is full.",
+            results.meta.pass_mib
+        ));
+    }
+    let mut short = Vec::new();
+    for case in &results.cases {
+        let mut parts = Vec::new();
+        for kind in [Kind::Qsd, Kind::Vubd] {
+            let secs = results
+                .cell(case, kind)
+                .and_then(|c| median(&c.runs.iter().map(|r| r.seconds).collect::<Vec<_>>()));
+            if let Some(secs) = secs.filter(|&x| short_window(x, results.meta.duration_s)) {
+                parts.push(format!("{} {secs:.2} s", kind.name()));
+            }
+        }
+        if !parts.is_empty() {
+            short.push(format!("{} ({})", case.title(), parts.join(", ")));
+        }
+    }
+    if !short.is_empty() {
+        out.push(format!(
+            "Windows shorter than {} s because the image was full (medians): {}.",
+            results.meta.duration_s,
+            short.join("; ")
+        ));
+    }
+    out
 }
 
 const SUMMARY_METRICS: [Metric; 5] = [
@@ -172,7 +253,7 @@ pub fn summary_table(results: &Results) -> String {
         s,
         "Summary (medians; ×: vubd/qsd, IOPS higher is better, the rest lower is better)"
     );
-    let mut head = format!("{:<7}{:<9}{:<20}", "config", "q", "workload");
+    let mut head = format!("{:<12}{:<9}{:<20}", "config", "q", "workload");
     for m in SUMMARY_METRICS {
         let label = match m {
             Metric::Iops => "IOPS",
@@ -184,7 +265,7 @@ pub fn summary_table(results: &Results) -> String {
         let _ = write!(head, "│ {:^24}", label);
     }
     let _ = writeln!(s, "{head}");
-    let mut sub = format!("{:<36}", "");
+    let mut sub = format!("{:<41}", "");
     for _ in SUMMARY_METRICS {
         let _ = write!(sub, "│ {:>7} {:>7} {:>7} ", "qsd", "vubd", "×");
     }
@@ -204,7 +285,7 @@ pub fn summary_table(results: &Results) -> String {
             let q = results.cell(case, Kind::Qsd);
             let v = results.cell(case, Kind::Vubd);
             let mut line = format!(
-                "{:<7}{:<9}{:<20}",
+                "{:<12}{:<9}{:<20}",
                 case.config.name(),
                 case.setup.name(),
                 case.workload.name()
@@ -214,7 +295,7 @@ pub fn summary_table(results: &Results) -> String {
             }
             let _ = writeln!(s, "{}", line.trim_end());
         }
-        let mut line = format!("{:<36}", format!("{} geomean", config.name()));
+        let mut line = format!("{:<41}", format!("{} geomean", config.name()));
         for m in SUMMARY_METRICS {
             let _ = write!(
                 line,
@@ -228,6 +309,9 @@ pub fn summary_table(results: &Results) -> String {
     }
     for (kind, config, why) in &results.skipped {
         let _ = writeln!(s, "{} skipped for {}: {why}", kind.name(), config.name());
+    }
+    for note in notes(results) {
+        let _ = writeln!(s, "{note}");
     }
     s
 }
@@ -347,6 +431,9 @@ pub fn markdown(results: &Results) -> String {
             config.name()
         );
     }
+    for note in notes(results) {
+        let _ = writeln!(s, "\n{note}");
+    }
     s
 }
 
@@ -425,12 +512,13 @@ pub fn json(results: &Results) -> String {
     let _ = writeln!(s, "{{");
     let _ = writeln!(
         s,
-        "  \"meta\": {{\"unix_time\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"reps\": {}, \"image_mib\": {}, \"page_cache_dropped\": {}, \"small_pages\": {}, \"seed\": {}, \"kernel\": {}, \"cpu\": {}, \"cpus\": {}, \"versions\": {{{}}}, \"ratio\": \"vubd/qsd\", \"qd\": \"per queue\"}},",
+        "  \"meta\": {{\"unix_time\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"reps\": {}, \"image_mib\": {}, \"pass_mib\": {}, \"page_cache_dropped\": {}, \"small_pages\": {}, \"seed\": {}, \"kernel\": {}, \"cpu\": {}, \"cpus\": {}, \"versions\": {{{}}}, \"ratio\": \"vubd/qsd\", \"qd\": \"per queue\"}},",
         m.unix_time,
         json_num(Some(m.duration_s)),
         json_num(Some(m.warmup_s)),
         m.reps,
         m.image_mib,
+        m.pass_mib,
         m.caches_dropped,
         m.small_pages,
         m.seed,
@@ -545,6 +633,45 @@ mod tests {
             md.contains("| null | 1 queue | randread 4k QD1 | 200 | 400 | 2.00 |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn notes_on_new_images_and_short_windows() {
+        let mut r = sample();
+        r.meta.duration_s = 1.0;
+        assert!(notes(&r).is_empty());
+        let case = Case {
+            config: Config::Qcow2Fresh,
+            setup: Setup::OneQueue,
+            workload: Workload {
+                pattern: Pattern::SeqWrite,
+                bs: 65536,
+                qd: 8,
+            },
+        };
+        let run = |seconds: f64| RunStats {
+            requests: 100,
+            seconds,
+            iops: 100.0 / seconds,
+            ..Default::default()
+        };
+        r.cell_mut(case, Kind::Qsd).runs = vec![run(1.0), run(0.5), run(0.25)];
+        r.cell_mut(case, Kind::Vubd).runs = vec![run(1.0)];
+        let n = notes(&r);
+        assert_eq!(n.len(), 3, "{n:?}");
+        assert!(n[0].starts_with("qcow2-fresh is a new qcow2 image"));
+        assert_eq!(
+            n[2],
+            "Windows shorter than 1 s because the image was full (medians): \
+             qcow2-fresh, 1 queue, seqwrite 64k QD8 (qsd 0.50 s)."
+        );
+        assert!(markdown(&r).contains(&n[2]));
+        r.meta.small_pages = true;
+        assert!(notes(&r)[1].starts_with("--small-pages gives 4 KiB pages"));
+        assert!(summary_table(&r).contains("qcow2-fresh 1q       seqwrite 64k QD8"));
+        let line = progress_line(0, 1, &case, Kind::Qsd, &run(0.5), 1.0);
+        assert!(line.ends_with("(image full after 0.50 s)"), "{line}");
+        assert!(!progress_line(0, 1, &case, Kind::Qsd, &run(1.0), 1.0).contains("full"));
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Meta {
     pub warmup_s: f64,
     pub reps: usize,
     pub image_mib: u64,
+    /// Size of the images sequential writes go through once.
+    pub pass_mib: u64,
     pub caches_dropped: bool,
     /// Images were read back with readahead off (`--small-pages`).
     pub small_pages: bool,

@@ -1,7 +1,10 @@
 //! The plan: for every repetition, configuration and queue setup, each
 //! backend in turn (the order flips every repetition so that drift hits both
 //! alike) gets a freshly started daemon, a freshly settled image and the
-//! setup's workloads.
+//! setup's workloads. Images that writes change (`qcow2-meta`,
+//! `qcow2-fresh`) are made anew for each session, and each of their write
+//! workloads gets a session of its own, so that every write workload of
+//! every backend starts on an image nothing was written to.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,9 +15,14 @@ use crate::image;
 use crate::opts::Opts;
 use crate::report;
 use crate::results::{Case, Meta, Results};
-use crate::workload::{self, Probe, RunError, Setup, Timing};
+use crate::workload::{self, Contents, Pattern, Probe, RunError, Setup, Timing, Workload};
 
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The longest warm-up of a single-pass run: its warm-up writes use up the
+/// image as well, and at several thousand allocations per second a long
+/// one would leave little of it for the measurement.
+const SINGLE_PASS_WARMUP: Duration = Duration::from_millis(100);
 
 struct DaemonProbe<'a>(&'a Daemon);
 
@@ -38,8 +46,6 @@ enum PerQueue {
 struct Runner<'a> {
     opts: &'a Opts,
     results: Results,
-    raw_image: PathBuf,
-    qcow2_image: PathBuf,
     vubd_per_queue: PerQueue,
     caches_dropped: bool,
 }
@@ -59,13 +65,46 @@ fn first_line_of(path: &str, prefix: &str) -> Option<String> {
         .map(|(_, v)| v.trim().to_string())
 }
 
+/// A workload with its place in the setup's plan (which picks its seed).
+type Planned = (usize, Workload);
+
+/// How a setup's workloads are split into daemon sessions: all in one,
+/// except on images that writes change, where the reads share a session
+/// and every write workload gets its own (on an image made anew).
+fn sessions(config: Config, workloads: &[Planned]) -> Vec<Vec<Planned>> {
+    if !config.renews_image() {
+        return vec![workloads.to_vec()];
+    }
+    let (writes, reads): (Vec<Planned>, Vec<Planned>) =
+        workloads.iter().partition(|(_, w)| w.pattern.is_write());
+    let mut out = Vec::new();
+    if !reads.is_empty() {
+        out.push(reads);
+    }
+    out.extend(writes.into_iter().map(|w| vec![w]));
+    out
+}
+
+/// Whether a workload goes through the image a single time: sequential
+/// writes to an image that writes change, so that each lands where nothing
+/// was written before.
+fn single_pass(config: Config, w: &Workload) -> bool {
+    config.renews_image() && w.pattern == Pattern::SeqWrite
+}
+
 impl Runner<'_> {
-    fn image_for(&self, config: Config) -> Option<&Path> {
-        match config {
-            Config::Null => None,
-            Config::Raw => Some(&self.raw_image),
-            Config::Qcow2 => Some(&self.qcow2_image),
-        }
+    fn image_for(&self, config: Config) -> Option<PathBuf> {
+        config.image_file().map(|f| self.opts.dir.join(f))
+    }
+
+    /// Makes the image of a configuration whose image is renewed, of
+    /// `mib` MiB.
+    fn make_new_image(&self, config: Config, mib: u64) -> std::io::Result<()> {
+        let Some(path) = self.image_for(config) else {
+            return Ok(());
+        };
+        let o = self.opts;
+        image::create_qcow2(&o.qemu_img, &path, mib << 20, config == Config::Qcow2Meta)
     }
 
     fn skip(&mut self, kind: Kind, config: Config, why: String) {
@@ -77,32 +116,52 @@ impl Runner<'_> {
         self.results.skipped.push((kind, config, why));
     }
 
-    /// Creates the images the selected configurations need.
+    /// Creates the images the selected configurations need. Images that
+    /// are made anew for every session are made once here already, so that
+    /// a qemu-img that cannot make them is found out before any run.
     fn prepare_images(&mut self) -> Result<(), String> {
         let o = self.opts;
-        let needs_raw = o.configs.iter().any(|c| c.uses_image());
-        if !needs_raw {
-            return Ok(());
+        if o.configs.iter().any(|c| c.holds_data()) {
+            let raw = self.image_for(Config::Raw).unwrap_or_default();
+            let size = o.image_mib << 20;
+            let t = Instant::now();
+            image::create_filled(&raw, size, o.seed)
+                .map_err(|e| format!("cannot create {}: {e}", raw.display()))?;
+            eprintln!(
+                "bench: wrote {} MiB of non-zero data to {} in {:.1} s",
+                o.image_mib,
+                raw.display(),
+                t.elapsed().as_secs_f64()
+            );
+            if o.configs.contains(&Config::Qcow2) {
+                let qcow2 = self.image_for(Config::Qcow2).unwrap_or_default();
+                match image::convert_to_qcow2(&o.qemu_img, &raw, &qcow2) {
+                    Ok(()) => eprintln!(
+                        "bench: converted it to a fully allocated qcow2 image {}",
+                        qcow2.display()
+                    ),
+                    Err(e) => {
+                        for kind in o.backends.clone() {
+                            self.skip(kind, Config::Qcow2, format!("no qcow2 image: {e}"));
+                        }
+                    }
+                }
+            }
         }
-        let size = o.image_mib << 20;
-        let t = Instant::now();
-        image::create_filled(&self.raw_image, size, o.seed)
-            .map_err(|e| format!("cannot create {}: {e}", self.raw_image.display()))?;
-        eprintln!(
-            "bench: wrote {} MiB of non-zero data to {} in {:.1} s",
-            o.image_mib,
-            self.raw_image.display(),
-            t.elapsed().as_secs_f64()
-        );
-        if o.configs.contains(&Config::Qcow2) {
-            match image::convert_to_qcow2(&o.qemu_img, &self.raw_image, &self.qcow2_image) {
+        for config in o.configs.iter().copied().filter(|c| c.renews_image()) {
+            match self.make_new_image(config, o.image_mib) {
                 Ok(()) => eprintln!(
-                    "bench: converted it to a fully allocated qcow2 image {}",
-                    self.qcow2_image.display()
+                    "bench: {} images are made with qemu-img create{} before each session",
+                    config.name(),
+                    if config == Config::Qcow2Meta {
+                        " -o preallocation=metadata"
+                    } else {
+                        ""
+                    }
                 ),
                 Err(e) => {
                     for kind in o.backends.clone() {
-                        self.skip(kind, Config::Qcow2, format!("no qcow2 image: {e}"));
+                        self.skip(kind, config, format!("no qcow2 image: {e}"));
                     }
                 }
             }
@@ -141,7 +200,7 @@ impl Runner<'_> {
         for threads in tries {
             let args = daemon_args(
                 config,
-                self.image_for(config),
+                self.image_for(config).as_deref(),
                 o.image_mib << 20,
                 &socket,
                 queues,
@@ -174,27 +233,48 @@ impl Runner<'_> {
         Err(last_err.unwrap_or(StartError::Timeout { log: String::new() }))
     }
 
-    /// One daemon session: settle the image, start the daemon, run the
-    /// setup's workloads, stop it.
-    fn session(&mut self, rep: usize, config: Config, setup: Setup, kind: Kind) {
+    /// One daemon session: make the image anew if writes change it,
+    /// settle it, start the daemon, run the workloads, stop it.
+    fn session(
+        &mut self,
+        rep: usize,
+        config: Config,
+        setup: Setup,
+        kind: Kind,
+        workloads: &[Planned],
+    ) {
         let o = self.opts;
-        if self.results.skip_reason(kind, config).is_some() {
+        if self.results.skip_reason(kind, config).is_some() || workloads.is_empty() {
             return;
         }
-        let workloads: Vec<_> = setup
-            .workloads()
-            .into_iter()
-            .filter(|w| {
-                o.only
-                    .as_ref()
-                    .is_none_or(|f| w.name().contains(f.as_str()))
-            })
-            .collect();
-        if workloads.is_empty() {
-            return;
+        let fail_all = |r: &mut Self, msg: String| {
+            eprintln!(
+                "bench: {} {} {}: {msg}",
+                kind.name(),
+                config.name(),
+                setup.name()
+            );
+            for &(_, w) in workloads {
+                let case = Case {
+                    config,
+                    setup,
+                    workload: w,
+                };
+                r.results.cell_mut(case, kind).errors.push(msg.clone());
+            }
+        };
+        // A single pass gets an image of its own size, which the export's
+        // capacity then reflects.
+        let pass = workloads.iter().any(|(_, w)| single_pass(config, w));
+        if config.renews_image() {
+            let mib = if pass { o.pass_mib } else { o.image_mib };
+            if let Err(e) = self.make_new_image(config, mib) {
+                fail_all(self, format!("cannot make the image: {e}"));
+                return;
+            }
         }
         if let Some(img) = self.image_for(config) {
-            match image::settle(img, o.drop_caches, o.small_pages) {
+            match image::settle(&img, o.drop_caches, o.small_pages) {
                 Ok(dropped) => self.caches_dropped &= dropped,
                 Err(e) => {
                     eprintln!("bench: cannot settle {}: {e}", img.display());
@@ -214,48 +294,55 @@ impl Runner<'_> {
             }
         };
         let socket = o.dir.join(format!("{}.sock", kind.name()));
-        if let Err(e) = workload::verify(&socket, config.uses_image(), o.seed) {
+        if let Err(e) = workload::verify(&socket, Contents::of(config), o.seed) {
             let msg = format!("data check failed: {e}");
-            eprintln!(
-                "bench: {} {} {}: {msg}",
-                kind.name(),
-                config.name(),
-                setup.name()
-            );
-            for w in &workloads {
-                let case = Case {
-                    config,
-                    setup,
-                    workload: *w,
-                };
-                self.results.cell_mut(case, kind).errors.push(msg.clone());
-            }
+            fail_all(self, msg.clone());
             if rep == 0 {
                 self.skip(kind, config, msg);
             }
             daemon.stop();
             return;
         }
-        let timing = Timing {
-            warmup: o.warmup,
-            duration: o.duration,
-        };
-        for (i, w) in workloads.into_iter().enumerate() {
+        for (n, &(i, w)) in workloads.iter().enumerate() {
             let case = Case {
                 config,
                 setup,
                 workload: w,
             };
+            let once = single_pass(config, &w);
+            let timing = Timing {
+                warmup: if once {
+                    o.warmup.min(SINGLE_PASS_WARMUP)
+                } else {
+                    o.warmup
+                },
+                duration: o.duration,
+            };
             // Same offsets for both backends and every repetition.
             let seed = o.seed.wrapping_mul(1000).wrapping_add(i as u64);
-            let r = workload::run(&socket, setup, w, timing, seed, &mut DaemonProbe(&daemon));
+            let r = workload::run(
+                &socket,
+                setup,
+                w,
+                timing,
+                once,
+                seed,
+                &mut DaemonProbe(&daemon),
+            );
             let cell = self.results.cell_mut(case, kind);
             cell.threads = threads.describe(kind, setup.queues());
             match r {
                 Ok(stats) => {
                     println!(
                         "{}",
-                        report::progress_line(rep, o.reps, &case, kind, &stats)
+                        report::progress_line(
+                            rep,
+                            o.reps,
+                            &case,
+                            kind,
+                            &stats,
+                            o.duration.as_secs_f64()
+                        )
                     );
                     cell.runs.push(stats);
                 }
@@ -273,7 +360,7 @@ impl Runner<'_> {
                         w.name()
                     );
                     cell.errors.push(msg.clone());
-                    if matches!(e, RunError::Connect(_)) && i == 0 && rep == 0 {
+                    if matches!(e, RunError::Connect(_)) && n == 0 && rep == 0 {
                         // The daemon runs but its export is not usable at all.
                         self.skip(kind, config, msg);
                         break;
@@ -310,8 +397,6 @@ pub fn run_all(opts: &Opts) -> Result<Results, String> {
             backends: opts.backends.clone(),
             ..Default::default()
         },
-        raw_image: opts.dir.join("bench.img"),
-        qcow2_image: opts.dir.join("bench.qcow2"),
         vubd_per_queue: PerQueue::Untried,
         caches_dropped: drop_caches,
     };
@@ -335,12 +420,23 @@ pub fn run_all(opts: &Opts) -> Result<Results, String> {
     for rep in 0..opts.reps {
         for &config in &opts.configs {
             for &setup in &opts.setups {
+                let planned: Vec<Planned> = workload::plan(config, setup)
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, w)| {
+                        opts.only
+                            .as_ref()
+                            .is_none_or(|f| w.name().contains(f.as_str()))
+                    })
+                    .collect();
                 let mut order = opts.backends.clone();
                 if rep % 2 == 1 {
                     order.reverse();
                 }
-                for kind in order {
-                    r.session(rep, config, setup, kind);
+                for group in sessions(config, &planned) {
+                    for &kind in &order {
+                        r.session(rep, config, setup, kind, &group);
+                    }
                 }
             }
         }
@@ -355,6 +451,7 @@ pub fn run_all(opts: &Opts) -> Result<Results, String> {
         warmup_s: opts.warmup.as_secs_f64(),
         reps: opts.reps,
         image_mib: opts.image_mib,
+        pass_mib: opts.pass_mib,
         caches_dropped: r.caches_dropped,
         small_pages: opts.small_pages,
         seed: opts.seed,
@@ -369,4 +466,58 @@ pub fn run_all(opts: &Opts) -> Result<Results, String> {
         versions,
     };
     Ok(r.results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_images_get_a_session_per_write() {
+        let planned: Vec<Planned> = Setup::OneQueue
+            .workloads()
+            .into_iter()
+            .enumerate()
+            .collect();
+        assert_eq!(sessions(Config::Qcow2, &planned), vec![planned.clone()]);
+        assert_eq!(sessions(Config::Raw, &planned), vec![planned.clone()]);
+        let s = sessions(Config::Qcow2Meta, &planned);
+        let reads = planned
+            .iter()
+            .filter(|(_, w)| !w.pattern.is_write())
+            .count();
+        let writes = planned.len() - reads;
+        assert_eq!(s.len(), 1 + writes);
+        assert_eq!(s[0].len(), reads);
+        assert!(s[0].iter().all(|(_, w)| !w.pattern.is_write()));
+        assert!(s[1..]
+            .iter()
+            .all(|g| g.len() == 1 && g[0].1.pattern.is_write()));
+        // each workload keeps its place in the plan (its seed)
+        let mut idx: Vec<usize> = s.iter().flatten().map(|(i, _)| *i).collect();
+        idx.sort_unstable();
+        assert_eq!(idx, (0..planned.len()).collect::<Vec<_>>());
+        // no reads: writes only, one each
+        let fresh: Vec<Planned> = workload::plan(Config::Qcow2Fresh, Setup::Poll)
+            .into_iter()
+            .enumerate()
+            .collect();
+        assert_eq!(sessions(Config::Qcow2Fresh, &fresh), vec![fresh.clone()]);
+        assert!(sessions(Config::Qcow2Fresh, &[]).is_empty());
+    }
+
+    #[test]
+    fn single_pass_only_for_sequential_writes_to_new_images() {
+        let w = |pattern| Workload {
+            pattern,
+            bs: 65536,
+            qd: 8,
+        };
+        assert!(single_pass(Config::Qcow2Fresh, &w(Pattern::SeqWrite)));
+        assert!(single_pass(Config::Qcow2Meta, &w(Pattern::SeqWrite)));
+        assert!(!single_pass(Config::Qcow2, &w(Pattern::SeqWrite)));
+        assert!(!single_pass(Config::Raw, &w(Pattern::SeqWrite)));
+        assert!(!single_pass(Config::Qcow2Fresh, &w(Pattern::RandWrite)));
+        assert!(!single_pass(Config::Qcow2Meta, &w(Pattern::SeqRead)));
+    }
 }

@@ -8,11 +8,13 @@
 
 use std::mem::MaybeUninit;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
+use crate::backend::Config;
 use crate::stats::{percentile, RunStats, XorShift64};
 
 /// Access pattern.
@@ -173,6 +175,33 @@ impl Setup {
     }
 }
 
+/// The workloads of a configuration in a setup: the setup's, plus on
+/// every qcow2 image, in the setups without a poll queue, 64k sequential
+/// writes at QD1 and QD8 — one cluster per write, so that on a new image
+/// each allocates one, and on the converted image the same writes only
+/// overwrite (the difference is the cost of allocating). A new qcow2 image
+/// (`qcow2-fresh`) gets no reads: they would only measure how fast a
+/// daemon returns zeroes for clusters that are not there.
+pub fn plan(config: Config, setup: Setup) -> Vec<Workload> {
+    let mut ws = setup.workloads();
+    if Config::QCOW2.contains(&config) && !setup.polled() {
+        for qd in [1, 8] {
+            ws.push(Workload {
+                pattern: Pattern::SeqWrite,
+                bs: CLUSTER,
+                qd,
+            });
+        }
+    }
+    if config == Config::Qcow2Fresh {
+        ws.retain(|w| w.pattern.is_write());
+    }
+    ws
+}
+
+/// The cluster size of the qcow2 images (qemu-img's default).
+const CLUSTER: usize = 64 * 1024;
+
 /// One workload: pattern, block size and queue depth (per queue).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Workload {
@@ -282,33 +311,62 @@ struct ThreadResult {
     latencies_ns: Vec<u32>,
 }
 
+/// Where one client thread's requests go: random blocks of its range, or
+/// its range in order.
+#[derive(Clone, Debug)]
+struct Offsets {
+    random: bool,
+    bs: u64,
+    rng: XorShift64,
+    /// Byte offset of the range.
+    start: u64,
+    /// Blocks in the range.
+    blocks: u64,
+    /// Next block for sequential patterns.
+    next_block: u64,
+    /// Sequential only: go through the range once instead of starting over
+    /// at its end.
+    once: bool,
+}
+
+impl Offsets {
+    /// The next request's offset; `None` once a single pass is over.
+    fn next(&mut self) -> Option<u64> {
+        let block = if self.random {
+            self.rng.below(self.blocks)
+        } else {
+            if self.next_block >= self.blocks {
+                if self.once {
+                    return None;
+                }
+                self.next_block = 0;
+            }
+            self.next_block += 1;
+            self.next_block - 1
+        };
+        Some(self.start + block * self.bs)
+    }
+}
+
+/// When the first client thread of a single-pass run had nothing left to
+/// submit: the measurement window of every thread ends there.
+type Stop = Arc<OnceLock<Instant>>;
+
 /// One client thread's share of the device and its request loop.
 struct Worker {
     queue: Blkioq,
     buf: usize,
     w: Workload,
-    rng: XorShift64,
-    /// Byte range of the device this thread works in.
-    start: u64,
-    blocks: u64,
-    /// Next block for sequential patterns.
-    next_block: u64,
+    offsets: Offsets,
+    stop: Stop,
 }
 
 impl Worker {
-    fn next_offset(&mut self) -> u64 {
-        let block = if self.w.pattern.is_random() {
-            self.rng.below(self.blocks)
-        } else {
-            let b = self.next_block;
-            self.next_block = (b + 1) % self.blocks;
-            b
+    /// Queues a request in `slot`; false when the thread's range is done.
+    fn submit(&mut self, slot: usize) -> bool {
+        let Some(off) = self.offsets.next() else {
+            return false;
         };
-        self.start + block * self.w.bs as u64
-    }
-
-    fn submit(&mut self, slot: usize) {
-        let off = self.next_offset();
         let ptr = (self.buf + slot * self.w.bs) as *mut u8;
         if self.w.pattern.is_write() {
             self.queue
@@ -317,6 +375,7 @@ impl Worker {
             self.queue
                 .read(off, ptr, self.w.bs, slot, ReqFlags::empty());
         }
+        true
     }
 
     fn run(mut self, go: Instant, warm_end: Instant, end: Instant) -> Result<ThreadResult, String> {
@@ -331,11 +390,15 @@ impl Worker {
         if go > now {
             thread::sleep(go - now);
         }
+        let mut in_flight = 0;
         for (slot, t) in submitted_at.iter_mut().enumerate() {
             *t = Instant::now();
-            self.submit(slot);
+            if !self.submit(slot) {
+                let _ = self.stop.set(*t);
+                break;
+            }
+            in_flight += 1;
         }
-        let mut in_flight = qd;
         let mut requests = 0u64;
         let mut failed: Option<String> = None;
         while in_flight > 0 {
@@ -359,17 +422,21 @@ impl Worker {
                         std::io::Error::from_raw_os_error(-c.ret)
                     ));
                 }
-                if now >= warm_end && now < end {
+                let stopped = self.stop.get().is_some();
+                if now >= warm_end && now < end && !stopped {
                     let ns = (now - submitted_at[slot]).as_nanos();
                     latencies.push(u32::try_from(ns).unwrap_or(u32::MAX));
                     requests += 1;
                 }
-                if now < end && failed.is_none() {
+                if now < end && failed.is_none() && !stopped {
                     submitted_at[slot] = Instant::now();
-                    self.submit(slot);
-                } else {
-                    in_flight -= 1;
+                    if self.submit(slot) {
+                        continue;
+                    }
+                    // This thread cannot keep its queue depth any more.
+                    let _ = self.stop.set(now);
                 }
+                in_flight -= 1;
             }
         }
         match failed {
@@ -382,13 +449,40 @@ impl Worker {
     }
 }
 
+/// What an export's blocks hold before the benchmark writes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contents {
+    /// Nothing is stored (`null-co`): reads return whatever they return.
+    Discarded,
+    /// The benchmark's non-zero data.
+    Filled,
+    /// Zeroes: a new image.
+    Zeroes,
+}
+
+impl Contents {
+    pub fn of(config: Config) -> Contents {
+        if !config.uses_image() {
+            Contents::Discarded
+        } else if config.holds_data() {
+            Contents::Filled
+        } else {
+            Contents::Zeroes
+        }
+    }
+}
+
 /// Checks, on a connection of its own, that the export really moves data:
 /// a block written with a fresh pattern reads back identical (unless the
-/// node discards data, as `null-co` does), and the first block of an image
-/// holds the non-zero data it was filled with. A daemon that answers
-/// without doing the I/O would otherwise produce flattering figures.
-pub fn verify(socket: &Path, stores_data: bool, seed: u64) -> Result<(), String> {
+/// node discards data, as `null-co` does), and the first block holds what
+/// the image holds: the non-zero data it was filled with, or zeroes in a
+/// new image (read into a buffer that is not zero before). A daemon that
+/// answers without doing the I/O would otherwise produce flattering
+/// figures. The write goes to the last block, which the workloads reach
+/// last (a new image gets that one cluster allocated early).
+pub fn verify(socket: &Path, contents: Contents, seed: u64) -> Result<(), String> {
     const BS: usize = 4096;
+    let stores_data = contents != Contents::Discarded;
     let w = Workload {
         pattern: Pattern::RandWrite,
         bs: BS,
@@ -449,12 +543,23 @@ pub fn verify(socket: &Path, stores_data: bool, seed: u64) -> Result<(), String>
     if stores_data && read_back() != pattern {
         return Err("the last block does not read back as written".into());
     }
-    if stores_data {
-        // SAFETY: see above.
-        unsafe { std::ptr::write_bytes(rbuf, 0, BS) };
-        one(q, false, 0, "read of the first block")?;
-        if read_back().iter().all(|&b| b == 0) {
-            return Err("the first block reads as zeroes, not the image's data".into());
+    match contents {
+        Contents::Discarded => {}
+        Contents::Filled => {
+            // SAFETY: see above.
+            unsafe { std::ptr::write_bytes(rbuf, 0, BS) };
+            one(q, false, 0, "read of the first block")?;
+            if read_back().iter().all(|&b| b == 0) {
+                return Err("the first block reads as zeroes, not the image's data".into());
+            }
+        }
+        Contents::Zeroes => {
+            // SAFETY: see above.
+            unsafe { std::ptr::write_bytes(rbuf, 0xa5, BS) };
+            one(q, false, 0, "read of the first block")?;
+            if read_back().iter().any(|&b| b != 0) {
+                return Err("the first block of the new image does not read as zeroes".into());
+            }
         }
     }
     drop(queues);
@@ -480,11 +585,19 @@ impl std::fmt::Display for RunError {
 }
 
 /// Runs one workload against the daemon listening on `socket`.
+///
+/// With `once`, a sequential pattern goes through each thread's range a
+/// single time instead of starting over, so that every write lands where
+/// nothing was written in the run before (on a new image: every write
+/// allocates). The run then ends early when the first thread has nothing
+/// left to submit; the window, and so IOPS, covers only the time up to
+/// that point (`RunStats::seconds`).
 pub fn run(
     socket: &Path,
     setup: Setup,
     w: Workload,
     timing: Timing,
+    once: bool,
     seed: u64,
     probe: &mut dyn Probe,
 ) -> Result<RunStats, RunError> {
@@ -501,6 +614,7 @@ pub fn run(
     let go = Instant::now() + Duration::from_millis(20);
     let warm_end = go + timing.warmup;
     let end = warm_end + timing.duration;
+    let stop: Stop = Arc::default();
 
     let mut handles = Vec::new();
     for (i, (queue, buf)) in queues.into_iter().zip(bufs).enumerate() {
@@ -517,10 +631,16 @@ pub fn run(
             queue,
             buf,
             w,
-            rng: XorShift64::new(seed ^ (i + 1).wrapping_mul(0x9e37_79b9)),
-            start,
-            blocks,
-            next_block: 0,
+            offsets: Offsets {
+                random: w.pattern.is_random(),
+                bs,
+                rng: XorShift64::new(seed ^ (i + 1).wrapping_mul(0x9e37_79b9)),
+                start,
+                blocks,
+                next_block: 0,
+                once,
+            },
+            stop: Arc::clone(&stop),
         };
         handles.push(thread::spawn(move || worker.run(go, warm_end, end)));
     }
@@ -534,7 +654,14 @@ pub fn run(
     sleep_until(warm_end);
     let cpu0 = probe.cpu_seconds();
     let t0 = Instant::now();
-    sleep_until(end);
+    // Until the end, or until a single-pass run has run out.
+    loop {
+        let now = Instant::now();
+        if now >= end || stop.get().is_some() {
+            break;
+        }
+        thread::sleep((end - now).min(Duration::from_millis(1)));
+    }
     let cpu1 = probe.cpu_seconds();
     let window = t0.elapsed().as_secs_f64();
 
@@ -569,12 +696,20 @@ pub fn run(
         (Err(e), _) | (_, Err(e)) => return Err(RunError::Io(format!("backend CPU time: {e}"))),
     };
     let rss_kib = rss.map_err(|e| RunError::Io(format!("backend RSS: {e}")))?;
+    let window_end = stop.get().map_or(end, |&t| t.min(end));
+    if window_end <= warm_end {
+        return Err(RunError::Io(
+            "the single pass reached the end of the device during the warm-up \
+             (a larger --pass-size helps)"
+                .into(),
+        ));
+    }
     if requests == 0 {
         return Err(RunError::Io("no request completed in the window".into()));
     }
     latencies.sort_unstable();
     let us = |p| percentile(&latencies, p).map_or(f64::NAN, |ns| ns as f64 / 1000.0);
-    let seconds = (end - warm_end).as_secs_f64();
+    let seconds = (window_end - warm_end).as_secs_f64();
     let iops = requests as f64 / seconds;
     Ok(RunStats {
         requests,
@@ -628,5 +763,79 @@ mod tests {
             assert_eq!(Setup::parse(s.name()), Some(s));
         }
         assert_eq!(round_up(4097, 4096), 8192);
+    }
+
+    #[test]
+    fn plans_per_configuration() {
+        let alloc: Vec<String> = plan(Config::Qcow2Fresh, Setup::OneQueue)
+            .iter()
+            .map(Workload::name)
+            .filter(|n| n.contains(" 64k "))
+            .collect();
+        assert_eq!(alloc, ["seqwrite 64k QD1", "seqwrite 64k QD8"]);
+        for s in Setup::ALL {
+            assert_eq!(plan(Config::Null, s), s.workloads());
+            assert_eq!(plan(Config::Raw, s), s.workloads());
+            let extra = if s.polled() { 0 } else { 2 };
+            for c in [Config::Qcow2, Config::Qcow2Meta] {
+                let p = plan(c, s);
+                assert_eq!(p[..p.len() - extra], s.workloads()[..], "{c:?} {s:?}");
+                assert!(p[p.len() - extra..]
+                    .iter()
+                    .all(|w| w.pattern == Pattern::SeqWrite && w.bs == CLUSTER));
+                // reads still come before writes
+                let first_write = p.iter().position(|w| w.pattern.is_write());
+                let last_read = p.iter().rposition(|w| !w.pattern.is_write());
+                assert!(first_write > last_read);
+            }
+            let fresh = plan(Config::Qcow2Fresh, s);
+            assert!(!fresh.is_empty());
+            assert!(fresh.iter().all(|w| w.pattern.is_write()), "{s:?}");
+            let writes = plan(Config::Qcow2, s)
+                .into_iter()
+                .filter(|w| w.pattern.is_write());
+            assert!(fresh.into_iter().eq(writes), "{s:?}");
+        }
+        assert_eq!(Contents::of(Config::Null), Contents::Discarded);
+        assert_eq!(Contents::of(Config::Qcow2), Contents::Filled);
+        assert_eq!(Contents::of(Config::Qcow2Meta), Contents::Zeroes);
+        assert_eq!(Contents::of(Config::Qcow2Fresh), Contents::Zeroes);
+    }
+
+    fn offsets(random: bool, once: bool) -> Offsets {
+        Offsets {
+            random,
+            bs: 4096,
+            rng: XorShift64::new(3),
+            start: 8192,
+            blocks: 3,
+            next_block: 0,
+            once,
+        }
+    }
+
+    #[test]
+    fn sequential_ranges_wrap_or_end() {
+        let mut o = offsets(false, false);
+        let v: Vec<_> = (0..5).map(|_| o.next()).collect();
+        assert_eq!(
+            v,
+            [
+                Some(8192),
+                Some(12288),
+                Some(16384),
+                Some(8192),
+                Some(12288)
+            ]
+        );
+        let mut o = offsets(false, true);
+        let v: Vec<_> = (0..5).map(|_| o.next()).collect();
+        assert_eq!(v, [Some(8192), Some(12288), Some(16384), None, None]);
+        // a single pass means nothing to random offsets
+        let mut o = offsets(true, true);
+        for _ in 0..100 {
+            let off = o.next().unwrap();
+            assert!((8192..8192 + 3 * 4096).contains(&off) && off % 4096 == 0);
+        }
     }
 }
