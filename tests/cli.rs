@@ -1182,11 +1182,9 @@ fn serve_format_raw_exports_a_formatted_file_s_bytes() {
 }
 
 #[test]
-fn serve_format_qcow2_fails_naming_qcow2() {
-    let dir = TempDir::new("vubd-cli");
-    qemu_img_create(&dir.path().join("disk.qcow2"), "qcow2", MIB);
-    let run = run_to_exit(
-        dir.path(),
+fn serve_format_qcow2_serves_the_disk_the_image_holds() {
+    let builder = Daemon::with_flavor(
+        Flavor::Vubd,
         &[
             "serve",
             "{dir}/disk.qcow2",
@@ -1194,9 +1192,18 @@ fn serve_format_qcow2_fails_naming_qcow2() {
             "qcow2",
             "--socket",
             "{dir}/vu.sock",
+            "--monitor-socket",
+            "{dir}/qmp.sock",
         ],
-    );
-    let line = run.assert_failed();
-    assert!(line.contains("qcow2"), "{line:?}");
-    assert!(!dir.path().join("vu.sock").exists(), "socket left behind");
+    )
+    .pidfile();
+    qemu_img_create(&builder.dir().join("disk.qcow2"), "qcow2", 3 * MIB);
+    let d = builder.start();
+    let mut qmp = qmp_at(&d);
+    let nodes = named_nodes(&mut qmp);
+    assert_eq!(nodes["disk0"]["drv"], "qcow2");
+    assert_eq!(nodes["disk0"]["image"]["virtual-size"], 3 * MIB);
+    let device = probe_device(&d.dir().join("vu.sock"));
+    // The guest sees the virtual disk, not the file's bytes.
+    assert_eq!(device.capacity(), 3 * MIB / 512);
 }
