@@ -54,9 +54,9 @@ fn qemu_reads(img: &Path, dir: &Path) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
-/// Serves `img` (qcow2, read-only) from vubd and reads all of it through
-/// libblkio in `chunk`-sized reads.
-fn vubd_reads(dir: &Path, img: &Path, extra: &str, chunk: usize) -> (Daemon, Vec<u8>) {
+/// Serves `img` (qcow2, read-only) from vubd; a connected read-only
+/// client with 1 MiB of buffer.
+fn serve_ro(dir: &Path, img: &Path, extra: &str) -> (Daemon, Blk) {
     let sock = dir.join("q.sock");
     let d = Daemon::vubd(&[])
         .arg("--blockdev")
@@ -75,7 +75,7 @@ fn vubd_reads(dir: &Path, img: &Path, extra: &str, chunk: usize) -> (Daemon, Vec
         ))
         .monitor()
         .start();
-    let mut blk = Blk::connect_with(
+    let blk = Blk::connect_with(
         &sock,
         BlkOptions {
             read_only: true,
@@ -83,6 +83,13 @@ fn vubd_reads(dir: &Path, img: &Path, extra: &str, chunk: usize) -> (Daemon, Vec
             ..BlkOptions::default()
         },
     );
+    (d, blk)
+}
+
+/// Serves `img` (qcow2, read-only) from vubd and reads all of it through
+/// libblkio in `chunk`-sized reads.
+fn vubd_reads(dir: &Path, img: &Path, extra: &str, chunk: usize) -> (Daemon, Vec<u8>) {
+    let (d, mut blk) = serve_ro(dir, img, extra);
     let size = blk.capacity();
     let mut data = Vec::with_capacity(size as usize);
     let mut off = 0u64;
@@ -902,5 +909,150 @@ fn snapshot_errors_name_what_is_wrong() {
     assert!(r["error"]["desc"].as_str().unwrap().contains("'f0'"), "{r}");
     let r = qmp.execute("query-block", Value::Null);
     assert_eq!(r["return"][0]["inserted"]["node-name"], "q0");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// --- damaged images -----------------------------------------------------------
+
+/// Overwrites bytes of a file.
+fn poke(p: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// Reads a big-endian u64 of a file.
+fn peek64(p: &Path, at: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    u64::from_be_bytes(b)
+}
+
+#[test]
+fn damaged_tables_fail_the_request_with_eio_and_the_rest_is_served() {
+    // Arrange: data in the first and the second 512 MiB (two L2 tables);
+    // the first table's L1 entry then points past the end of the file,
+    // and an entry of the second table has reserved bits set.
+    let dir = scratch("damaged");
+    let img = dir.join("d.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path(&img), "2G"]);
+    qemu_io(
+        &img,
+        "qcow2",
+        &[
+            "write -P 0x31 0 64k",
+            "write -P 0x32 1g 64k",
+            "write -P 0x33 1536m 64k",
+        ],
+    );
+    let l1 = peek64(&img, 40);
+    poke(
+        &img,
+        l1,
+        &(0x8000_0000_0000_0000u64 | (1u64 << 40)).to_be_bytes(),
+    );
+    let l2_third = peek64(&img, l1 + 3 * 8) & 0x00ff_ffff_ffff_fe00;
+    poke(&img, l2_third, &0x8000_0000_0000_01feu64.to_be_bytes());
+
+    // Act
+    let (d, mut blk) = serve_ro(&dir, &img, "");
+
+    // Assert: the damaged places fail, the sound one reads, the daemon
+    // answers its monitor.
+    assert_eq!(blk.try_read(0, 4096), Err(-libc::EIO));
+    assert_eq!(blk.try_read(1536 << 20, 4096), Err(-libc::EIO));
+    assert_eq!(blk.read(1 << 30, 4096), vec![0x32u8; 4096]);
+    let mut qmp = d.qmp();
+    assert!(qmp
+        .execute("query-version", Value::Null)
+        .get("return")
+        .is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_compressed_cluster_that_does_not_inflate_fails_with_eio() {
+    let dir = scratch("badzlib");
+    let src = dir.join("src.raw");
+    std::fs::write(&src, vec![0x5au8; 256 << 10]).unwrap();
+    let img = dir.join("c.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path(&src),
+        path(&img),
+    ]);
+    // The first L2 entry's compressed data: garbage over it.
+    let l1 = peek64(&img, 40);
+    let l2 = peek64(&img, l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = peek64(&img, l2);
+    let host = entry & ((1u64 << 54) - 1);
+    poke(&img, host, &[0xffu8; 64]);
+    let (d, mut blk) = serve_ro(&dir, &img, "");
+    assert_eq!(blk.try_read(0, 4096), Err(-libc::EIO));
+    // The next cluster is sound.
+    assert_eq!(blk.read(65536, 4096), vec![0x5au8; 4096]);
+    let mut qmp = d.qmp();
+    assert!(qmp
+        .execute("query-version", Value::Null)
+        .get("return")
+        .is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_backing_chain_that_loops_is_refused_with_a_clear_error() {
+    let dir = scratch("loop");
+    let a = dir.join("a.qcow2");
+    let b = dir.join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path(&a), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        path(&b),
+    ]);
+    // a's backing becomes b: a loop.
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        path(&a),
+    ]);
+    let d = Daemon::vubd(&[]).monitor().start();
+    let mut qmp = d.qmp();
+    let r = qmp.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "read-only": true,
+               "file": {"driver": "file", "filename": path(&b)}}),
+    );
+    let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(
+        desc.contains("Backing chain") && desc.contains("loops"),
+        "{r}"
+    );
+    assert!(qmp
+        .execute("query-version", Value::Null)
+        .get("return")
+        .is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }

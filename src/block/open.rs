@@ -253,10 +253,28 @@ fn open_backing_from_header(
     });
     let opts: BlockdevOptions = crate::qapi::rt::read(&v, crate::qapi::rt::Syntax::Json)
         .map_err(|e| BlockError::invalid(format!("backing file '{}': {e}", b.name)))?;
-    if depth + 1 > MAX_DEPTH {
-        return Err(BlockError::invalid(format!(
-            "Backing chain of '{image_filename}' is longer than {MAX_DEPTH} images (or loops)"
-        )));
-    }
-    open_node(graph, &opts, Some(&backing_flags(parent)), false, depth + 1)
+    let _ = depth;
+    let links = CHAIN.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let result = if links > MAX_CHAIN {
+        Err(BlockError::invalid(format!(
+            "Backing chain of '{image_filename}' is longer than {MAX_CHAIN} images (or loops)"
+        )))
+    } else {
+        // The backing node's own options are ours, not nested input: its
+        // nesting count starts over, its place in the chain does not.
+        open_node(graph, &opts, Some(&backing_flags(parent)), false, 0)
+    };
+    CHAIN.with(|c| c.set(c.get() - 1));
+    result
+}
+
+/// The longest backing chain opened from image headers.
+const MAX_CHAIN: usize = 100;
+
+thread_local! {
+    /// Backing files being opened from headers, one inside the other.
+    static CHAIN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
