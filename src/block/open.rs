@@ -10,7 +10,7 @@ use super::error::BlockError;
 use super::graph::{Edge, Graph, Node};
 use crate::qapi::{
     BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBranch,
-    BlockdevRef,
+    BlockdevRef, BlockdevRefOrNull,
 };
 use std::sync::Arc;
 
@@ -122,9 +122,22 @@ fn open_node(
                 child,
             });
             let backing = match q.backing.as_deref() {
-                // An empty reference: no backing node, whatever the image says.
-                Some(BlockdevRef::Reference(r)) if r.is_empty() => None,
-                Some(r) => Some(open_child(graph, r, &backing_flags(&flags), depth)?),
+                // null, or an empty reference: no backing node, whatever
+                // the image says.
+                Some(BlockdevRefOrNull::Null(())) => None,
+                Some(BlockdevRefOrNull::Reference(r)) if r.is_empty() => None,
+                Some(BlockdevRefOrNull::Reference(r)) => Some(open_child(
+                    graph,
+                    &BlockdevRef::Reference(r.clone()),
+                    &backing_flags(&flags),
+                    depth,
+                )?),
+                Some(BlockdevRefOrNull::Definition(o)) => Some(open_child(
+                    graph,
+                    &BlockdevRef::Definition(o.clone()),
+                    &backing_flags(&flags),
+                    depth,
+                )?),
                 None => match qcow2::BackingInfo::from_header(&header) {
                     None => None,
                     Some(b) => Some(open_backing_from_header(

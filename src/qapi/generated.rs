@@ -4872,15 +4872,15 @@ rt::deserialize_via_qapi!(BlockdevOptionsLUKS);
 pub struct BlockdevOptionsGenericCOWFormat {
     /// the child node holding the data, by reference or inline
     pub file: Box<BlockdevRef>,
-    /// the backing node, by reference or inline (default: the one named in the image); an empty string means no backing file
-    pub backing: Option<Box<BlockdevRef>>,
+    /// the backing node, by reference or inline (default: the one named in the image); null (or, as in 2.8, an empty string) means no backing file
+    pub backing: Option<Box<BlockdevRefOrNull>>,
 }
 
 impl BlockdevOptionsGenericCOWFormat {
     /// Reads the members from an object, leaving the rest to the caller.
     pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
         let file = obj.req("file", |v, at| <BlockdevRef as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
-        let backing = obj.opt("backing", |v, at| <BlockdevRef as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
+        let backing = obj.opt("backing", |v, at| <BlockdevRefOrNull as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
         Ok(Self { file, backing })
     }
 
@@ -5071,8 +5071,8 @@ rt::deserialize_via_qapi!(Qcow2OverlapChecks);
 pub struct BlockdevOptionsQcow2 {
     /// the child node holding the data, by reference or inline
     pub file: Box<BlockdevRef>,
-    /// the backing node, by reference or inline (default: the one named in the image); an empty string means no backing file
-    pub backing: Option<Box<BlockdevRef>>,
+    /// the backing node, by reference or inline (default: the one named in the image); null (or, as in 2.8, an empty string) means no backing file
+    pub backing: Option<Box<BlockdevRefOrNull>>,
     /// use lazy refcount updates (default: as recorded in the image)
     pub lazy_refcounts: Option<bool>,
     /// pass guest discard requests down to the data source
@@ -5097,7 +5097,7 @@ impl BlockdevOptionsQcow2 {
     /// Reads the members from an object, leaving the rest to the caller.
     pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
         let file = obj.req("file", |v, at| <BlockdevRef as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
-        let backing = obj.opt("backing", |v, at| <BlockdevRef as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
+        let backing = obj.opt("backing", |v, at| <BlockdevRefOrNull as rt::FromQapi>::from_qapi(v, at).map(Box::new))?;
         let lazy_refcounts = obj.opt("lazy-refcounts", <bool as rt::FromQapi>::from_qapi)?;
         let pass_discard_request = obj.opt("pass-discard-request", <bool as rt::FromQapi>::from_qapi)?;
         let pass_discard_snapshot = obj.opt("pass-discard-snapshot", <bool as rt::FromQapi>::from_qapi)?;
@@ -6269,6 +6269,41 @@ impl Serialize for BlockdevRef {
     }
 }
 rt::deserialize_via_qapi!(BlockdevRef);
+
+/// A block node given inline or by name, or null for none (what QEMU
+/// accepts since 2.10 where 2.8 took an empty string).
+/// Since: 2.9
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockdevRefOrNull {
+    /// options of a new node to open in place
+    Definition(Box<BlockdevOptions>),
+    /// device id or node name of an existing node; an empty string means no node, as null does
+    Reference(String),
+    /// no node
+    Null(()),
+}
+
+impl rt::FromQapi for BlockdevRefOrNull {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        match rt::Shape::of(v) {
+            rt::Shape::Object => (|v, at| <BlockdevOptions as rt::FromQapi>::from_qapi(v, at).map(Box::new))(v, at).map(Self::Definition),
+            rt::Shape::String => (<String as rt::FromQapi>::from_qapi)(v, at).map(Self::Reference),
+            rt::Shape::Null => (<() as rt::FromQapi>::from_qapi)(v, at).map(Self::Null),
+            _ => Err(rt::InputError::wrong_type(at, "BlockdevRefOrNull")),
+        }
+    }
+}
+
+impl Serialize for BlockdevRefOrNull {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Definition(v) => v.serialize(s),
+            Self::Reference(v) => v.serialize(s),
+            Self::Null(v) => v.serialize(s),
+        }
+    }
+}
+rt::deserialize_via_qapi!(BlockdevRefOrNull);
 
 /// Read-only setting applied by blockdev-change-medium.
 /// Since: 2.3
@@ -9395,20 +9430,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "65", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "path", "type": "str"}, {"name": "server", "type": "[100]"}, {"name": "debug-level", "type": "int", "default": null}, {"name": "logfile", "type": "str", "default": null}]},
 {"name": "66", "meta-type": "object", "members": [{"name": "file", "type": "95"}, {"name": "key-secret", "type": "str", "default": null}]},
 {"name": "67", "meta-type": "object", "members": [{"name": "size", "type": "int", "default": null}, {"name": "latency-ns", "type": "int", "default": null}, {"name": "read-zeroes", "type": "bool", "default": null}]},
-{"name": "68", "meta-type": "object", "members": [{"name": "file", "type": "95"}, {"name": "backing", "type": "95", "default": null}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "pass-discard-request", "type": "bool", "default": null}, {"name": "pass-discard-snapshot", "type": "bool", "default": null}, {"name": "pass-discard-other", "type": "bool", "default": null}, {"name": "overlap-check", "type": "101", "default": null}, {"name": "cache-size", "type": "int", "default": null}, {"name": "l2-cache-size", "type": "int", "default": null}, {"name": "refcount-cache-size", "type": "int", "default": null}, {"name": "cache-clean-interval", "type": "int", "default": null}]},
-{"name": "69", "meta-type": "object", "members": [{"name": "file", "type": "95"}, {"name": "backing", "type": "95", "default": null}]},
-{"name": "70", "meta-type": "object", "members": [{"name": "blkverify", "type": "bool", "default": null}, {"name": "children", "type": "[95]"}, {"name": "vote-threshold", "type": "int"}, {"name": "rewrite-corrupted", "type": "bool", "default": null}, {"name": "read-pattern", "type": "102", "default": null}]},
+{"name": "68", "meta-type": "object", "members": [{"name": "file", "type": "95"}, {"name": "backing", "type": "101", "default": null}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "pass-discard-request", "type": "bool", "default": null}, {"name": "pass-discard-snapshot", "type": "bool", "default": null}, {"name": "pass-discard-other", "type": "bool", "default": null}, {"name": "overlap-check", "type": "102", "default": null}, {"name": "cache-size", "type": "int", "default": null}, {"name": "l2-cache-size", "type": "int", "default": null}, {"name": "refcount-cache-size", "type": "int", "default": null}, {"name": "cache-clean-interval", "type": "int", "default": null}]},
+{"name": "69", "meta-type": "object", "members": [{"name": "file", "type": "95"}, {"name": "backing", "type": "101", "default": null}]},
+{"name": "70", "meta-type": "object", "members": [{"name": "blkverify", "type": "bool", "default": null}, {"name": "children", "type": "[95]"}, {"name": "vote-threshold", "type": "int"}, {"name": "rewrite-corrupted", "type": "bool", "default": null}, {"name": "read-pattern", "type": "103", "default": null}]},
 {"name": "71", "meta-type": "object", "members": [{"name": "file", "type": "95"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}]},
-{"name": "72", "meta-type": "object", "members": [{"name": "file", "type": "95"}, {"name": "mode", "type": "103"}, {"name": "top-id", "type": "str", "default": null}]},
+{"name": "72", "meta-type": "object", "members": [{"name": "file", "type": "95"}, {"name": "mode", "type": "104"}, {"name": "top-id", "type": "str", "default": null}]},
 {"name": "73", "meta-type": "object", "members": [{"name": "throttle-group", "type": "str"}, {"name": "file", "type": "95"}]},
 {"name": "74", "meta-type": "object", "members": [{"name": "dir", "type": "str"}, {"name": "fat-type", "type": "int", "default": null}, {"name": "floppy", "type": "bool", "default": null}, {"name": "label", "type": "str", "default": null}, {"name": "rw", "type": "bool", "default": null}]},
 {"name": "75", "meta-type": "enum", "members": [{"name": "vhost-user-blk"}], "values": ["vhost-user-blk"]},
 {"name": "76", "meta-type": "alternate", "members": [{"type": "str"}, {"type": "[str]"}]},
-{"name": "77", "meta-type": "object", "members": [{"name": "addr", "type": "104"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}]},
+{"name": "77", "meta-type": "object", "members": [{"name": "addr", "type": "105"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}]},
 {"name": "78", "meta-type": "enum", "members": [{"name": "safe"}, {"name": "hard"}], "values": ["safe", "hard"]},
 {"name": "79", "meta-type": "enum", "members": [{"name": "iothread"}, {"name": "throttle-group"}], "values": ["iothread", "throttle-group"]},
 {"name": "80", "meta-type": "object", "members": [{"name": "poll-max-ns", "type": "int", "default": null}, {"name": "poll-grow", "type": "int", "default": null}, {"name": "poll-shrink", "type": "int", "default": null}, {"name": "aio-max-batch", "type": "int", "default": null}]},
-{"name": "81", "meta-type": "object", "members": [{"name": "limits", "type": "105", "default": null}, {"name": "x-iops-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-size", "type": "int", "default": null, "features": ["unstable"]}]},
+{"name": "81", "meta-type": "object", "members": [{"name": "limits", "type": "106", "default": null}, {"name": "x-iops-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-size", "type": "int", "default": null, "features": ["unstable"]}]},
 {"name": "82", "meta-type": "enum", "members": [{"name": "read"}, {"name": "write"}], "values": ["read", "write"]},
 {"name": "83", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "report"}, {"name": "stop"}], "values": ["ignore", "report", "stop"]},
 {"name": "84", "meta-type": "enum", "members": [{"name": "commit"}, {"name": "stream"}, {"name": "mirror"}, {"name": "backup"}], "values": ["commit", "stream", "mirror", "backup"]},
@@ -9427,47 +9462,49 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "92", "meta-type": "object", "members": [{"name": "discard-nb-ok", "type": "int"}, {"name": "discard-nb-failed", "type": "int"}, {"name": "discard-bytes-ok", "type": "int"}]},
 {"name": "[93]", "meta-type": "array", "element-type": "93"},
 {"name": "93", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "name", "type": "str"}, {"name": "vm-state-size", "type": "int"}, {"name": "date-sec", "type": "int"}, {"name": "date-nsec", "type": "int"}, {"name": "vm-clock-sec", "type": "int"}, {"name": "vm-clock-nsec", "type": "int"}]},
-{"name": "94", "meta-type": "object", "members": [{"name": "type", "type": "106"}], "tag": "type", "variants": [{"case": "qcow2", "type": "107"}, {"case": "vmdk", "type": "108"}, {"case": "luks", "type": "109"}, {"case": "file", "type": "110"}]},
+{"name": "94", "meta-type": "object", "members": [{"name": "type", "type": "107"}], "tag": "type", "variants": [{"case": "qcow2", "type": "108"}, {"case": "vmdk", "type": "109"}, {"case": "luks", "type": "110"}, {"case": "file", "type": "111"}]},
 {"name": "95", "meta-type": "alternate", "members": [{"type": "14"}, {"type": "str"}]},
 {"name": "[96]", "meta-type": "array", "element-type": "96"},
-{"name": "96", "meta-type": "object", "members": [{"name": "event", "type": "111"}, {"name": "state", "type": "int", "default": null}, {"name": "errno", "type": "int", "default": null}, {"name": "sector", "type": "int", "default": null}, {"name": "once", "type": "bool", "default": null}, {"name": "immediately", "type": "bool", "default": null}]},
+{"name": "96", "meta-type": "object", "members": [{"name": "event", "type": "112"}, {"name": "state", "type": "int", "default": null}, {"name": "errno", "type": "int", "default": null}, {"name": "sector", "type": "int", "default": null}, {"name": "once", "type": "bool", "default": null}, {"name": "immediately", "type": "bool", "default": null}]},
 {"name": "[97]", "meta-type": "array", "element-type": "97"},
-{"name": "97", "meta-type": "object", "members": [{"name": "event", "type": "111"}, {"name": "state", "type": "int", "default": null}, {"name": "new_state", "type": "int"}]},
+{"name": "97", "meta-type": "object", "members": [{"name": "event", "type": "112"}, {"name": "state", "type": "int", "default": null}, {"name": "new_state", "type": "int"}]},
 {"name": "98", "meta-type": "enum", "members": [{"name": "threads"}, {"name": "native"}, {"name": "io_uring"}], "values": ["threads", "native", "io_uring"]},
 {"name": "99", "meta-type": "enum", "members": [{"name": "auto"}, {"name": "on"}, {"name": "off"}], "values": ["auto", "on", "off"]},
 {"name": "[100]", "meta-type": "array", "element-type": "100"},
-{"name": "100", "meta-type": "object", "members": [{"name": "type", "type": "112"}], "tag": "type", "variants": [{"case": "unix", "type": "113"}, {"case": "tcp", "type": "114"}]},
-{"name": "101", "meta-type": "alternate", "members": [{"type": "115"}, {"type": "116"}]},
+{"name": "100", "meta-type": "object", "members": [{"name": "type", "type": "113"}], "tag": "type", "variants": [{"case": "unix", "type": "114"}, {"case": "tcp", "type": "115"}]},
+{"name": "101", "meta-type": "alternate", "members": [{"type": "14"}, {"type": "str"}, {"type": "null"}]},
+{"name": "102", "meta-type": "alternate", "members": [{"type": "116"}, {"type": "117"}]},
 {"name": "[95]", "meta-type": "array", "element-type": "95"},
-{"name": "102", "meta-type": "enum", "members": [{"name": "quorum"}, {"name": "fifo"}], "values": ["quorum", "fifo"]},
-{"name": "103", "meta-type": "enum", "members": [{"name": "primary"}, {"name": "secondary"}], "values": ["primary", "secondary"]},
-{"name": "104", "meta-type": "object", "members": [{"name": "type", "type": "117"}], "tag": "type", "variants": [{"case": "inet", "type": "114"}, {"case": "unix", "type": "113"}, {"case": "vsock", "type": "118"}, {"case": "fd", "type": "119"}]},
-{"name": "105", "meta-type": "object", "members": [{"name": "iops-total", "type": "int", "default": null}, {"name": "iops-total-max", "type": "int", "default": null}, {"name": "iops-total-max-length", "type": "int", "default": null}, {"name": "iops-read", "type": "int", "default": null}, {"name": "iops-read-max", "type": "int", "default": null}, {"name": "iops-read-max-length", "type": "int", "default": null}, {"name": "iops-write", "type": "int", "default": null}, {"name": "iops-write-max", "type": "int", "default": null}, {"name": "iops-write-max-length", "type": "int", "default": null}, {"name": "bps-total", "type": "int", "default": null}, {"name": "bps-total-max", "type": "int", "default": null}, {"name": "bps-total-max-length", "type": "int", "default": null}, {"name": "bps-read", "type": "int", "default": null}, {"name": "bps-read-max", "type": "int", "default": null}, {"name": "bps-read-max-length", "type": "int", "default": null}, {"name": "bps-write", "type": "int", "default": null}, {"name": "bps-write-max", "type": "int", "default": null}, {"name": "bps-write-max-length", "type": "int", "default": null}, {"name": "iops-size", "type": "int", "default": null}]},
+{"name": "103", "meta-type": "enum", "members": [{"name": "quorum"}, {"name": "fifo"}], "values": ["quorum", "fifo"]},
+{"name": "104", "meta-type": "enum", "members": [{"name": "primary"}, {"name": "secondary"}], "values": ["primary", "secondary"]},
+{"name": "105", "meta-type": "object", "members": [{"name": "type", "type": "118"}], "tag": "type", "variants": [{"case": "inet", "type": "115"}, {"case": "unix", "type": "114"}, {"case": "vsock", "type": "119"}, {"case": "fd", "type": "120"}]},
+{"name": "106", "meta-type": "object", "members": [{"name": "iops-total", "type": "int", "default": null}, {"name": "iops-total-max", "type": "int", "default": null}, {"name": "iops-total-max-length", "type": "int", "default": null}, {"name": "iops-read", "type": "int", "default": null}, {"name": "iops-read-max", "type": "int", "default": null}, {"name": "iops-read-max-length", "type": "int", "default": null}, {"name": "iops-write", "type": "int", "default": null}, {"name": "iops-write-max", "type": "int", "default": null}, {"name": "iops-write-max-length", "type": "int", "default": null}, {"name": "bps-total", "type": "int", "default": null}, {"name": "bps-total-max", "type": "int", "default": null}, {"name": "bps-total-max-length", "type": "int", "default": null}, {"name": "bps-read", "type": "int", "default": null}, {"name": "bps-read-max", "type": "int", "default": null}, {"name": "bps-read-max-length", "type": "int", "default": null}, {"name": "bps-write", "type": "int", "default": null}, {"name": "bps-write-max", "type": "int", "default": null}, {"name": "bps-write-max-length", "type": "int", "default": null}, {"name": "iops-size", "type": "int", "default": null}]},
 {"name": "number", "meta-type": "builtin", "json-type": "number"},
-{"name": "106", "meta-type": "enum", "members": [{"name": "qcow2"}, {"name": "vmdk"}, {"name": "luks"}, {"name": "file"}], "values": ["qcow2", "vmdk", "luks", "file"]},
-{"name": "107", "meta-type": "object", "members": [{"name": "data", "type": "120"}]},
+{"name": "107", "meta-type": "enum", "members": [{"name": "qcow2"}, {"name": "vmdk"}, {"name": "luks"}, {"name": "file"}], "values": ["qcow2", "vmdk", "luks", "file"]},
 {"name": "108", "meta-type": "object", "members": [{"name": "data", "type": "121"}]},
 {"name": "109", "meta-type": "object", "members": [{"name": "data", "type": "122"}]},
 {"name": "110", "meta-type": "object", "members": [{"name": "data", "type": "123"}]},
-{"name": "111", "meta-type": "enum", "members": [{"name": "l1_update"}, {"name": "l1_grow_alloc_table"}, {"name": "l1_grow_write_table"}, {"name": "l1_grow_activate_table"}, {"name": "l2_load"}, {"name": "l2_update"}, {"name": "l2_update_compressed"}, {"name": "l2_alloc_cow_read"}, {"name": "l2_alloc_write"}, {"name": "read_aio"}, {"name": "read_backing_aio"}, {"name": "read_compressed"}, {"name": "write_aio"}, {"name": "write_compressed"}, {"name": "vmstate_load"}, {"name": "vmstate_save"}, {"name": "cow_read"}, {"name": "cow_write"}, {"name": "reftable_load"}, {"name": "reftable_grow"}, {"name": "reftable_update"}, {"name": "refblock_load"}, {"name": "refblock_update"}, {"name": "refblock_update_part"}, {"name": "refblock_alloc"}, {"name": "refblock_alloc_hookup"}, {"name": "refblock_alloc_write"}, {"name": "refblock_alloc_write_blocks"}, {"name": "refblock_alloc_write_table"}, {"name": "refblock_alloc_switch_table"}, {"name": "cluster_alloc"}, {"name": "cluster_alloc_bytes"}, {"name": "cluster_free"}, {"name": "flush_to_os"}, {"name": "flush_to_disk"}, {"name": "pwritev_rmw_head"}, {"name": "pwritev_rmw_after_head"}, {"name": "pwritev_rmw_tail"}, {"name": "pwritev_rmw_after_tail"}, {"name": "pwritev"}, {"name": "pwritev_zero"}, {"name": "pwritev_done"}, {"name": "empty_image_prepare"}], "values": ["l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare"]},
-{"name": "112", "meta-type": "enum", "members": [{"name": "unix"}, {"name": "tcp"}], "values": ["unix", "tcp"]},
-{"name": "113", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "tight", "type": "bool", "default": null}]},
-{"name": "114", "meta-type": "object", "members": [{"name": "host", "type": "str"}, {"name": "port", "type": "str"}, {"name": "numeric", "type": "bool", "default": null}, {"name": "to", "type": "int", "default": null}, {"name": "ipv4", "type": "bool", "default": null}, {"name": "ipv6", "type": "bool", "default": null}, {"name": "keep-alive", "type": "bool", "default": null}, {"name": "keep-alive-count", "type": "int", "default": null}, {"name": "keep-alive-idle", "type": "int", "default": null}, {"name": "keep-alive-interval", "type": "int", "default": null}, {"name": "mptcp", "type": "bool", "default": null}]},
-{"name": "115", "meta-type": "object", "members": [{"name": "template", "type": "116", "default": null}, {"name": "main-header", "type": "bool", "default": null}, {"name": "active-l1", "type": "bool", "default": null}, {"name": "active-l2", "type": "bool", "default": null}, {"name": "refcount-table", "type": "bool", "default": null}, {"name": "refcount-block", "type": "bool", "default": null}, {"name": "snapshot-table", "type": "bool", "default": null}, {"name": "inactive-l1", "type": "bool", "default": null}, {"name": "inactive-l2", "type": "bool", "default": null}]},
-{"name": "116", "meta-type": "enum", "members": [{"name": "none"}, {"name": "constant"}, {"name": "cached"}, {"name": "all"}], "values": ["none", "constant", "cached", "all"]},
-{"name": "117", "meta-type": "enum", "members": [{"name": "inet"}, {"name": "unix"}, {"name": "vsock"}, {"name": "fd"}], "values": ["inet", "unix", "vsock", "fd"]},
-{"name": "118", "meta-type": "object", "members": [{"name": "cid", "type": "str"}, {"name": "port", "type": "str"}]},
-{"name": "119", "meta-type": "object", "members": [{"name": "str", "type": "str"}]},
-{"name": "120", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}]},
-{"name": "121", "meta-type": "object", "members": [{"name": "create-type", "type": "str"}, {"name": "cid", "type": "int"}, {"name": "parent-cid", "type": "int"}, {"name": "extents", "type": "[54]"}]},
-{"name": "122", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "124"}, {"name": "cipher-mode", "type": "125"}, {"name": "ivgen-alg", "type": "126"}, {"name": "ivgen-hash-alg", "type": "127", "default": null}, {"name": "hash-alg", "type": "127"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[128]"}]},
-{"name": "123", "meta-type": "object", "members": [{"name": "extent-size-hint", "type": "int", "default": null}]},
+{"name": "111", "meta-type": "object", "members": [{"name": "data", "type": "124"}]},
+{"name": "112", "meta-type": "enum", "members": [{"name": "l1_update"}, {"name": "l1_grow_alloc_table"}, {"name": "l1_grow_write_table"}, {"name": "l1_grow_activate_table"}, {"name": "l2_load"}, {"name": "l2_update"}, {"name": "l2_update_compressed"}, {"name": "l2_alloc_cow_read"}, {"name": "l2_alloc_write"}, {"name": "read_aio"}, {"name": "read_backing_aio"}, {"name": "read_compressed"}, {"name": "write_aio"}, {"name": "write_compressed"}, {"name": "vmstate_load"}, {"name": "vmstate_save"}, {"name": "cow_read"}, {"name": "cow_write"}, {"name": "reftable_load"}, {"name": "reftable_grow"}, {"name": "reftable_update"}, {"name": "refblock_load"}, {"name": "refblock_update"}, {"name": "refblock_update_part"}, {"name": "refblock_alloc"}, {"name": "refblock_alloc_hookup"}, {"name": "refblock_alloc_write"}, {"name": "refblock_alloc_write_blocks"}, {"name": "refblock_alloc_write_table"}, {"name": "refblock_alloc_switch_table"}, {"name": "cluster_alloc"}, {"name": "cluster_alloc_bytes"}, {"name": "cluster_free"}, {"name": "flush_to_os"}, {"name": "flush_to_disk"}, {"name": "pwritev_rmw_head"}, {"name": "pwritev_rmw_after_head"}, {"name": "pwritev_rmw_tail"}, {"name": "pwritev_rmw_after_tail"}, {"name": "pwritev"}, {"name": "pwritev_zero"}, {"name": "pwritev_done"}, {"name": "empty_image_prepare"}], "values": ["l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare"]},
+{"name": "113", "meta-type": "enum", "members": [{"name": "unix"}, {"name": "tcp"}], "values": ["unix", "tcp"]},
+{"name": "114", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "tight", "type": "bool", "default": null}]},
+{"name": "115", "meta-type": "object", "members": [{"name": "host", "type": "str"}, {"name": "port", "type": "str"}, {"name": "numeric", "type": "bool", "default": null}, {"name": "to", "type": "int", "default": null}, {"name": "ipv4", "type": "bool", "default": null}, {"name": "ipv6", "type": "bool", "default": null}, {"name": "keep-alive", "type": "bool", "default": null}, {"name": "keep-alive-count", "type": "int", "default": null}, {"name": "keep-alive-idle", "type": "int", "default": null}, {"name": "keep-alive-interval", "type": "int", "default": null}, {"name": "mptcp", "type": "bool", "default": null}]},
+{"name": "null", "meta-type": "builtin", "json-type": "null"},
+{"name": "116", "meta-type": "object", "members": [{"name": "template", "type": "117", "default": null}, {"name": "main-header", "type": "bool", "default": null}, {"name": "active-l1", "type": "bool", "default": null}, {"name": "active-l2", "type": "bool", "default": null}, {"name": "refcount-table", "type": "bool", "default": null}, {"name": "refcount-block", "type": "bool", "default": null}, {"name": "snapshot-table", "type": "bool", "default": null}, {"name": "inactive-l1", "type": "bool", "default": null}, {"name": "inactive-l2", "type": "bool", "default": null}]},
+{"name": "117", "meta-type": "enum", "members": [{"name": "none"}, {"name": "constant"}, {"name": "cached"}, {"name": "all"}], "values": ["none", "constant", "cached", "all"]},
+{"name": "118", "meta-type": "enum", "members": [{"name": "inet"}, {"name": "unix"}, {"name": "vsock"}, {"name": "fd"}], "values": ["inet", "unix", "vsock", "fd"]},
+{"name": "119", "meta-type": "object", "members": [{"name": "cid", "type": "str"}, {"name": "port", "type": "str"}]},
+{"name": "120", "meta-type": "object", "members": [{"name": "str", "type": "str"}]},
+{"name": "121", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}]},
+{"name": "122", "meta-type": "object", "members": [{"name": "create-type", "type": "str"}, {"name": "cid", "type": "int"}, {"name": "parent-cid", "type": "int"}, {"name": "extents", "type": "[54]"}]},
+{"name": "123", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "125"}, {"name": "cipher-mode", "type": "126"}, {"name": "ivgen-alg", "type": "127"}, {"name": "ivgen-hash-alg", "type": "128", "default": null}, {"name": "hash-alg", "type": "128"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[129]"}]},
+{"name": "124", "meta-type": "object", "members": [{"name": "extent-size-hint", "type": "int", "default": null}]},
 {"name": "[54]", "meta-type": "array", "element-type": "54"},
-{"name": "124", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
-{"name": "125", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
-{"name": "126", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
-{"name": "127", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
-{"name": "[128]", "meta-type": "array", "element-type": "128"},
-{"name": "128", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
+{"name": "125", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
+{"name": "126", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
+{"name": "127", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
+{"name": "128", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
+{"name": "[129]", "meta-type": "array", "element-type": "129"},
+{"name": "129", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
 ]
 "#;
