@@ -1057,3 +1057,52 @@ fn a_backing_chain_that_loops_is_refused_with_a_clear_error() {
         .is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn block_resize_grows_an_exported_qcow2_image_and_refuses_to_shrink_it() {
+    // Arrange
+    let dir = scratch("resize");
+    let img = dir.join("r.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path(&img), "4M"]);
+    let mut d = serve_rw(&dir, &img, 1);
+    let mut blk = Blk::connect_with(
+        &dir.join("w.sock"),
+        BlkOptions {
+            queue_buffer: 1 << 20,
+            ..BlkOptions::default()
+        },
+    );
+    assert_eq!(blk.write(0, &vec![0x41u8; 4096]), 0);
+    let mut qmp = d.qmp();
+
+    // Act: past what the first L2 table maps, so the L1 table grows.
+    let grown = 3 << 30;
+    let r = qmp.execute("block_resize", json!({"node-name": "q0", "size": grown}));
+    let shrink = qmp.execute("block_resize", json!({"node-name": "q0", "size": MIB}));
+    let odd = qmp.execute(
+        "block_resize",
+        json!({"node-name": "q0", "size": grown + 1}),
+    );
+
+    // Assert: the guest sees the new size and can use it; the image says
+    // so and checks clean.
+    assert_eq!(r, json!({"return": {}}));
+    assert!(
+        shrink["error"]["desc"].as_str().unwrap().contains("shrunk"),
+        "{shrink}"
+    );
+    assert_eq!(
+        odd["error"]["desc"], "The new size must be a multiple of 512",
+        "{odd}"
+    );
+    assert_eq!(blk.capacity(), grown);
+    assert_eq!(blk.write(grown - 8192, &vec![0x42u8; 8192]), 0);
+    assert_eq!(blk.read(grown - 8192, 8192), vec![0x42u8; 8192]);
+    assert_eq!(blk.read(0, 4096), vec![0x41u8; 4096]);
+    drop(blk);
+    drop(qmp);
+    quit(&mut d);
+    assert_eq!(qemu_img_info(&img)["virtual-size"], grown);
+    assert_checks_clean(&img);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -58,8 +58,11 @@ pub struct Qcow2Io {
     pub(super) geo: Geometry,
     pub(super) size: AtomicU64,
     pub(super) compression: CompressionType,
-    /// The L1 table's raw entries (changed when an L2 table is added).
+    /// The L1 table's raw entries (changed when an L2 table is added), as
+    /// many as its clusters hold; the first `l1_size` are the image's.
     pub(super) l1: Vec<AtomicU64>,
+    pub(super) l1_size: AtomicU64,
+    pub(super) l1_table_offset: u64,
     pub(super) cache: Mutex<L2Cache>,
     /// Counts metadata writes that completed (see `load_table`).
     pub(super) meta_writes: AtomicU64,
@@ -347,10 +350,8 @@ impl BlockIo for Qcow2Io {
         self.file.get().allocated_size()
     }
 
-    fn truncate(&self, _size: u64) -> Result<(), BlockError> {
-        Err(BlockError::invalid(
-            "Resizing qcow2 images is not supported by vubd yet",
-        ))
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        super::resize::grow(self, size)
     }
 
     fn mem_alignment(&self) -> usize {

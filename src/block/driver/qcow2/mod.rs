@@ -17,6 +17,7 @@ mod cache;
 pub mod create;
 mod io;
 mod iov;
+mod resize;
 mod write;
 
 use super::{ChildRole, Driver, DriverKind};
@@ -109,6 +110,10 @@ impl Qcow2Driver {
         if !raw.is_empty() {
             sync_io::read_at(&*file, header.l1_table_offset, &mut raw)?;
         }
+        // Room for the table to grow within the clusters it has (a resize
+        // uses it); the entries past its end are unused, so zero.
+        let room = l1_bytes.div_ceil(geo.cluster_size()).max(1) * geo.cluster_size();
+        raw.resize(room as usize, 0);
         let l1: Vec<AtomicU64> = raw
             .chunks_exact(8)
             .map(|c| {
@@ -147,6 +152,8 @@ impl Qcow2Driver {
             l1,
             cache: Mutex::new(cache::L2Cache::new(tables)),
             meta_writes: AtomicU64::new(0),
+            l1_size: AtomicU64::new(u64::from(header.l1_size)),
+            l1_table_offset: header.l1_table_offset,
             alloc,
             name: name.to_string(),
             version: header.version,
