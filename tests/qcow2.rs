@@ -1106,3 +1106,76 @@ fn block_resize_grows_an_exported_qcow2_image_and_refuses_to_shrink_it() {
     assert_checks_clean(&img);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn discard_frees_whole_clusters_and_they_read_as_zeroes() {
+    let dir = scratch("discard");
+    for backing in [false, true] {
+        let img = dir.join("d.qcow2");
+        let _ = std::fs::remove_file(&img);
+        let size = 4 * MIB;
+        if backing {
+            std::fs::write(dir.join("b.raw"), vec![0x77u8; size as usize]).unwrap();
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "b.raw",
+                "-F",
+                "raw",
+                path(&img),
+            ]);
+        } else {
+            qemu_img(&["create", "-q", "-f", "qcow2", path(&img), "4M"]);
+        }
+        let sock = dir.join("w.sock");
+        let mut d = Daemon::vubd(&[])
+            .arg("--blockdev")
+            .arg(&format!(
+                "driver=file,node-name=f0,filename={},discard=unmap",
+                path(&img)
+            ))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=q0,file=f0,discard=unmap")
+            .arg("--export")
+            .arg(&format!(
+                "type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path={},writable=on",
+                path(&sock)
+            ))
+            .monitor()
+            .start();
+        let mut blk = Blk::connect_with(
+            &sock,
+            BlkOptions {
+                queue_buffer: 1 << 20,
+                ..BlkOptions::default()
+            },
+        );
+        assert_eq!(blk.write(0, &vec![0x11u8; 256 << 10]), 0);
+        assert_eq!(blk.flush(), 0);
+        // Clusters 1 and 2 whole, and parts of 0 and 3 (left alone).
+        assert_eq!(blk.discard(60 << 10, 140 << 10), 0);
+        let got = blk.read(0, 256 << 10);
+        let mut want = vec![0x11u8; 256 << 10];
+        want[64 << 10..192 << 10].fill(0);
+        assert!(
+            got == want,
+            "backing {backing}: discarded clusters do not read as zeroes"
+        );
+        drop(blk);
+        quit(&mut d);
+        assert_checks_clean(&img);
+        let shadow = dir.join("shadow.raw");
+        let mut all = if backing {
+            vec![0x77u8; size as usize]
+        } else {
+            vec![0u8; size as usize]
+        };
+        all[..256 << 10].copy_from_slice(&want);
+        std::fs::write(&shadow, &all).unwrap();
+        assert_identical(&img, &shadow);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

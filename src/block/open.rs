@@ -170,6 +170,10 @@ fn open_node(
                 backing_io,
                 q.l2_cache_size,
                 flags.read_only,
+                qcow2::Discard {
+                    unmap: flags.discard == BlockdevDiscardOptions::Unmap,
+                    pass_request: q.pass_discard_request,
+                },
             )?)
         }
         _ => return Err(BlockError::DriverNotBuilt(driver_name.as_str().to_string())),

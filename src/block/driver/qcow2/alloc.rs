@@ -161,6 +161,46 @@ pub(super) async fn take_cluster(io: &Qcow2Io, a: &Allocator) -> Result<u64, i32
     }
 }
 
+/// Counts one reference less to the cluster at `host` (a cluster whose
+/// last reference was just dropped from the tables, and flushed so).
+pub(super) async fn release_cluster(io: &Qcow2Io, a: &Allocator, host: u64) -> Result<(), i32> {
+    let cs = io.geo.cluster_size();
+    let _reserving = a.meta_locks.lock(RESERVING, RESERVING + 1).await?;
+    let pos = io.geo.refcount_position(host);
+    let block = a
+        .state()
+        .reftable
+        .get(pos.table_index as usize)
+        .map_or(0, |e| e & REFTABLE_OFFSET_MASK);
+    if block == 0 {
+        return Err(io.corrupt(&format!("cluster {host} has no refcount block")));
+    }
+    if !a.state().blocks.contains_key(&block) {
+        let mut buf = meta_buf(io, cs as usize)?;
+        read_file(io, block, &mut buf).await?;
+        a.state()
+            .blocks
+            .entry(block)
+            .or_insert_with(|| buf.as_slice().to_vec());
+    }
+    let mut buf = meta_buf(io, cs as usize)?;
+    {
+        let mut st = a.state();
+        let Some(b) = st.blocks.get_mut(&block) else {
+            return Err(-libc::EIO);
+        };
+        let count = get_refcount(b, a.refcount_order, pos.block_index)
+            .map_err(|e| io.corrupt(&format!("refcount of {host}: {e}")))?;
+        if count == 0 {
+            return Err(io.corrupt(&format!("cluster {host} freed twice")));
+        }
+        set_refcount(b, a.refcount_order, pos.block_index, count - 1)
+            .map_err(|e| io.corrupt(&format!("refcount of {host}: {e}")))?;
+        buf.as_mut_slice().copy_from_slice(b);
+    }
+    write_file(io, block, &mut buf).await
+}
+
 /// Reserves the next batch of clusters at the end of the file.
 async fn reserve(io: &Qcow2Io, a: &Allocator) -> Result<(), i32> {
     let cs = io.geo.cluster_size();

@@ -72,6 +72,10 @@ pub struct Qcow2Io {
     pub(super) name: String,
     /// The image's qcow2 version (zero clusters need 3).
     pub(super) version: u32,
+    /// The node's `discard=unmap`: guest discards free clusters.
+    pub(super) discard_unmap: bool,
+    /// `pass-discard-request`: freed clusters are discarded in the file.
+    pub(super) pass_discard: bool,
 }
 
 impl Qcow2Io {
@@ -397,9 +401,11 @@ impl BlockIo for Qcow2Io {
                 }
             }
             IoKind::WriteZeroes { .. } => self.spawn_write(ctx, req),
-            // Dropping data is optional: the clusters stay as they are
-            // (reads may return anything after a discard).
-            IoKind::Discard => ctx.complete_now(req.tag(), 0),
+            IoKind::Discard if !self.discard_unmap => ctx.complete_now(req.tag(), 0),
+            IoKind::Discard => match self.me.upgrade() {
+                Some(me) => ctx.spawn(req.tag(), super::write::discard_task(me, *req)),
+                None => ctx.complete_now(req.tag(), -libc::EIO),
+            },
         }
     }
 }

@@ -36,6 +36,15 @@ const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 /// The longest L1 table read at open (QEMU's limit is 32 MiB as well).
 const MAX_L1_BYTES: u64 = 32 << 20;
 
+/// What the node does with guest discards.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Discard {
+    /// The node's `discard=unmap`.
+    pub unmap: bool,
+    /// `pass-discard-request` (default: as `unmap`).
+    pub pass_request: Option<bool>,
+}
+
 /// What the image header says about its backing file.
 pub struct BackingInfo {
     /// The name as written in the image.
@@ -88,6 +97,7 @@ impl Qcow2Driver {
         backing: Option<(Root, String)>,
         l2_cache_size: Option<i64>,
         read_only: bool,
+        discard: Discard,
     ) -> Result<Self, BlockError> {
         if header.crypt_method != CryptMethod::None {
             return Err(BlockError::invalid(
@@ -157,6 +167,8 @@ impl Qcow2Driver {
             alloc,
             name: name.to_string(),
             version: header.version,
+            discard_unmap: discard.unmap,
+            pass_discard: discard.pass_request.unwrap_or(discard.unmap),
         });
         Ok(Qcow2Driver {
             io,

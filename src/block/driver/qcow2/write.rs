@@ -12,7 +12,9 @@
 //! same cluster wait for its allocation (a range lock per guest cluster);
 //! allocations of different clusters run at once.
 
-use super::alloc::{flush_file, meta_buf, read_file, take_cluster, write_file, Allocator};
+use super::alloc::{
+    flush_file, meta_buf, read_file, release_cluster, take_cluster, write_file, Allocator,
+};
 use super::io::{load_table, Lookup, Map, Qcow2Io};
 use super::iov;
 use crate::block::io::{IoKind, IoRequest};
@@ -341,4 +343,83 @@ async fn set_l2_entry(io: &Qcow2Io, a: &Allocator, l2: u64, off: u64, raw: u64) 
     }
     io.meta_writes.fetch_add(1, Ordering::AcqRel);
     Ok(())
+}
+
+/// Discards the whole clusters of the request: each reads as zeroes (or
+/// from the backing node, where there is none to hide) and the cluster it
+/// held, when only this image used it, is freed and, with
+/// `pass-discard-request`, discarded in the file too. Parts of clusters
+/// are left alone, as QEMU does.
+pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
+    let Some(a) = io.alloc.as_ref() else {
+        return -libc::EROFS;
+    };
+    let cs = io.geo.cluster_size();
+    let first = req.offset().div_ceil(cs) * cs;
+    let end = (req.offset() + req.len()) / cs * cs;
+    let mut freed = Vec::new();
+    let mut at = first;
+    while at < end {
+        match discard_cluster(&io, a, at).await {
+            Ok(Some(host)) => freed.push(host),
+            Ok(None) => {}
+            Err(e) => return e,
+        }
+        at += cs;
+    }
+    if freed.is_empty() {
+        return 0;
+    }
+    // The tables no longer point at the clusters on disk before their
+    // refcounts drop: a crash in between leaks them, never worse.
+    if let Err(e) = flush_file(&io).await {
+        return e;
+    }
+    for host in freed {
+        if let Err(e) = release_cluster(&io, a, host).await {
+            return e;
+        }
+        if io.pass_discard {
+            let r = task::submit(
+                io.file.get(),
+                &IoRequest::without_data(IoKind::Discard, host, cs, 0),
+            )
+            .await;
+            if r < 0 {
+                log::debug!(
+                    "qcow2 node '{}': discarding {host} in the file: {r}",
+                    io.name
+                );
+            }
+        }
+    }
+    0
+}
+
+/// Unmaps one cluster; the host cluster to free, if there is one.
+async fn discard_cluster(io: &Qcow2Io, a: &Allocator, at: u64) -> Result<Option<u64>, i32> {
+    let cs = io.geo.cluster_size();
+    let _cluster = a.guest_locks.lock(at, at + cs).await?;
+    let (map, _) = resolve(io, at).await?;
+    let has_backing = io.backing_len().is_some();
+    let entry = match (map, has_backing) {
+        (Map::Unallocated, false) | (Map::Zero, _) => return Ok(None),
+        // Unallocated over a backing node shows the backing data; only a
+        // zero cluster can hide it, and version 2 has none.
+        (_, true) if io.version < 3 => return Ok(None),
+        (_, true) => L2Entry::Zero {
+            host_offset: None,
+            copied: false,
+        },
+        (_, false) => L2Entry::Unallocated,
+    };
+    let raw = entry
+        .encode(&io.geo)
+        .map_err(|e| io.corrupt(&format!("new L2 entry: {e}")))?;
+    let l2 = ensure_l2(io, a, at).await?;
+    set_l2_entry(io, a, l2, at, raw).await?;
+    Ok(match map {
+        Map::Data(host) => Some(host),
+        _ => None,
+    })
 }
