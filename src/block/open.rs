@@ -168,11 +168,13 @@ fn open_node(
                 file_filename,
                 header,
                 backing_io,
-                q.l2_cache_size,
-                flags.read_only,
-                qcow2::Discard {
-                    unmap: flags.discard == BlockdevDiscardOptions::Unmap,
-                    pass_request: q.pass_discard_request,
+                qcow2::OpenOptions {
+                    l2_cache_size: q.l2_cache_size,
+                    read_only: flags.read_only,
+                    discard: qcow2::Discard {
+                        unmap: flags.discard == BlockdevDiscardOptions::Unmap,
+                        pass_request: q.pass_discard_request,
+                    },
                 },
             )?)
         }

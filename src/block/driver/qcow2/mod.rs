@@ -36,6 +36,15 @@ const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 /// The longest L1 table read at open (QEMU's limit is 32 MiB as well).
 const MAX_L1_BYTES: u64 = 32 << 20;
 
+/// The node options the driver takes at open.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// `l2-cache-size`.
+    pub l2_cache_size: Option<i64>,
+    pub read_only: bool,
+    pub discard: Discard,
+}
+
 /// What the node does with guest discards.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Discard {
@@ -95,10 +104,13 @@ impl Qcow2Driver {
         file_filename: String,
         header: Header,
         backing: Option<(Root, String)>,
-        l2_cache_size: Option<i64>,
-        read_only: bool,
-        discard: Discard,
+        opts: OpenOptions,
     ) -> Result<Self, BlockError> {
+        let OpenOptions {
+            l2_cache_size,
+            read_only,
+            discard,
+        } = opts;
         if header.crypt_method != CryptMethod::None {
             return Err(BlockError::invalid(
                 "Encrypted qcow2 images are not supported by vubd yet",
