@@ -219,7 +219,7 @@ impl Executor {
                         tag: j.parent,
                         result,
                     });
-                    j.gen = j.gen.wrapping_add(1);
+                    j.gen = j.gen.wrapping_add(1) & GEN_MASK as u32;
                     self.free_joins.push(i as u32);
                     self.live -= 1;
                 }

@@ -285,6 +285,43 @@ fn a_join_reports_the_first_error_of_its_parts() {
 }
 
 #[test]
+fn a_join_slot_still_completes_after_its_generation_wraps() {
+    // Arrange: a join slot whose generation is the last one a tag holds.
+    let mut ctx = IoContext::new(32, false).unwrap();
+    let _ = ctx.start_join(1, 1);
+    ctx.exec.joins[0].gen = GEN_MASK as u32;
+    ctx.exec.joins[0].remaining = 0;
+    ctx.exec.live -= 1;
+    ctx.exec.free_joins.push(0);
+
+    // Act: the slot is used at that generation, then at the next.
+    let done: Vec<_> = [7u64, 8]
+        .into_iter()
+        .flat_map(|parent| {
+            let tag = ctx.start_join(parent, 1);
+            ctx.complete_now(tag, 512);
+            run(&mut ctx, 1)
+        })
+        .collect();
+
+    // Assert
+    assert_eq!(
+        done,
+        vec![
+            Completion {
+                tag: 7,
+                result: 512
+            },
+            Completion {
+                tag: 8,
+                result: 512
+            }
+        ]
+    );
+    assert!(ctx.executor().is_idle());
+}
+
+#[test]
 fn an_empty_join_completes_at_once() {
     let mut ctx = IoContext::new(32, false).unwrap();
     let _ = ctx.start_join(3, 0);
