@@ -35,6 +35,8 @@ mod acct;
 mod bounce;
 mod policy;
 mod queue;
+#[cfg(test)]
+mod tests;
 
 pub use policy::ErrorAction;
 pub use queue::BackendQueue;

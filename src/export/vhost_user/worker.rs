@@ -4,9 +4,11 @@
 //! guest once per batch (respecting EVENT_IDX).
 //!
 //! Per-request state lives in slots preallocated per queue, one per ring
-//! entry, so the request path does not allocate once the slots' vectors
-//! have grown. Buffers are iovecs straight into guest memory; a request
-//! keeps the memory snapshot it points into until it completes.
+//! entry: the parsed request here, its buffers and accounting in the same
+//! slot of the queue's backend (`block::backend`), so the request path
+//! does not allocate once the slots' vectors have grown. Buffers are
+//! iovecs straight into guest memory; a request keeps the memory snapshot
+//! it points into until it completes.
 
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
