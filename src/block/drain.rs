@@ -172,6 +172,12 @@ impl LocalRoot {
         true
     }
 
+    /// Which publication of the slot [`Self::root`] is: it changes
+    /// whenever a new root was picked up.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The root for requests started with [`Self::enter`].
     pub fn root(&self) -> Option<&Root> {
         self.root.as_ref()

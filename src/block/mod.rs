@@ -1,6 +1,7 @@
 //! The block graph: nodes, their drivers, the permissions on edges, and
 //! the way changes reach the data plane.
 
+pub mod backend;
 pub mod detect_zeroes;
 pub mod drain;
 pub mod driver;

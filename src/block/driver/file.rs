@@ -22,6 +22,9 @@ pub struct FileIo {
     path: String,
     no_flush: bool,
     block_device: bool,
+    /// A regular file: a read past its end comes back short, and the rest
+    /// of the buffers is zeroed here (see `submit`).
+    regular: bool,
     /// discard=unmap: discard requests punch holes (otherwise ignored).
     unmap: bool,
     /// With O_DIRECT, the alignment buffers need; 1 otherwise.
@@ -90,14 +93,36 @@ impl BlockIo for FileIo {
         let fd = self.file.as_raw_fd();
         let (iov, iovcnt) = req.iov();
         let op = match req.kind() {
-            IoKind::Read => Op::Readv {
-                fd,
-                offset: req.offset(),
-                iov,
-                iovcnt,
-                // `align` is 1 exactly when the file is not opened O_DIRECT.
-                cached: self.align == 1,
-            },
+            IoKind::Read => {
+                // A regular file ends somewhere, and a read that reaches
+                // past the end transfers only what is there: the read is a
+                // fill, which zeroes the rest and completes with the full
+                // length, so no node above sees a short read. (Requests
+                // normally stay inside the file; this is for one that
+                // shrank under a reader, or a device above that rounds
+                // its size up.)
+                let tag = if self.regular {
+                    // SAFETY: the request's buffers are writable and stay
+                    // valid until its completion has been reaped
+                    // (IoRequest's contract), which the fill's completion
+                    // precedes.
+                    unsafe { ctx.start_fill(req.tag(), iov, iovcnt, req.len()) }
+                } else {
+                    req.tag()
+                };
+                let op = Op::Readv {
+                    fd,
+                    offset: req.offset(),
+                    iov,
+                    iovcnt,
+                    // `align` is 1 exactly when the file is not opened
+                    // O_DIRECT.
+                    cached: self.align == 1,
+                };
+                // SAFETY: as for every operation below.
+                unsafe { ctx.push(op, tag) };
+                return;
+            }
             IoKind::Write => {
                 if let Some(w) = &self.inline_writes {
                     // SAFETY: the request's buffers stay valid until its
@@ -197,6 +222,7 @@ impl FileDriver {
                 path,
                 no_flush: flags.cache_no_flush,
                 block_device,
+                regular: meta.file_type().is_file(),
                 unmap: flags.discard == crate::qapi::BlockdevDiscardOptions::Unmap,
                 align,
                 preferred,

@@ -3,6 +3,8 @@
 //! face ([`BlockIo`](super::io::BlockIo)) shared with the I/O threads.
 
 pub mod file;
+#[cfg(test)]
+mod file_tests;
 mod inline_write;
 pub mod null;
 pub mod qcow2;

@@ -13,7 +13,6 @@ use super::memory::GuestMem;
 use super::worker::{QueueStart, WorkerMsg};
 use super::Device;
 use std::fs::File;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -381,7 +380,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(writeback) = config.write(offset, buf) {
-            self.dev.writeback.store(writeback, Ordering::Relaxed);
+            self.dev.backend.set_writeback(writeback);
             log::info!(
                 "export '{}': guest switched to {}",
                 self.dev.id,

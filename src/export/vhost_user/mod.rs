@@ -10,8 +10,8 @@ pub mod polling;
 pub mod queue;
 pub mod worker;
 
+use crate::block::backend::Backend;
 use crate::block::drain::RootSlot;
-use crate::block::stats::{QueueStats, StatsEpoch};
 use crate::export::virtio_blk::{device_features, ConfigSpace, DeviceOptions, VIRTIO_BLK_ID_BYTES};
 use crate::iothread::IoThread;
 use crate::qapi::{BlockExportOptions, BlockExportOptionsVhostUserBlk, SocketAddressBranch};
@@ -42,14 +42,10 @@ pub struct Device {
     pub device_id: [u8; VIRTIO_BLK_ID_BYTES],
     /// The disk size in bytes, as the I/O threads check requests against.
     pub capacity: AtomicU64,
-    /// Writeback (true) or writethrough, as the guest last chose.
-    pub writeback: AtomicBool,
     pub config: Mutex<ConfigSpace>,
     pub channel: Mutex<Option<BackendChannel>>,
-    pub slot: Arc<RootSlot>,
-    /// I/O accounting, one block per queue.
-    pub stats: Vec<QueueStats>,
-    pub epoch: StatsEpoch,
+    /// The medium, the cache mode and the statistics the queues share.
+    pub backend: Arc<Backend>,
     threads: Vec<Arc<IoThread>>,
     client: Mutex<Option<UnixStream>>,
     stopping: AtomicBool,
@@ -91,7 +87,7 @@ impl Device {
     }
     /// The I/O counters of all queues, added up.
     pub fn io_stats(&self) -> crate::qapi::BlockDeviceStats {
-        crate::block::stats::sum(&self.stats, &self.epoch)
+        self.backend.io_stats()
     }
 }
 
@@ -241,22 +237,22 @@ impl Server {
     ) -> std::io::Result<Server> {
         let options = device_options(opts, vu, node)?;
         let length = node.length;
-        let stats = (0..options.num_queues)
-            .map(|_| QueueStats::default())
-            .collect();
+        let backend = Backend::new(
+            &opts.id,
+            slot,
+            usize::from(options.num_queues),
+            options.writeback,
+        );
         let dev = Arc::new(Device {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             id: opts.id.clone(),
             features: device_features(&options),
             device_id: options.device_id(),
             capacity: AtomicU64::new(length),
-            writeback: AtomicBool::new(options.writeback),
             config: Mutex::new(ConfigSpace::new(&options)),
             options,
             channel: Mutex::new(None),
-            slot,
-            stats,
-            epoch: StatsEpoch::default(),
+            backend,
             threads,
             client: Mutex::new(None),
             stopping: AtomicBool::new(false),

@@ -1,17 +1,16 @@
-//! One virtqueue on its I/O thread: taking chains from the ring, starting
-//! them on the node, completing them, and the state each request keeps.
+//! One virtqueue on its I/O thread: taking chains from the ring, parsing
+//! them, handing them to the export's backend, and answering the guest
+//! when the backend is done with them.
 
 use super::inflight::InflightQueue;
 use super::memory::{AtomicMem, Mem};
 use super::Device;
-use crate::block::drain::LocalRoot;
-use crate::block::io::{IoKind, IoRequest};
-use crate::block::stats::Acct;
+use crate::block::backend::{BackendQueue, Done, Request as BackendRequest, Status};
+use crate::block::io::IoKind;
 use crate::export::virtio_blk::{
     prefetch_status, write_status, Request, RequestLimits, RequestType, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
 };
-use crate::io::aligned::{gather, scatter, AlignedBuf};
 use crate::io::IoContext;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
@@ -27,34 +26,13 @@ use super::worker::QueueKey;
 /// threads never write the same reference count.
 pub(super) type Snap = Arc<GuestMemoryLoadGuard<Mem>>;
 
+/// A ring entry being served: its head and the parsed request. What the
+/// request needs beyond the ring (buffers, accounting, bounce copies) is
+/// the backend's, in its slab under the same index.
 pub(super) struct Slot {
     pub(super) head: u16,
     pub(super) req: Request,
-    pub(super) iov: Vec<libc::iovec>,
-    /// The memory the request's pointers refer to, held until completion.
-    pub(super) mem: Option<Snap>,
-    /// Bytes a read or write must transfer.
-    pub(super) expect: u64,
-    /// A write in writethrough mode: a flush follows before completing.
-    pub(super) flush_pending: bool,
-    /// What to account the request as (GET_ID is not accounted).
-    pub(super) acct: Option<Acct>,
-    /// Bytes the request covers, and where a write ends.
-    pub(super) acct_bytes: u64,
-    pub(super) acct_end: u64,
-    /// When the request started, in the device's accounting clock.
-    pub(super) started_ns: u64,
-    /// An aligned copy of the data, for nodes that need aligned buffers
-    /// (O_DIRECT) when the guest's are not; grown on demand, then reused.
-    pub(super) bounce: Option<AlignedBuf>,
-    pub(super) bounce_iov: libc::iovec,
-    pub(super) bounced: bool,
 }
-
-// SAFETY: the raw pointers in `iov` point into guest memory kept mapped by
-// `mem`; a slot is only ever used by the thread that owns its queue (it
-// moves once, with the queue, when the queue is handed to the thread).
-unsafe impl Send for Slot {}
 
 pub(super) struct QueueRun {
     pub(super) key: QueueKey,
@@ -67,7 +45,9 @@ pub(super) struct QueueRun {
     /// of `mem` it was looked up at.
     pub(super) snap: Snap,
     pub(super) snap_generation: u64,
-    pub(super) root: LocalRoot,
+    /// The export's backend, this queue's side of it: requests in flight,
+    /// the medium, statistics. A request's slot index is its index there.
+    pub(super) backend: BackendQueue<Snap>,
     pub(super) limits: RequestLimits,
     pub(super) capacity_seen: u64,
     pub(super) slots: Vec<Slot>,
@@ -88,12 +68,6 @@ pub(super) struct QueueRun {
     /// restart, so that a request would complete twice.
     pub(super) failed: bool,
 
-    /// The accounting clock read once per round of requests taken (see
-    /// [`round_clock`]); `None` at the start of a round.
-    pub(super) clock: Option<u64>,
-    /// Requests finished but not yet counted (see [`account_finished`]);
-    /// room for a whole ring is reserved when the queue starts.
-    pub(super) finished: Vec<Finished>,
     /// Where the avail index lies in the mapping of `snap` (see
     /// [`polled_avail_idx`]); cleared whenever `snap` is replaced.
     pub(super) avail_idx_at: Option<*const std::sync::atomic::AtomicU16>,
@@ -149,7 +123,7 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
         q.capacity_seen = capacity;
     }
     prefetch_next(q);
-    q.clock = None;
+    q.backend.new_round();
     // Kicks stay off until the thread is about to sleep (Worker::arm turns
     // them on and looks again).
     let _ = q.queue.disable_notification(mem);
@@ -157,19 +131,19 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
         let Some(si) = q.free.pop() else {
             return false;
         };
-        if !q.root.enter() {
+        if !q.backend.enter() {
             q.free.push(si);
             q.held = true;
             return false;
         }
         let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
-            q.root.leave();
+            q.backend.leave();
             q.free.push(si);
             return false;
         };
         let head = chain.head_index();
         if head >= q.queue.size() {
-            q.root.leave();
+            q.backend.leave();
             q.free.push(si);
             q.failed = true;
             log::warn!(
@@ -420,12 +394,12 @@ pub(super) fn resubmit_heads(q: &mut QueueRun, qi: usize, heads: &[u16], ctx: &m
     sq.set_ready(true);
     for _ in heads {
         let Some(si) = q.free.pop() else { break };
-        if !q.root.enter() {
+        if !q.backend.enter() {
             q.free.push(si);
             break;
         }
         let Some(chain) = sq.pop_descriptor_chain(&shadow) else {
-            q.root.leave();
+            q.backend.leave();
             q.free.push(si);
             break;
         };
@@ -436,243 +410,103 @@ pub(super) fn resubmit_heads(q: &mut QueueRun, qi: usize, heads: &[u16], ctx: &m
     }
 }
 
-/// Whether every buffer starts and ends on `align`.
-fn is_aligned(iov: &[libc::iovec], align: usize) -> bool {
-    iov.iter()
-        .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
-}
-
-/// Points the slot's bounce iovec at an aligned buffer big enough for the
-/// request, filled with the guest's data for a write.
-fn prepare_bounce(slot: &mut Slot, align: usize, write: bool) -> bool {
-    let len = slot.expect as usize;
-    if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
-        slot.bounce = AlignedBuf::new(len.div_ceil(align) * align, align);
-    }
-    let Some(buf) = slot.bounce.as_mut() else {
-        return false;
-    };
-    if write {
-        // SAFETY: the iovecs describe readable guest memory, still mapped.
-        unsafe { gather(&slot.iov, &mut buf.as_mut_slice()[..len]) };
-    }
-    slot.bounce_iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: len,
-    };
-    true
-}
-
-/// The start time of the requests taken in the current round: they share
-/// one reading of the clock (they are microseconds apart; a reading per
-/// request cost as much as parsing one). Completions are timed together
-/// in [`account_finished`].
-fn round_clock(clock: &mut Option<u64>, dev: &Device) -> u64 {
-    *clock.get_or_insert_with(|| dev.epoch.now_ns())
-}
-
 fn tag(qi: usize, si: usize) -> u64 {
     ((qi as u64) << 32) | si as u64
 }
 
-/// Starts a parsed request on the node.
+/// The virtio-blk status of a request the backend finished. UNSUPP is
+/// the parser's answer (request types and flags the device does not
+/// offer); anything that reached the backend and failed is IOERR.
+fn virtio_status(status: Status) -> u8 {
+    match status {
+        Status::Ok => VIRTIO_BLK_S_OK,
+        Status::Error(_) => VIRTIO_BLK_S_IOERR,
+    }
+}
+
+/// Hands a parsed request to the backend (GET_ID is answered here: it
+/// concerns the device, not the disk).
 fn start_request(q: &mut QueueRun, qi: usize, si: usize, mem: &Snap, ctx: &mut IoContext) {
     let m: &Mem = mem;
-    let Some(root) = q.root.root().cloned() else {
-        // No medium: the request fails.
-        return finish(q, si, m, VIRTIO_BLK_S_IOERR);
+    let Some(slot) = q.slots.get(si) else {
+        return;
     };
-    let slot = &mut q.slots[si];
+    let req = &slot.req;
     let t = tag(qi, si);
-    slot.flush_pending = false;
-    let kind = slot.req.request_type();
-    slot.started_ns = round_clock(&mut q.clock, &q.dev);
-    slot.acct = match kind {
-        RequestType::In => Some(Acct::Read),
-        RequestType::Out => Some(Acct::Write),
-        RequestType::Flush => Some(Acct::Flush),
-        RequestType::Discard | RequestType::WriteZeroes => Some(Acct::Unmap),
-        RequestType::GetId => None,
-    };
-    slot.acct_bytes = match kind {
-        RequestType::In | RequestType::Out => u64::from(slot.req.data_len()),
-        RequestType::Discard | RequestType::WriteZeroes => {
-            slot.req.ranges().iter().map(|r| r.len_bytes()).sum()
-        }
-        _ => 0,
-    };
-    slot.acct_end = slot.req.offset().saturating_add(slot.acct_bytes);
-    let io = match kind {
+    let (kind, offset, len) = match req.request_type() {
         RequestType::GetId => {
-            let status = match slot.req.write_device_id(m, &q.dev.device_id) {
+            let status = match req.write_device_id(m, &q.dev.device_id) {
                 Ok(_) => VIRTIO_BLK_S_OK,
                 Err(_) => VIRTIO_BLK_S_IOERR,
             };
             return finish(q, si, m, status);
         }
-        RequestType::In | RequestType::Out => {
-            if slot.req.host_iovecs(m, &mut slot.iov).is_err() {
-                return finish(q, si, m, VIRTIO_BLK_S_IOERR);
-            }
-            slot.expect = u64::from(slot.req.data_len());
-            slot.mem = Some(mem.clone());
-            let kind = if kind == RequestType::In {
-                IoKind::Read
-            } else {
-                IoKind::Write
-            };
-            slot.flush_pending = kind == IoKind::Write && !q.dev.writeback.load(Ordering::Relaxed);
-            let align = root.mem_alignment();
-            slot.bounced = align > 1 && !is_aligned(&slot.iov, align);
-            if slot.bounced && !prepare_bounce(slot, align, kind == IoKind::Write) {
-                return finish(q, si, m, VIRTIO_BLK_S_IOERR);
-            }
-            let (iov, iovcnt) = if slot.bounced {
-                (&slot.bounce_iov as *const libc::iovec, 1)
-            } else {
-                (slot.iov.as_ptr(), slot.iov.len() as u32)
-            };
-            // SAFETY: the iovecs point into guest memory kept mapped by
-            // `slot.mem` (or into the slot's bounce buffer), and neither
-            // `slot.iov`, `slot.bounce_iov` nor the buffer is touched or
-            // moved until this tag completes (the slot is not reused
-            // before).
-            unsafe { IoRequest::new(kind, slot.req.offset(), slot.expect, iov, iovcnt, t) }
-        }
-        RequestType::Flush => IoRequest::without_data(IoKind::Flush, 0, 0, t),
-        RequestType::Discard | RequestType::WriteZeroes => {
-            let Some(range) = slot.req.ranges().first().copied() else {
+        RequestType::In => (IoKind::Read, req.offset(), u64::from(req.data_len())),
+        RequestType::Out => (IoKind::Write, req.offset(), u64::from(req.data_len())),
+        RequestType::Flush => (IoKind::Flush, 0, 0),
+        // The device offers one range per request (max_discard_seg and
+        // max_write_zeroes_seg are 1), which the parser checked.
+        t @ (RequestType::Discard | RequestType::WriteZeroes) => {
+            let Some(range) = req.ranges().first().copied() else {
                 return finish(q, si, m, VIRTIO_BLK_S_OK);
             };
-            let kind = if kind == RequestType::Discard {
+            let kind = if t == RequestType::Discard {
                 IoKind::Discard
             } else {
                 IoKind::WriteZeroes { unmap: range.unmap }
             };
-            IoRequest::without_data(kind, range.offset(), range.len_bytes(), t)
+            (kind, range.offset(), range.len_bytes())
         }
     };
-    root.submit(ctx, &io);
+    let r = BackendRequest {
+        kind,
+        offset,
+        len,
+        tag: t,
+    };
+    let keep = if matches!(kind, IoKind::Read | IoKind::Write) {
+        let mapped = q
+            .backend
+            .iovecs(si)
+            .is_some_and(|iov| req.host_iovecs(m, iov).is_ok());
+        if !mapped {
+            let status = q.backend.reject(si, r);
+            return finish(q, si, m, virtio_status(status));
+        }
+        Some(mem.clone())
+    } else {
+        None
+    };
+    // SAFETY: the iovecs point into guest memory that `keep`, the
+    // request's own snapshot, keeps mapped; the slot is not reused (nor
+    // its iovecs touched) until the backend gives the request back.
+    if let Some(done) = unsafe { q.backend.submit(ctx, si, r, keep) } {
+        finish_done(q, si, done);
+    }
 }
 
 /// A completion from the engine.
-pub(super) fn complete(q: &mut QueueRun, qi: usize, si: usize, result: i32, ctx: &mut IoContext) {
-    // The request's own snapshot; given back below if the request goes on.
-    let mem = match q.slots.get_mut(si).and_then(|s| s.mem.take()) {
+pub(super) fn complete(q: &mut QueueRun, si: usize, result: i32, ctx: &mut IoContext) {
+    if let Some(done) = q.backend.complete(ctx, si, result) {
+        finish_done(q, si, done);
+    }
+}
+
+/// Answers a request the backend finished, in the memory its buffers
+/// came from when the backend kept it.
+fn finish_done(q: &mut QueueRun, si: usize, done: Done<Snap>) {
+    let mem = match done.keep {
         Some(m) => m,
         None => snapshot(q),
     };
-    let Some(slot) = q.slots.get_mut(si) else {
-        return;
-    };
-    let kind = slot.req.request_type();
-    if slot.bounced && kind == RequestType::In && result > 0 {
-        if let Some(b) = slot.bounce.as_ref() {
-            let n = (result as usize).min(b.len());
-            // SAFETY: the iovecs describe writable guest memory of a read
-            // request, still mapped (the slot holds the memory).
-            unsafe { scatter(&b.as_slice()[..n], &slot.iov) };
-        }
-    }
-    slot.bounced = false;
-    let status = if result < 0 {
-        log::debug!(
-            "request on '{}' failed: {}",
-            q.dev.id,
-            std::io::Error::from_raw_os_error(-result)
-        );
-        VIRTIO_BLK_S_IOERR
-    } else {
-        let done = result as u64;
-        // A write completes with its byte count, or 0 when it was done as a
-        // whole some other way (detect-zeroes).
-        let written = done == slot.expect || done == 0;
-        match kind {
-            RequestType::In if done < slot.expect => {
-                // Past the end of the file: the rest reads as zeroes.
-                zero_tail(&slot.iov, done);
-                VIRTIO_BLK_S_OK
-            }
-            RequestType::Out if !written => VIRTIO_BLK_S_IOERR,
-            RequestType::Out if slot.flush_pending => {
-                slot.flush_pending = false;
-                let Some(root) = q.root.root() else {
-                    return finish(q, si, &mem, VIRTIO_BLK_S_IOERR);
-                };
-                // Writethrough: the write completes once flushed.
-                root.submit(
-                    ctx,
-                    &IoRequest::without_data(IoKind::Flush, 0, 0, tag(qi, si)),
-                );
-                slot.expect = 0;
-                slot.mem = Some(mem);
-                return;
-            }
-            _ => VIRTIO_BLK_S_OK,
-        }
-    };
-    finish(q, si, &mem, status);
+    finish(q, si, &mem, virtio_status(done.status));
 }
 
-/// Zeroes the buffers from byte `from` on.
-fn zero_tail(iov: &[libc::iovec], from: u64) {
-    let mut skip = from as usize;
-    for v in iov {
-        if skip >= v.iov_len {
-            skip -= v.iov_len;
-            continue;
-        }
-        // SAFETY: the iovec points into mapped guest memory the request
-        // may write (it is a read request's buffer).
-        unsafe { std::ptr::write_bytes((v.iov_base as *mut u8).add(skip), 0, v.iov_len - skip) };
-        skip = 0;
-    }
-}
-
-/// A finished request's accounting, kept until the round's completions
-/// are in the used ring (see [`account_finished`]).
-pub(super) struct Finished {
-    kind: Acct,
-    bytes: u64,
-    started_ns: u64,
-    ok: bool,
-    end: u64,
-}
-
-/// Counts the requests finished since the last call into the queue's
-/// statistics, with one reading of the clock. Called once the guest has
-/// been told about them: the reading and the counting then overlap with
-/// the driver's own work instead of delaying each completion (at queue
-/// depth 1 they were a measurable part of the round trip).
-pub(super) fn account_finished(q: &mut QueueRun) {
-    if q.finished.is_empty() {
-        return;
-    }
-    let Some(stats) = q.dev.stats.get(usize::from(q.key.1)) else {
-        q.finished.clear();
-        return;
-    };
-    let now = q.dev.epoch.now_ns();
-    for f in q.finished.drain(..) {
-        let ns = now.saturating_sub(f.started_ns);
-        stats.done(f.kind, f.bytes, ns, f.ok, f.end, now);
-    }
-}
-
-/// Writes the status, returns the chain to the guest and frees the slot
-/// (its accounting waits in `finished`).
+/// Writes the status, returns the chain to the guest and frees the slot.
 fn finish(q: &mut QueueRun, si: usize, mem: &Mem, status: u8) {
-    let slot = &mut q.slots[si];
-    if let Some(kind) = slot.acct.take() {
-        q.finished.push(Finished {
-            kind,
-            bytes: slot.acct_bytes,
-            started_ns: slot.started_ns,
-            ok: status == VIRTIO_BLK_S_OK,
-            end: slot.acct_end,
-        });
-    }
-    let slot = &q.slots[si];
+    let Some(slot) = q.slots.get(si) else {
+        return;
+    };
     let used = match slot.req.status_addr() {
         Some(a) if write_status(mem, a, status).is_ok() => slot.req.used_len(status),
         _ => 0,
@@ -711,9 +545,8 @@ fn release(q: &mut QueueRun, si: usize, mem: &Mem, used: u32) {
             iq.returned(head, q.queue.next_used());
         }
     }
-    q.slots[si].mem = None;
     q.free.push(si as u16);
     q.in_flight -= 1;
-    q.root.leave();
+    q.backend.leave();
     q.need_notify = true;
 }

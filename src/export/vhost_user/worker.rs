@@ -4,16 +4,18 @@
 //! guest once per batch (respecting EVENT_IDX).
 //!
 //! Per-request state lives in slots preallocated per queue, one per ring
-//! entry, so the request path does not allocate once the slots' vectors
-//! have grown. Buffers are iovecs straight into guest memory; a request
-//! keeps the memory snapshot it points into until it completes.
+//! entry: the parsed request here, its buffers and accounting in the same
+//! slot of the queue's backend (`block::backend`), so the request path
+//! does not allocate once the slots' vectors have grown. Buffers are
+//! iovecs straight into guest memory; a request keeps the memory snapshot
+//! it points into until it completes.
 
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
 use super::polling::{Ended, Fired, PollPolicy, PollTime};
 use super::queue::{
-    account_finished, complete, polled_avail_idx, remember_guess, resubmit_heads, ring_is_broken,
-    snapshot, take_requests, QueueRun, Slot,
+    complete, polled_avail_idx, remember_guess, resubmit_heads, ring_is_broken, snapshot,
+    take_requests, QueueRun, Slot,
 };
 use super::Device;
 use crate::export::virtio_blk::{Request, RequestLimits};
@@ -311,20 +313,6 @@ impl Worker {
             .map(|_| Slot {
                 head: 0,
                 req: Request::with_capacity(8, 1),
-                iov: Vec::with_capacity(8),
-                mem: None,
-                expect: 0,
-                flush_pending: false,
-                acct: None,
-                acct_bytes: 0,
-                acct_end: 0,
-                started_ns: 0,
-                bounce: None,
-                bounce_iov: libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                },
-                bounced: false,
             })
             .collect();
         let limits = RequestLimits::new(&s.dev.options);
@@ -368,7 +356,7 @@ impl Worker {
         );
         self.queues[i] = Some(QueueRun {
             key: (s.dev.uid, s.index),
-            root: s.dev.slot.register(),
+            backend: s.dev.backend.queue(usize::from(s.index), usize::from(size)),
             dev: s.dev,
             queue,
             kick: s.kick,
@@ -387,8 +375,6 @@ impl Worker {
             deferred: true,
             held: false,
             failed: false,
-            clock: None,
-            finished: Vec::with_capacity(usize::from(size)),
             avail_idx_at: None,
             guess: [0, 0],
             guess_slot: None,
@@ -585,7 +571,7 @@ impl Worker {
                 log::error!("completion for a queue that is gone");
                 continue;
             };
-            complete(q, qi, si, c.result, &mut self.ctx);
+            complete(q, si, c.result, &mut self.ctx);
         }
         done.clear();
         self.completions = done;
@@ -607,7 +593,7 @@ impl Worker {
                     }
                 }
             }
-            account_finished(q);
+            q.backend.account_finished();
             remember_guess(q);
         }
     }

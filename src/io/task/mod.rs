@@ -9,6 +9,9 @@
 //!   all carry one tag; when the last part completes the parent does, with
 //!   the bytes of all parts or the first error. A join is a slab entry: no
 //!   future, no allocation.
+//! * **Fills** ([`IoContext::start_fill`]) are reads that come back whole:
+//!   what a short read (the end of a file) left untouched is zeroed and
+//!   the parent completes with the full length. A slab entry, like a join.
 //! * **Tasks** ([`IoContext::spawn`]) are `async` blocks. Inside one,
 //!   [`submit`] starts a request on a node and returns a future of its
 //!   result, [`sleep`] one that completes after a time, and
@@ -32,6 +35,7 @@
 //! the buffers of a request alive until its [`Pending`] is ready.
 
 pub(crate) mod boxes;
+mod fill;
 pub mod locks;
 #[cfg(test)]
 mod tests;
@@ -51,6 +55,7 @@ const KIND_MASK: u64 = 3 << KIND_SHIFT;
 const KIND_CELL: u64 = 0;
 const KIND_JOIN: u64 = 1 << KIND_SHIFT;
 const KIND_WAKE: u64 = 2 << KIND_SHIFT;
+const KIND_FILL: u64 = 3 << KIND_SHIFT;
 const GEN_SHIFT: u32 = 32;
 const GEN_MASK: u64 = (1 << 28) - 1;
 
@@ -110,8 +115,10 @@ pub struct Executor {
     free_cells: Vec<u32>,
     joins: Vec<JoinSlot>,
     free_joins: Vec<u32>,
+    fills: Vec<fill::FillSlot>,
+    free_fills: Vec<u32>,
     ready: std::collections::VecDeque<u32>,
-    /// Tasks, cells and joins in use; none means no internal tag can come.
+    /// Tasks, cells, joins and fills in use; none means no internal tag can come.
     live: usize,
     boxes: boxes::BoxPool,
     /// Internal completions being routed (kept to reuse its capacity).
@@ -219,7 +226,7 @@ impl Executor {
                         tag: j.parent,
                         result,
                     });
-                    j.gen = j.gen.wrapping_add(1);
+                    j.gen = j.gen.wrapping_add(1) & GEN_MASK as u32;
                     self.free_joins.push(i as u32);
                     self.live -= 1;
                 }
@@ -233,6 +240,7 @@ impl Executor {
                     self.make_ready(i as u32);
                 }
             }
+            KIND_FILL => done.extend(self.finish_fill(c)),
             _ => log::error!("completion with a malformed internal tag {:#x}", c.tag),
         }
     }
@@ -474,7 +482,15 @@ impl IoContext {
             let mut scratch = std::mem::take(&mut self.exec.scratch);
             let mut k = from;
             for j in from..out.len() {
-                let c = out[j];
+                let mut c = out[j];
+                // A fill finishes where it stands: its parent's completion
+                // takes its place (and is routed on when it is internal).
+                if c.tag & (INTERNAL | KIND_MASK) == INTERNAL | KIND_FILL {
+                    match self.exec.finish_fill(c) {
+                        Some(parent) => c = parent,
+                        None => continue,
+                    }
+                }
                 if c.tag & INTERNAL != 0 {
                     scratch.push(c);
                 } else {

@@ -200,6 +200,15 @@ impl Qcow2Io {
 pub(super) async fn load_table(io: &Qcow2Io, offset: u64) -> Result<(), i32> {
     let before = io.meta_writes.load(Ordering::Acquire);
     let size = io.geo.cluster_size() as usize;
+    // A table past the end of the file would read as zeroes (the file
+    // node fills short reads): that is a damaged L1 entry, not an empty
+    // table.
+    let file_len = io.file.get().length().unwrap_or(u64::MAX);
+    if offset.saturating_add(size as u64) > file_len {
+        return Err(io.corrupt(&format!(
+            "L2 table at {offset} is past the end of the file ({file_len} bytes)"
+        )));
+    }
     let mut buf = vec![0u8; size];
     let iovs = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),

@@ -1,0 +1,128 @@
+//! The data-plane BlockBackend: the layer between an export's transport
+//! and the export's root node, as QEMU's BlockBackend is for its devices.
+//!
+//! A transport (a vhost-user virtqueue today, an NBD connection later)
+//! knows its wire format: it takes requests off the ring or the socket,
+//! checks them, and writes the answer back in its own terms. Everything
+//! in between that a disk device does whatever the wire is happens here:
+//!
+//! * the **medium**: the root node, published through a [`RootSlot`] and
+//!   read through the queue's own [`LocalRoot`]; with no node, requests
+//!   fail with `ENOMEDIUM`;
+//! * **buffers** a node cannot take: an O_DIRECT node needs aligned
+//!   buffers, and guest buffers that are not get an aligned copy (a bounce
+//!   buffer, per request slot, grown on demand and reused);
+//! * **writethrough**: while the guest has not enabled its write cache,
+//!   a write completes only after the flush that follows it;
+//! * **statistics** for query-blockstats, counted per queue;
+//! * the **fate of a failed request**, decided in one place
+//!   ([`ErrorAction`]); today the error is reported.
+//!
+//! What a read past the end of a file returns is the file driver's
+//! business (it zero-fills), so a backend never sees a short read.
+//!
+//! A [`Backend`] is shared by an export's queues; each queue (on its I/O
+//! thread) owns a [`BackendQueue`], whose per-request state is a slab
+//! indexed by the transport's own slot numbers, so the request path
+//! allocates nothing, takes no lock and writes no cache line another
+//! queue writes. Completions come back on the thread's
+//! [`IoContext`](crate::io::IoContext) under the transport's tag; the
+//! transport hands them to [`BackendQueue::complete`], which either
+//! finishes the request or sends it on (the flush of a writethrough
+//! write) under the same tag.
+
+mod acct;
+mod bounce;
+mod policy;
+mod queue;
+#[cfg(test)]
+mod tests;
+
+pub use policy::ErrorAction;
+pub use queue::BackendQueue;
+
+use crate::block::drain::RootSlot;
+use crate::block::io::IoKind;
+use crate::block::stats::{QueueStats, StatsEpoch};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// What an export's queues share: the medium, the cache mode, the
+/// statistics.
+pub struct Backend {
+    /// The export id, for messages.
+    name: String,
+    slot: Arc<RootSlot>,
+    /// Writeback (true) or writethrough, as the guest last chose.
+    writeback: AtomicBool,
+    /// One block of counters per queue.
+    stats: Vec<QueueStats>,
+    epoch: StatsEpoch,
+}
+
+impl Backend {
+    /// A backend over the root in `slot`, for `queues` queues.
+    pub fn new(name: &str, slot: Arc<RootSlot>, queues: usize, writeback: bool) -> Arc<Self> {
+        Arc::new(Backend {
+            name: name.to_string(),
+            slot,
+            writeback: AtomicBool::new(writeback),
+            stats: (0..queues).map(|_| QueueStats::default()).collect(),
+            epoch: StatsEpoch::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether writes complete without a flush (the guest's write cache).
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// The guest switched its write cache on or off.
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on, Ordering::Relaxed);
+    }
+
+    /// The counters of all queues, added up (query-blockstats).
+    pub fn io_stats(&self) -> crate::qapi::BlockDeviceStats {
+        crate::block::stats::sum(&self.stats, &self.epoch)
+    }
+
+    /// The state queue `index` keeps on its I/O thread, with room for
+    /// `slots` requests at a time. `K` is what keeps a request's buffers
+    /// mapped until it completes (the transport's choice).
+    pub fn queue<K>(self: &Arc<Self>, index: usize, slots: usize) -> BackendQueue<K> {
+        BackendQueue::new(self.clone(), self.slot.register(), index, slots)
+    }
+}
+
+/// A request as a transport hands it to the backend. Reads and writes
+/// carry their buffers in the slot's iovecs
+/// ([`BackendQueue::iovecs`]); the other kinds carry none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub kind: IoKind,
+    pub offset: u64,
+    pub len: u64,
+    /// The transport's tag: the completion on the thread's context
+    /// carries it. Bits 62 and 63 must be clear (the context uses them).
+    pub tag: u64,
+}
+
+/// How a request ended, for the transport to say in its own terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Failed with this errno (`ENOMEDIUM` without a medium).
+    Error(i32),
+}
+
+/// A finished request: its status, and the keep-alive handle the
+/// transport gave with it (for writing the answer into the same memory).
+pub struct Done<K> {
+    pub status: Status,
+    pub keep: Option<K>,
+}
