@@ -1179,3 +1179,65 @@ fn discard_frees_whole_clusters_and_they_read_as_zeroes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cache_options_are_checked_as_qemu_checks_them() {
+    let dir = scratch("cacheopts");
+    let img = dir.join("c.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        path(&img),
+        "1M",
+    ]);
+    let d = Daemon::vubd(&[]).monitor().start();
+    let mut qmp = d.qmp();
+    let mut add = |name: &str, extra: Value| {
+        let mut o = json!({"driver": "qcow2", "node-name": name, "read-only": true,
+                           "file": {"driver": "file", "filename": path(&img)}});
+        for (k, v) in extra.as_object().unwrap() {
+            o[k] = v.clone();
+        }
+        qmp.execute("blockdev-add", o)
+    };
+    let all = add(
+        "a",
+        json!({"cache-size": 1 << 20, "l2-cache-size": 1 << 19, "refcount-cache-size": 1 << 18}),
+    );
+    assert!(
+        all["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("may not be set at the same time"),
+        "{all}"
+    );
+    let over = add(
+        "b",
+        json!({"cache-size": 1 << 20, "l2-cache-size": 2 << 20}),
+    );
+    assert!(
+        over["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("may not exceed cache-size"),
+        "{over}"
+    );
+    let lazy = add("c", json!({"lazy-refcounts": true}));
+    assert!(
+        lazy["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("Lazy refcounts require"),
+        "{lazy}"
+    );
+    let fine = add(
+        "d",
+        json!({"cache-size": 4 << 20, "cache-clean-interval": 600}),
+    );
+    assert_eq!(fine, json!({"return": {}}));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -169,7 +169,13 @@ fn open_node(
                 header,
                 backing_io,
                 qcow2::OpenOptions {
-                    l2_cache_size: q.l2_cache_size,
+                    cache: qcow2::CacheOptions {
+                        cache_size: q.cache_size,
+                        l2_cache_size: q.l2_cache_size,
+                        refcount_cache_size: q.refcount_cache_size,
+                        cache_clean_interval: q.cache_clean_interval,
+                        lazy_refcounts: q.lazy_refcounts,
+                    },
                     read_only: flags.read_only,
                     discard: qcow2::Discard {
                         unmap: flags.discard == BlockdevDiscardOptions::Unmap,

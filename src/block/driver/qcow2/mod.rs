@@ -39,10 +39,72 @@ const MAX_L1_BYTES: u64 = 32 << 20;
 /// The node options the driver takes at open.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
-    /// `l2-cache-size`.
-    pub l2_cache_size: Option<i64>,
+    pub cache: CacheOptions,
     pub read_only: bool,
     pub discard: Discard,
+}
+
+/// The cache options of the seed (QEMU's names in comments).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheOptions {
+    /// `cache-size`: L2 and refcount caches together.
+    pub cache_size: Option<i64>,
+    /// `l2-cache-size`.
+    pub l2_cache_size: Option<i64>,
+    /// `refcount-cache-size`.
+    pub refcount_cache_size: Option<i64>,
+    /// `cache-clean-interval`, in seconds.
+    pub cache_clean_interval: Option<i64>,
+    /// `lazy-refcounts` (vubd always keeps refcounts current, which is
+    /// what an image with lazy refcounts also accepts).
+    pub lazy_refcounts: Option<bool>,
+}
+
+/// The L2 cache's bound in bytes from the cache options, checked as QEMU
+/// checks them; None for the default.
+fn cache_bytes(c: &CacheOptions, cluster: u64) -> Result<Option<u64>, BlockError> {
+    let non_negative = |name: &str, v: Option<i64>| -> Result<Option<u64>, BlockError> {
+        match v {
+            Some(v) if v < 0 => Err(BlockError::invalid(format!(
+                "Parameter '{name}' expects a non-negative size"
+            ))),
+            v => Ok(v.map(|v| v as u64)),
+        }
+    };
+    let total = non_negative("cache-size", c.cache_size)?;
+    let l2 = non_negative("l2-cache-size", c.l2_cache_size)?;
+    let refcount = non_negative("refcount-cache-size", c.refcount_cache_size)?;
+    if let Some(i) = c.cache_clean_interval {
+        if !(0..=i64::from(u32::MAX)).contains(&i) {
+            return Err(BlockError::invalid(format!(
+                "Cache clean interval too big (must be 0 to {})",
+                u32::MAX
+            )));
+        }
+    }
+    Ok(match (total, l2, refcount) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err(BlockError::invalid(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+            ))
+        }
+        (Some(t), Some(l), _) if l > t => {
+            return Err(BlockError::invalid(
+                "l2-cache-size may not exceed cache-size",
+            ))
+        }
+        (Some(t), _, Some(r)) if r > t => {
+            return Err(BlockError::invalid(
+                "refcount-cache-size may not exceed cache-size",
+            ))
+        }
+        (_, Some(l), _) => Some(l),
+        (Some(t), None, Some(r)) => Some(t - r),
+        // QEMU gives the L2 cache what it needs of cache-size first; the
+        // refcount cache here has no bound of its own.
+        (Some(t), None, None) => Some(t.max(2 * cluster)),
+        _ => None,
+    })
 }
 
 /// What the node does with guest discards.
@@ -107,7 +169,7 @@ impl Qcow2Driver {
         opts: OpenOptions,
     ) -> Result<Self, BlockError> {
         let OpenOptions {
-            l2_cache_size,
+            cache: opts_cache,
             read_only,
             discard,
         } = opts;
@@ -147,13 +209,15 @@ impl Qcow2Driver {
         let cluster = geo.cluster_size();
         // Enough tables to map the whole disk, within the cache bound.
         let whole_disk = geo.l1_entries_for(header.size).max(1);
-        let bound = match l2_cache_size {
-            Some(b) if b < 0 => {
-                return Err(BlockError::invalid("l2-cache-size must not be negative"))
-            }
-            Some(b) => (b as u64 / cluster).max(2),
+        let bound = match cache_bytes(&opts_cache, cluster)? {
+            Some(b) => (b / cluster).max(2),
             None => DEFAULT_L2_CACHE_BYTES / cluster,
         };
+        if opts_cache.lazy_refcounts == Some(true) && header.version < 3 {
+            return Err(BlockError::invalid(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
         let tables = whole_disk.min(bound).max(2) as usize;
         let alloc = if read_only {
             None
