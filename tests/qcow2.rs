@@ -1241,3 +1241,31 @@ fn cache_options_are_checked_as_qemu_checks_them() {
     assert_eq!(fine, json!({"return": {}}));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn internal_snapshots_are_listed_and_the_active_layer_reads_through_shared_clusters() {
+    let dir = scratch("internal");
+    let img = dir.join("s.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path(&img), "4M"]);
+    qemu_io(&img, "qcow2", &["write -P 0x21 0 128k"]);
+    qemu_img(&["snapshot", "-c", "first", path(&img)]);
+    qemu_io(&img, "qcow2", &["write -P 0x22 64k 64k"]);
+    // The snapshot's clusters are shared (not COPIED) where the active
+    // layer did not rewrite them.
+    assert_same_as_qemu(&img, &dir, &[65536, 4096]);
+    let (d, _) = vubd_reads(&dir, &img, "", 1 << 20);
+    let mut qmp = d.qmp();
+    let nodes = qmp.execute("query-named-block-nodes", Value::Null);
+    let q0 = nodes["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "q0")
+        .cloned()
+        .unwrap();
+    let snaps = &q0["image"]["snapshots"];
+    assert_eq!(snaps.as_array().map(Vec::len), Some(1), "{q0}");
+    assert_eq!(snaps[0]["name"], "first");
+    assert_eq!(snaps[0]["id"], "1");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,7 +25,9 @@ use crate::block::drain::Root;
 use crate::block::edge::Child;
 use crate::block::error::BlockError;
 use crate::block::perm::Perm;
-use crate::block::qcow2::format::{CryptMethod, FormatError, Geometry, Header};
+use crate::block::qcow2::format::{
+    parse_snapshot_table, CryptMethod, FormatError, Geometry, Header, Snapshot, MAX_TABLE_LEN,
+};
 use crate::block::sync_io;
 use io::Qcow2Io;
 use std::sync::atomic::AtomicU64;
@@ -153,6 +155,8 @@ impl BackingInfo {
 pub struct Qcow2Driver {
     io: Arc<Qcow2Io>,
     header: Header,
+    /// The internal snapshots, as the image lists them at open.
+    snapshots: Vec<Snapshot>,
     read_only: bool,
     file_filename: String,
     backing_filename: Option<String>,
@@ -246,9 +250,11 @@ impl Qcow2Driver {
             discard_unmap: discard.unmap,
             pass_discard: discard.pass_request.unwrap_or(discard.unmap),
         });
+        let snapshots = read_snapshots(&io.file.node(), &header);
         Ok(Qcow2Driver {
             io,
             header,
+            snapshots,
             read_only,
             file_filename,
             backing_filename,
@@ -306,6 +312,34 @@ fn open_for_writing(
     ))
 }
 
+/// The image's snapshot table; empty (with a warning) when it cannot be
+/// read, which only costs the listing.
+fn read_snapshots(file: &Root, h: &Header) -> Vec<Snapshot> {
+    if h.nb_snapshots == 0 {
+        return Vec::new();
+    }
+    let mut len = 64 << 10;
+    loop {
+        let mut buf = vec![0u8; len];
+        if let Err(e) = sync_io::read_at(&**file, h.snapshots_offset, &mut buf) {
+            log::warn!("reading the snapshot table: {e}");
+            return Vec::new();
+        }
+        match parse_snapshot_table(&buf, h.nb_snapshots) {
+            Ok(v) => return v,
+            Err(FormatError::Truncated { needed, .. })
+                if needed > len && needed <= MAX_TABLE_LEN =>
+            {
+                len = needed;
+            }
+            Err(e) => {
+                log::warn!("the snapshot table: {e}");
+                return Vec::new();
+            }
+        }
+    }
+}
+
 impl Driver for Qcow2Driver {
     fn name(&self) -> &'static str {
         "qcow2"
@@ -353,6 +387,22 @@ impl Driver for Qcow2Driver {
         }
         if let Some(full) = &self.backing_filename {
             info.full_backing_filename = Some(full.clone());
+        }
+        if !self.snapshots.is_empty() {
+            info.snapshots = Some(
+                self.snapshots
+                    .iter()
+                    .map(|sn| crate::qapi::SnapshotInfo {
+                        id: String::from_utf8_lossy(&sn.id).into_owned(),
+                        name: String::from_utf8_lossy(&sn.name).into_owned(),
+                        vm_state_size: i64::try_from(sn.vm_state_size()).unwrap_or(i64::MAX),
+                        date_sec: i64::from(sn.date_sec),
+                        date_nsec: i64::from(sn.date_nsec),
+                        vm_clock_sec: (sn.vm_clock_nsec / 1_000_000_000) as i64,
+                        vm_clock_nsec: (sn.vm_clock_nsec % 1_000_000_000) as i64,
+                    })
+                    .collect(),
+            );
         }
         info.format_specific = Some(crate::qapi::ImageInfoSpecific::Qcow2(
             crate::qapi::ImageInfoSpecificQCow2 {
