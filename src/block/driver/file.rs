@@ -35,6 +35,10 @@ pub struct FileIo {
     /// Buffered writes to a regular file are tried on the submitting
     /// thread first (see [`super::inline_write`]).
     inline_writes: Option<Arc<InlineWrites>>,
+    /// A size the regular file has at least (its size at open or at the
+    /// last resize or size query): a read that ends within it cannot come
+    /// back short, so it needs no fill and goes the direct way.
+    known_len: std::sync::atomic::AtomicU64,
 }
 
 impl BlockIo for FileIo {
@@ -44,10 +48,14 @@ impl BlockIo for FileIo {
                 .seek(SeekFrom::End(0))
                 .map_err(|e| BlockError::io("Getting the device size", &e))
         } else {
-            self.file
+            let len = self
+                .file
                 .metadata()
                 .map(|m| m.len())
-                .map_err(|e| BlockError::io("Getting the file size", &e))
+                .map_err(|e| BlockError::io("Getting the file size", &e))?;
+            self.known_len
+                .fetch_max(len, std::sync::atomic::Ordering::Relaxed);
+            Ok(len)
         }
     }
 
@@ -71,13 +79,19 @@ impl BlockIo for FileIo {
             }
             return Ok(());
         }
+        // Lowered before a shrink and raised after a growth, so it never
+        // claims more than the file has.
+        let known = &self.known_len;
+        known.fetch_min(size, std::sync::atomic::Ordering::Relaxed);
         self.file.set_len(size).map_err(|e| {
             BlockError::invalid(format!(
                 "Failed to resize file '{}': {}",
                 self.path,
                 crate::block::error::strerror(&e)
             ))
-        })
+        })?;
+        known.fetch_max(size, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -101,7 +115,10 @@ impl BlockIo for FileIo {
                 // normally stay inside the file; this is for one that
                 // shrank under a reader, or a device above that rounds
                 // its size up.)
-                let tag = if self.regular {
+                let end = req.offset().saturating_add(req.len());
+                let tag = if self.regular
+                    && end > self.known_len.load(std::sync::atomic::Ordering::Relaxed)
+                {
                     // SAFETY: the request's buffers are writable and stay
                     // valid until its completion has been reaped
                     // (IoRequest's contract), which the fill's completion
@@ -223,6 +240,11 @@ impl FileDriver {
                 no_flush: flags.cache_no_flush,
                 block_device,
                 regular: meta.file_type().is_file(),
+                known_len: std::sync::atomic::AtomicU64::new(if meta.file_type().is_file() {
+                    meta.len()
+                } else {
+                    0
+                }),
                 unmap: flags.discard == crate::qapi::BlockdevDiscardOptions::Unmap,
                 align,
                 preferred,
