@@ -445,3 +445,85 @@ fn a_read_past_the_end_of_a_file_comes_back_zero_filled() {
     assert!(buf[488..].iter().all(|&b| b == 0));
     assert_eq!(rig.stats().rd_bytes, 2048);
 }
+
+/// Completes every request at once, in full (null-co's direct path).
+struct DoneNode;
+
+impl BlockIo for DoneNode {
+    fn length(&self) -> Result<u64, BlockError> {
+        Ok(1 << 30)
+    }
+    fn truncate(&self, _: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        ctx.complete_now(req.tag(), req.len() as i32);
+    }
+}
+
+/// ns per 4k read, 32 at a time, best of five: straight to the node, or
+/// through a backend queue (submit, complete, count) as a transport does.
+fn per_read(through_backend: bool) -> f64 {
+    let node: Root = Arc::new(DoneNode);
+    let mut rig = Rig::new(Some(node.clone()), true);
+    let mut buf = vec![0u8; 4096];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    for si in 0..8 {
+        rig.q.iovecs(si).unwrap().extend_from_slice(&iov);
+    }
+    let mut out = Vec::with_capacity(64);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let n = 200_000u64;
+        let t = Instant::now();
+        for _ in 0..n / 8 {
+            rig.q.new_round();
+            for si in 0..8 {
+                let req = Request {
+                    kind: IoKind::Read,
+                    offset: 0,
+                    len: 4096,
+                    tag: si as u64,
+                };
+                if through_backend {
+                    assert!(rig.q.enter());
+                    // SAFETY: `buf` outlives the loop; nothing touches it.
+                    let early = unsafe { rig.q.submit(&mut rig.ctx, si, req, None) };
+                    assert!(early.is_none());
+                } else {
+                    // SAFETY: as above.
+                    let io = unsafe { IoRequest::new(req.kind, 0, 4096, iov.as_ptr(), 1, req.tag) };
+                    node.submit(&mut rig.ctx, &io);
+                }
+            }
+            out.clear();
+            rig.ctx.reap(&mut out);
+            for c in &out {
+                if through_backend {
+                    let done = rig.q.complete(&mut rig.ctx, c.tag as usize, c.result);
+                    assert!(done.is_some_and(|d| d.status == Status::Ok));
+                    rig.q.leave();
+                }
+            }
+            rig.q.account_finished();
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+    }
+    best
+}
+
+/// What the backend costs a request over handing it to the node; run
+/// with `cargo test --release --lib measure_backend -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_backend_overhead() {
+    let direct = per_read(false);
+    let backend = per_read(true);
+    println!("ns per read: to the node {direct:.1}, through the backend {backend:.1}");
+}
