@@ -113,6 +113,14 @@ impl Graph {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// The node a block device (an export's backend, by its id) uses.
+    pub fn device_node(&self, device: &str) -> Option<&str> {
+        self.uses
+            .iter()
+            .find(|u| u.kind == UserKind::BlockDevice && u.name == device)
+            .map(|u| u.node.as_str())
+    }
+
     /// The permissions a node holds since the last check.
     pub fn perm_of(&self, name: &str) -> Option<NodePerm> {
         self.perms.get(name).copied()

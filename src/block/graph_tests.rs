@@ -327,14 +327,12 @@ fn slot_use(name: &str, node: &str, slot: &std::sync::Arc<super::drain::RootSlot
     }
 }
 
-fn length_of(g: &Graph, node: &str) -> u64 {
-    g.node(node).unwrap().io.length().unwrap()
-}
-
-#[test]
-fn replacing_a_node_re_points_parents_and_users_on_the_data_plane() {
-    // Arrange: raw 'r' over null 'n1' (1 MiB); 'n2' (2 MiB) beside; an
-    // export-like user on 'n1' with a published root.
+/// Raw 'r' over null 'n1' (1 MiB), null 'n2' (2 MiB, read-only if asked)
+/// beside it, and a user of `user` with a published root.
+fn two_nulls_and_raw(
+    n2_read_only: bool,
+    user: &str,
+) -> (Graph, std::sync::Arc<super::drain::RootSlot>) {
     let mut g = Graph::default();
     add(
         &mut g,
@@ -343,7 +341,7 @@ fn replacing_a_node_re_points_parents_and_users_on_the_data_plane() {
     .unwrap();
     add(
         &mut g,
-        json!({"driver": "null-co", "node-name": "n2", "size": 2 << 20}),
+        json!({"driver": "null-co", "node-name": "n2", "size": 2 << 20, "read-only": n2_read_only}),
     )
     .unwrap();
     add(
@@ -353,10 +351,22 @@ fn replacing_a_node_re_points_parents_and_users_on_the_data_plane() {
     .unwrap();
     let slot = std::sync::Arc::new(super::drain::RootSlot::new(None));
     g.change(|d| {
-        d.add_use(slot_use("dev", "n1", &slot));
+        d.add_use(slot_use("dev", user, &slot));
         Ok(())
     })
     .unwrap();
+    (g, slot)
+}
+
+fn length_of(g: &Graph, node: &str) -> u64 {
+    g.node(node).unwrap().io.length().unwrap()
+}
+
+#[test]
+fn replacing_a_node_re_points_parents_and_users_on_the_data_plane() {
+    // Arrange: raw 'r' over null 'n1' (1 MiB); 'n2' (2 MiB) beside; an
+    // export-like user on 'n1' with a published root.
+    let (mut g, slot) = two_nulls_and_raw(false, "n1");
     assert_eq!(slot.current().unwrap().length().unwrap(), 1 << 20);
     assert_eq!(length_of(&g, "r"), 1 << 20);
 
@@ -401,28 +411,7 @@ fn the_new_nodes_own_edges_keep_pointing_at_the_old_node() {
 #[test]
 fn a_failed_change_leaves_links_and_roots_as_they_were() {
     // Arrange: 'r' over 'n1'; 'n2' is read-only; a writer uses 'r'.
-    let mut g = Graph::default();
-    add(
-        &mut g,
-        json!({"driver": "null-co", "node-name": "n1", "size": 1 << 20}),
-    )
-    .unwrap();
-    add(
-        &mut g,
-        json!({"driver": "null-co", "node-name": "n2", "size": 2 << 20, "read-only": true}),
-    )
-    .unwrap();
-    add(
-        &mut g,
-        json!({"driver": "raw", "node-name": "r", "file": "n1"}),
-    )
-    .unwrap();
-    let slot = std::sync::Arc::new(super::drain::RootSlot::new(None));
-    g.change(|d| {
-        d.add_use(slot_use("dev", "r", &slot));
-        Ok(())
-    })
-    .unwrap();
+    let (mut g, slot) = two_nulls_and_raw(true, "r");
 
     // Act: re-pointing the writer's path onto a read-only node fails.
     let err = g.change(|d| d.replace_node("n1", "n2")).err();
@@ -440,28 +429,7 @@ fn a_failed_change_leaves_links_and_roots_as_they_were() {
 fn a_change_waits_for_requests_through_a_re_pointed_edge() {
     // Arrange: a user on 'r' (over 'n1') with one request in flight on an
     // I/O thread's view of its slot.
-    let mut g = Graph::default();
-    add(
-        &mut g,
-        json!({"driver": "null-co", "node-name": "n1", "size": 1 << 20}),
-    )
-    .unwrap();
-    add(
-        &mut g,
-        json!({"driver": "null-co", "node-name": "n2", "size": 2 << 20}),
-    )
-    .unwrap();
-    add(
-        &mut g,
-        json!({"driver": "raw", "node-name": "r", "file": "n1"}),
-    )
-    .unwrap();
-    let slot = std::sync::Arc::new(super::drain::RootSlot::new(None));
-    g.change(|d| {
-        d.add_use(slot_use("dev", "r", &slot));
-        Ok(())
-    })
-    .unwrap();
+    let (mut g, slot) = two_nulls_and_raw(false, "r");
     let mut local = slot.register();
     assert!(local.enter());
     let finisher = std::thread::spawn(move || {

@@ -6,7 +6,7 @@
 use super::driver::qcow2::create;
 use super::driver::ChildRole;
 use super::error::BlockError;
-use super::graph::{Graph, UserKind};
+use super::graph::Graph;
 use super::open::add_node;
 use crate::qapi::{BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotSync, NewImageMode};
 
@@ -18,11 +18,9 @@ fn source(g: &Graph, device: Option<&str>, node: Option<&str>) -> Result<String,
             "Exactly one of 'device' and 'node-name' must be given",
         )),
         (Some(d), None) => g
-            .uses()
-            .iter()
-            .find(|u| u.kind == UserKind::BlockDevice && u.name == d)
-            .map(|u| u.node.clone())
-            .or_else(|| g.node(d).map(|n| n.name.clone()))
+            .device_node(d)
+            .or_else(|| g.node(d).map(|n| n.name.as_str()))
+            .map(str::to_string)
             // QEMU's words: the node-name it was not given shows empty.
             .ok_or_else(|| BlockError::NoSuchDeviceOrNode {
                 device: d.to_string(),

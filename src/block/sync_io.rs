@@ -53,30 +53,29 @@ fn read_plain(node: &dyn BlockIo, offset: u64, buf: &mut [u8]) -> Result<(), Blo
 /// Writes `buf` at `offset`, all of it (on an O_DIRECT node, `offset`
 /// and the length must be aligned as the node needs).
 pub fn write_at(node: &dyn BlockIo, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+    // An O_DIRECT node takes only aligned buffers: copy into one.
+    let align = node.mem_alignment().max(1);
+    let mut bounce = None;
+    let data: *const u8 = if align > 1 {
+        let b = bounce.insert(
+            AlignedBuf::new(buf.len(), align)
+                .ok_or_else(|| BlockError::invalid("cannot allocate an aligned buffer"))?,
+        );
+        b.as_mut_slice().copy_from_slice(buf);
+        b.as_slice().as_ptr()
+    } else {
+        buf.as_ptr()
+    };
     let iov = [libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_base: data as *mut libc::c_void,
         iov_len: buf.len(),
     }];
-    // SAFETY: `buf` and `iov` outlive `run`, which waits for completion;
-    // a write only reads the buffer.
+    // SAFETY: `buf`, `bounce` and `iov` outlive `run`, which waits for
+    // completion; a write only reads the buffer.
     let req =
         unsafe { IoRequest::new(IoKind::Write, offset, buf.len() as u64, iov.as_ptr(), 1, 1) };
-    let align = node.mem_alignment().max(1);
-    let n = if align > 1 {
-        let mut bounce = AlignedBuf::new(buf.len(), align)
-            .ok_or_else(|| BlockError::invalid("cannot allocate an aligned buffer"))?;
-        bounce.as_mut_slice().copy_from_slice(buf);
-        let iov = [libc::iovec {
-            iov_base: bounce.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        // SAFETY: `bounce` and `iov` outlive `run`, which waits.
-        let req =
-            unsafe { IoRequest::new(IoKind::Write, offset, buf.len() as u64, iov.as_ptr(), 1, 1) };
-        run(node, &req)?
-    } else {
-        run(node, &req)?
-    };
+    let n = run(node, &req)?;
+    drop(bounce);
     if n != buf.len() && n != 0 {
         return Err(BlockError::Io {
             op: "write",

@@ -197,12 +197,8 @@ impl qapi::Commands for Cx<'_> {
         let g = &mut self.daemon.graph;
         let node = match (&arg.device, &arg.node_name) {
             (_, Some(n)) if g.node(n).is_some() => n.clone(),
-            (Some(d), None) => match g
-                .uses()
-                .iter()
-                .find(|u| u.kind == UserKind::BlockDevice && &u.name == d)
-            {
-                Some(u) => u.node.clone(),
+            (Some(d), None) => match g.device_node(d) {
+                Some(n) => n.to_string(),
                 None => return Err(not_found(&arg).into()),
             },
             _ => return Err(not_found(&arg).into()),

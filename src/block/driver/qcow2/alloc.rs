@@ -16,6 +16,7 @@
 //! cluster leaves the old one counted (a leak).
 
 use super::io::Qcow2Io;
+use super::words::put_table_words;
 use crate::block::io::{IoKind, IoRequest};
 use crate::block::qcow2::format::{get_refcount, set_refcount, REFTABLE_OFFSET_MASK};
 use crate::io::aligned::AlignedBuf;
@@ -243,11 +244,9 @@ async fn reserve(io: &Qcow2Io, a: &Allocator) -> Result<(), i32> {
             let mut buf = meta_buf(io, a.unit as usize)?;
             {
                 let st = a.state();
-                let first = ((u - st.reftable_offset) / 8) as usize;
-                for (i, chunk) in buf.as_mut_slice().chunks_exact_mut(8).enumerate() {
-                    let v = st.reftable.get(first + i).copied().unwrap_or(0);
-                    chunk.copy_from_slice(&v.to_be_bytes());
-                }
+                put_table_words(buf.as_mut_slice(), u, st.reftable_offset, |i| {
+                    st.reftable.get(i).copied().unwrap_or(0)
+                });
             }
             write_file(io, u, &mut buf).await?;
         }

@@ -209,28 +209,11 @@ pub(super) async fn load_table(io: &Qcow2Io, offset: u64) -> Result<(), i32> {
             "L2 table at {offset} is past the end of the file ({file_len} bytes)"
         )));
     }
-    let mut buf = vec![0u8; size];
-    let iovs = [libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: size,
-    }];
-    // SAFETY: `buf` and `iovs` live in this future until the read is
-    // awaited below.
-    let req = unsafe { IoRequest::new(IoKind::Read, offset, size as u64, iovs.as_ptr(), 1, 0) };
-    let r = task::submit(io.file.get(), &req).await;
-    if r < 0 {
-        return Err(r);
-    }
-    if (r as usize) < size {
-        return Err(io.corrupt(&format!("L2 table at {offset} is past the end of the file")));
-    }
-    let words: super::cache::Words = buf
-        .chunks_exact(8)
-        .map(|c| {
-            AtomicU64::new(u64::from_be_bytes([
-                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
-            ]))
-        })
+    // Aligned as the file needs (an O_DIRECT file takes nothing else).
+    let mut buf = super::alloc::meta_buf(io, size)?;
+    super::alloc::read_file(io, offset, &mut buf).await?;
+    let words: super::cache::Words = super::words::be_words(buf.as_slice())
+        .map(AtomicU64::new)
         .collect();
     // A table written while it was being read may have been read half
     // old: read it again.

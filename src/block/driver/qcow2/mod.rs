@@ -18,6 +18,7 @@ pub mod create;
 mod io;
 mod iov;
 mod resize;
+mod words;
 mod write;
 
 use super::{ChildRole, Driver, DriverKind};
@@ -202,14 +203,7 @@ impl Qcow2Driver {
         // uses it); the entries past its end are unused, so zero.
         let room = l1_bytes.div_ceil(geo.cluster_size()).max(1) * geo.cluster_size();
         raw.resize(room as usize, 0);
-        let l1: Vec<AtomicU64> = raw
-            .chunks_exact(8)
-            .map(|c| {
-                AtomicU64::new(u64::from_be_bytes([
-                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
-                ]))
-            })
-            .collect();
+        let l1: Vec<AtomicU64> = words::be_words(&raw).map(AtomicU64::new).collect();
         let cluster = geo.cluster_size();
         // Enough tables to map the whole disk, within the cache bound.
         let whole_disk = geo.l1_entries_for(header.size).max(1);
@@ -295,10 +289,7 @@ fn open_for_writing(
     }
     let mut raw = vec![0u8; bytes as usize];
     sync_io::read_at(&**file, header.refcount_table_offset, &mut raw)?;
-    let reftable: Vec<u64> = raw
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect();
+    let reftable: Vec<u64> = words::be_words(&raw).collect();
     let file_len = file.length()?;
     let unit = (file.mem_alignment() as u64).max(512);
     Ok(alloc::Allocator::new(

@@ -7,6 +7,7 @@
 //! are not done yet.
 
 use super::io::Qcow2Io;
+use super::words::put_table_words;
 use crate::block::error::BlockError;
 use crate::block::sync_io;
 use std::sync::atomic::Ordering;
@@ -53,15 +54,9 @@ pub fn grow(io: &Qcow2Io, size: u64) -> Result<(), BlockError> {
         while at < end {
             let _held = hold(&a.meta_locks, at, at + unit)?;
             let mut buf = vec![0u8; unit as usize];
-            for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
-                let byte = at + i as u64 * 8;
-                if byte < io.l1_table_offset {
-                    continue;
-                }
-                let idx = ((byte - io.l1_table_offset) / 8) as usize;
-                let v = io.l1.get(idx).map_or(0, |w| w.load(Ordering::Acquire));
-                chunk.copy_from_slice(&v.to_be_bytes());
-            }
+            put_table_words(&mut buf, at, io.l1_table_offset, |i| {
+                io.l1.get(i).map_or(0, |w| w.load(Ordering::Acquire))
+            });
             if at < io.l1_table_offset {
                 // The unit begins before the table: keep those bytes.
                 let keep = (io.l1_table_offset - at) as usize;

@@ -17,6 +17,7 @@ use super::alloc::{
 };
 use super::io::{load_table, Lookup, Map, Qcow2Io};
 use super::iov;
+use super::words::put_table_words;
 use crate::block::io::{IoKind, IoRequest};
 use crate::block::qcow2::format::{L1Entry, L2Entry};
 use crate::io::task;
@@ -271,17 +272,13 @@ async fn ensure_l2(io: &Qcow2Io, a: &Allocator, off: u64) -> Result<u64, i32> {
     .encode(&io.geo)
     .map_err(|e| io.corrupt(&format!("new L1 entry: {e}")))?;
     let mut buf = meta_buf(io, a.unit as usize)?;
-    let first = ((unit - a.l1_table_offset) / 8) as usize;
-    for (i, chunk) in buf.as_mut_slice().chunks_exact_mut(8).enumerate() {
-        let v = if first + i == idx {
+    put_table_words(buf.as_mut_slice(), unit, a.l1_table_offset, |i| {
+        if i == idx {
             raw
         } else {
-            io.l1
-                .get(first + i)
-                .map_or(0, |w| w.load(Ordering::Acquire))
-        };
-        chunk.copy_from_slice(&v.to_be_bytes());
-    }
+            io.l1.get(i).map_or(0, |w| w.load(Ordering::Acquire))
+        }
+    });
     if unit < a.l1_table_offset {
         // The unit starts before the table (a table not aligned to the
         // unit): keep the bytes before it as they are on disk.
@@ -326,17 +323,13 @@ async fn set_l2_entry(io: &Qcow2Io, a: &Allocator, l2: u64, off: u64, raw: u64) 
         load_table(io, l2).await?;
     };
     let mut buf = meta_buf(io, a.unit as usize)?;
-    let first = ((unit - l2) / 8) as usize;
-    for (i, chunk) in buf.as_mut_slice().chunks_exact_mut(8).enumerate() {
-        let v = if first + i == idx {
+    put_table_words(buf.as_mut_slice(), unit, l2, |i| {
+        if i == idx {
             raw
         } else {
-            table
-                .get(first + i)
-                .map_or(0, |w| w.load(Ordering::Acquire))
-        };
-        chunk.copy_from_slice(&v.to_be_bytes());
-    }
+            table.get(i).map_or(0, |w| w.load(Ordering::Acquire))
+        }
+    });
     write_file(io, unit, &mut buf).await?;
     if let Some(w) = table.get(idx) {
         w.store(raw, Ordering::Release);
