@@ -20,3 +20,4 @@ pub mod query;
 pub mod snapshot;
 pub mod stats;
 pub mod sync_io;
+pub mod throttle;
