@@ -3,7 +3,9 @@
 //! the filter driver and `block_set_io_throttle` build on these.
 
 pub mod config;
+pub mod group;
 pub mod state;
 
 pub use config::{Bucket, Config, ConfigError, Direction, Limit};
+pub use group::{Group, MemberId, Step};
 pub use state::State;
