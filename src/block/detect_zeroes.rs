@@ -67,6 +67,10 @@ impl BlockIo for DetectZeroes {
         self.inner.flush()
     }
 
+    fn debug_event(&self, event: crate::qapi::BlkdebugEvent) {
+        self.inner.debug_event(event);
+    }
+
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
         if req.kind() == IoKind::Write && !req.is_empty() && all_zero(req) {
             // Completes with 0: for a write that means done as a whole

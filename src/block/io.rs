@@ -174,6 +174,12 @@ pub trait BlockIo: Send + Sync + 'static {
     /// Makes written data stable (synchronously, for the control plane).
     fn flush(&self) -> Result<(), BlockError>;
 
+    /// A parent reached a point blkdebug rules can name (reading guest
+    /// data, writing a table, ...). Only blkdebug acts on it.
+    fn debug_event(&self, event: crate::qapi::BlkdebugEvent) {
+        let _ = event;
+    }
+
     /// Starts a request on the calling thread's context. It completes with
     /// a negative errno on failure; otherwise with the bytes a read
     /// transferred (fewer at the end of a file), and for the other kinds

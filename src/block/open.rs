@@ -1,6 +1,7 @@
 //! Opening nodes from `BlockdevOptions`, inline children included, into a
 //! draft graph (see [`Graph::change`]).
 
+use super::driver::blkdebug::BlkdebugDriver;
 use super::driver::file::FileDriver;
 use super::driver::null::NullDriver;
 use super::driver::qcow2;
@@ -183,6 +184,23 @@ fn open_node(
                     },
                 },
             )?)
+        }
+        BlockdevOptionsBranch::Blkdebug(b) => {
+            let child = open_child(graph, &b.image, &flags, depth)?;
+            let child_node = graph
+                .node(&child)
+                .ok_or_else(|| BlockError::NoSuchNode(child.clone()))?;
+            let child_json = serde_json::json!({
+                "driver": child_node.driver.name(),
+                "filename": child_node.driver.filename(),
+            });
+            let driver =
+                BlkdebugDriver::open(b, child_node.io.clone(), child_json, flags.read_only)?;
+            children.push(Edge {
+                role: ChildRole::File,
+                child,
+            });
+            Arc::new(driver)
         }
         _ => return Err(BlockError::DriverNotBuilt(driver_name.as_str().to_string())),
     };

@@ -2,6 +2,7 @@
 //! locking, what the queries show) used on the control thread, and a data
 //! face ([`BlockIo`](super::io::BlockIo)) shared with the I/O threads.
 
+pub mod blkdebug;
 pub mod file;
 #[cfg(test)]
 mod file_tests;
@@ -163,7 +164,8 @@ pub fn default_child_perm(
 pub fn is_built(driver: BlockdevDriver) -> bool {
     matches!(
         driver,
-        BlockdevDriver::File
+        BlockdevDriver::Blkdebug
+            | BlockdevDriver::File
             | BlockdevDriver::HostDevice
             | BlockdevDriver::Raw
             | BlockdevDriver::NullCo

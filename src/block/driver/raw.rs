@@ -5,8 +5,9 @@ use super::{Driver, DriverKind};
 use crate::block::drain::Root;
 use crate::block::edge::Child;
 use crate::block::error::BlockError;
-use crate::block::io::{BlockIo, IoRequest};
+use crate::block::io::{BlockIo, IoKind, IoRequest};
 use crate::io::IoContext;
+use crate::qapi::BlkdebugEvent;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -60,17 +61,26 @@ impl BlockIo for RawIo {
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        self.child.get().flush()
+        let child = self.child.get();
+        child.debug_event(BlkdebugEvent::FlushToDisk);
+        child.flush()
     }
 
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        let child = self.child.get();
+        match req.kind() {
+            IoKind::Read => child.debug_event(BlkdebugEvent::ReadAio),
+            IoKind::Write => child.debug_event(BlkdebugEvent::WriteAio),
+            IoKind::Flush => child.debug_event(BlkdebugEvent::FlushToDisk),
+            _ => {}
+        }
         let size = self.size.load(Ordering::Relaxed);
         let in_range = req
             .offset()
             .checked_add(req.len())
             .is_some_and(|end| end <= size);
         match req.offset().checked_add(self.offset) {
-            Some(offset) if in_range => self.child.get().submit(ctx, &req.at(offset)),
+            Some(offset) if in_range => child.submit(ctx, &req.at(offset)),
             _ => ctx.complete_now(req.tag(), -libc::EIO),
         }
     }

@@ -1,0 +1,136 @@
+//! blkdebug through a real export: errors injected by rules (options and
+//! a rules file) reach a libblkio client as I/O errors, only for the
+//! requests the rules name, and the node shows in queries as QEMU shows
+//! it; option errors answer as qemu-storage-daemon does.
+
+mod common;
+
+use common::blk::Blk;
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Serves raw-over-blkdebug-over-file, with the blkdebug options given as
+/// JSON members, writable.
+fn serve(dir: &Path, blkdebug: Value) -> (Daemon, Blk) {
+    let img = dir.join("d.img");
+    qemu_img_create(&img, "raw", 1 << 20);
+    let sock = dir.join("b.sock");
+    let mut node = json!({
+        "driver": "blkdebug", "node-name": "dbg",
+        "image": {"driver": "file", "filename": path(&img)},
+    });
+    for (k, v) in blkdebug.as_object().unwrap() {
+        node[k] = v.clone();
+    }
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&node.to_string())
+        .arg("--blockdev")
+        .arg("driver=raw,node-name=top,file=dbg")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=top,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let blk = Blk::connect(&sock);
+    (d, blk)
+}
+
+#[test]
+fn read_rule_fails_only_the_named_sector_and_stays_active() {
+    let dir = TempDir::new("blkdebug-read");
+    let (_d, mut blk) = serve(
+        dir.path(),
+        json!({"inject-error": [{"event": "read_aio", "sector": 8}]}),
+    );
+    assert!(blk.try_read(0, 4096).is_ok());
+    assert!(blk.try_read(4096, 4096).is_err());
+    assert!(blk.try_read(8192, 4096).is_ok());
+    // The rule stays active: a write touching sector 8 fails too.
+    assert_ne!(blk.write(4096, &[1u8; 4096]), 0);
+    assert_eq!(blk.write(0, &[1u8; 4096]), 0);
+}
+
+#[test]
+fn once_rule_from_a_config_file_fails_one_write() {
+    let dir = TempDir::new("blkdebug-once");
+    let conf = dir.path().join("rules.conf");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"pwritev\"\nerrno = \"28\"\nonce = \"on\"\n",
+    )
+    .unwrap();
+    let (_d, mut blk) = serve(dir.path(), json!({"config": path(&conf)}));
+    assert_ne!(blk.write(0, &[7u8; 4096]), 0);
+    assert_eq!(blk.write(0, &[7u8; 4096]), 0);
+    assert_eq!(blk.read(0, 4096), vec![7u8; 4096]);
+    assert_eq!(blk.flush(), 0);
+}
+
+#[test]
+fn state_rules_arm_an_injection_later() {
+    let dir = TempDir::new("blkdebug-state");
+    let (_d, mut blk) = serve(
+        dir.path(),
+        json!({
+            "inject-error": [{"event": "read_aio", "state": 2}],
+            "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}],
+        }),
+    );
+    assert!(blk.try_read(0, 512).is_ok());
+    assert_eq!(blk.write(0, &[1u8; 512]), 0);
+    assert!(blk.try_read(0, 512).is_err());
+}
+
+#[test]
+fn queries_and_option_errors_match_qemu() {
+    let dir = TempDir::new("blkdebug-query");
+    let (d, _blk) = serve(dir.path(), json!({"inject-error": [{"event": "read_aio"}]}));
+    let mut qmp = d.qmp();
+    let nodes = assert_return(&qmp.execute("query-named-block-nodes", json!({}))).clone();
+    let dbg = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "dbg")
+        .unwrap();
+    assert_eq!(dbg["drv"], "blkdebug");
+    let img = dir.path().join("d.img");
+    assert_eq!(
+        dbg["file"],
+        format!(
+            "json:{{\"image\": {{\"driver\": \"file\", \"filename\": \"{}\"}}, \"driver\": \"blkdebug\", \"inject-error.0.event\": \"read_aio\"}}",
+            path(&img)
+        )
+    );
+    for (align, msg) in [
+        (3, "Cannot meet constraints with align 3"),
+        (-4096, "Value '-4096' is out of range for parameter 'align'"),
+    ] {
+        let r = qmp.execute(
+            "blockdev-add",
+            json!({"driver": "blkdebug", "node-name": "x", "align": align, "image": "dbg"}),
+        );
+        assert_error(&r, "GenericError", msg);
+    }
+    let r = qmp.execute(
+        "blockdev-add",
+        json!({"driver": "blkdebug", "node-name": "x", "config": "/nonexistent/rules", "image": "dbg"}),
+    );
+    assert_error(
+        &r,
+        "GenericError",
+        "Could not read blkdebug config file: No such file or directory",
+    );
+    assert_return(&qmp.execute(
+        "blockdev-add",
+        json!({"driver": "blkdebug", "node-name": "x", "align": 4096, "image": "dbg"}),
+    ));
+}
