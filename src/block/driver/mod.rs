@@ -10,6 +10,7 @@ mod inline_write;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;
 
 use super::drain::Root;
 use super::error::BlockError;

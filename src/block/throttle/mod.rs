@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod group;
+pub mod shared;
 pub mod state;
 
 pub use config::{Bucket, Config, ConfigError, Direction, Limit};

@@ -1,0 +1,241 @@
+//! A throttle group as the data path uses it: the group's bookkeeping
+//! ([`Group`]) behind a lock, with the requests its members hold back.
+//!
+//! A request that may not start yet becomes a task on its own I/O thread
+//! that waits for a signal: *released* (it may start now) or *timer duty*
+//! (sleep until the given time on the thread's engine timer, then tell the
+//! group the timer fired, which may release it or another request).
+//! Signals cross threads through the tasks' mailboxes, so a request never
+//! leaves the thread that owns its completion, and a waiting request costs
+//! no CPU. Members whose group limits nothing take no lock at all.
+
+use super::config::{Config, Direction};
+use super::group::{Group, MemberId, Step};
+use crate::io::task::{current_waker, RemoteWake};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// What a waiting request was told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Sleep until this time (ns on the group's clock), then report.
+    Timer(u64),
+    /// Start now.
+    Released,
+}
+
+#[derive(Default)]
+struct WaitState {
+    released: bool,
+    timer_at: Option<u64>,
+    wake: Option<RemoteWake>,
+}
+
+/// One held-back request's mailbox.
+#[derive(Default)]
+pub struct Waiter {
+    state: Mutex<WaitState>,
+}
+
+impl Waiter {
+    fn lock(&self) -> MutexGuard<'_, WaitState> {
+        // Every update is a plain assignment: a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn signal(&self, f: impl FnOnce(&mut WaitState)) {
+        let wake = {
+            let mut st = self.lock();
+            f(&mut st);
+            st.wake.take()
+        };
+        if let Some(w) = wake {
+            w.wake();
+        }
+    }
+
+    /// The next signal (timer duty first: it must not be lost when both
+    /// came before the task looked).
+    pub fn next(self: &Arc<Self>) -> NextSignal {
+        NextSignal {
+            waiter: self.clone(),
+        }
+    }
+}
+
+/// The future of a waiter's next signal.
+pub struct NextSignal {
+    waiter: Arc<Waiter>,
+}
+
+impl Future for NextSignal {
+    type Output = Signal;
+
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Signal> {
+        let mut st = self.waiter.lock();
+        if let Some(at) = st.timer_at.take() {
+            return Poll::Ready(Signal::Timer(at));
+        }
+        if st.released {
+            st.released = false;
+            return Poll::Ready(Signal::Released);
+        }
+        match current_waker() {
+            Some(w) => {
+                st.wake = Some(w);
+                Poll::Pending
+            }
+            // Outside a task nothing could wake it: let it go.
+            None => Poll::Ready(Signal::Released),
+        }
+    }
+}
+
+struct Inner {
+    group: Group,
+    /// Per member, per direction, the held-back requests, oldest first.
+    waiting: Vec<[VecDeque<Arc<Waiter>>; 2]>,
+}
+
+/// A throttle group shared by its members' threads.
+pub struct SharedGroup {
+    inner: Mutex<Inner>,
+    enabled: AtomicBool,
+    epoch: Instant,
+}
+
+fn d(dir: Direction) -> usize {
+    match dir {
+        Direction::Read => 0,
+        Direction::Write => 1,
+    }
+}
+
+impl SharedGroup {
+    pub fn new(cfg: Config) -> Arc<Self> {
+        Arc::new(SharedGroup {
+            enabled: AtomicBool::new(cfg.enabled()),
+            inner: Mutex::new(Inner {
+                group: Group::new(cfg, 0),
+                waiting: Vec::new(),
+            }),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The bookkeeping is updated in single steps under the lock; a
+        // panic cannot leave it half-changed.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Nanoseconds on the group's clock.
+    pub fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether any limit is set (else members pass requests straight on).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn config(&self) -> Config {
+        *self.lock().group.config()
+    }
+
+    /// New limits; requests held back are moved on under them.
+    pub fn set_config(&self, cfg: Config) {
+        let now = self.now();
+        let mut inner = self.lock();
+        self.enabled.store(cfg.enabled(), Ordering::Relaxed);
+        let steps = inner.group.reconfigure(cfg, now);
+        apply(&mut inner, Direction::Read, steps[0]);
+        apply(&mut inner, Direction::Write, steps[1]);
+    }
+
+    pub fn join(&self) -> MemberId {
+        let mut inner = self.lock();
+        let m = inner.group.join();
+        if inner.waiting.len() <= m {
+            inner.waiting.resize_with(m + 1, Default::default);
+        }
+        m
+    }
+
+    pub fn leave(&self, m: MemberId) {
+        let mut inner = self.lock();
+        inner.group.leave(m);
+        if let Some(queues) = inner.waiting.get_mut(m) {
+            // Nothing should wait here (the member was drained); let any
+            // straggler go rather than hold it forever.
+            for q in queues.iter_mut() {
+                for w in q.drain(..) {
+                    w.signal(|st| st.released = true);
+                }
+            }
+        }
+    }
+
+    /// Whether members are held back at all right now (for tests).
+    pub fn waiting(&self) -> usize {
+        self.lock()
+            .waiting
+            .iter()
+            .flatten()
+            .map(VecDeque::len)
+            .sum()
+    }
+
+    /// A request of `bytes` from member `m` wants to start: `None` when
+    /// it may (and is counted), else the waiter to await.
+    pub fn arrive(&self, m: MemberId, dir: Direction, bytes: u64) -> Option<Arc<Waiter>> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let step = inner.group.arrive(m, dir, bytes, now)?;
+        let w = Arc::new(Waiter::default());
+        if let Some(q) = inner.waiting.get_mut(m) {
+            q[d(dir)].push_back(w.clone());
+        }
+        apply(&mut inner, dir, step);
+        Some(w)
+    }
+
+    /// A waiter's timer duty is done.
+    pub fn timer_fired(&self, dir: Direction) {
+        let now = self.now();
+        let mut inner = self.lock();
+        let step = inner.group.timer_fired(dir, now);
+        apply(&mut inner, dir, step);
+    }
+
+    /// A released waiter of member `m` starts its request of `bytes`.
+    pub fn start_waiting(&self, m: MemberId, dir: Direction, bytes: u64) {
+        let now = self.now();
+        let mut inner = self.lock();
+        let step = inner.group.start_waiting(m, dir, bytes, now);
+        apply(&mut inner, dir, step);
+    }
+}
+
+/// Carries out what the group decided.
+fn apply(inner: &mut Inner, dir: Direction, step: Step) {
+    let i = d(dir);
+    match step {
+        Step::Idle => {}
+        Step::Release(m) => {
+            if let Some(w) = inner.waiting.get_mut(m).and_then(|q| q[i].pop_front()) {
+                w.signal(|st| st.released = true);
+            }
+        }
+        Step::Arm { member, at } => {
+            if let Some(w) = inner.waiting.get(member).and_then(|q| q[i].front()) {
+                w.signal(|st| st.timer_at = Some(at));
+            }
+        }
+    }
+}
