@@ -90,6 +90,9 @@ pub struct Graph {
     /// Edges a draft re-pointed (parent, role): their data-plane links
     /// follow when the change is committed.
     relinks: Vec<(String, ChildRole)>,
+    /// Throttle groups by object id (`--object throttle-group`), which
+    /// throttle nodes join when opened.
+    pub throttle_groups: HashMap<String, Arc<crate::block::throttle::shared::SharedGroup>>,
 }
 
 /// One parent's claim on a node, for the permission check.

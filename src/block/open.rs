@@ -6,9 +6,11 @@ use super::driver::file::FileDriver;
 use super::driver::null::NullDriver;
 use super::driver::qcow2;
 use super::driver::raw::RawDriver;
+use super::driver::throttle::ThrottleDriver;
 use super::driver::{is_built, ChildRole, Driver, NodeFlags};
 use super::error::BlockError;
 use super::graph::{Edge, Graph, Node};
+use super::json_name;
 use crate::qapi::{
     BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBranch,
     BlockdevRef, BlockdevRefOrNull,
@@ -190,12 +192,46 @@ fn open_node(
             let child_node = graph
                 .node(&child)
                 .ok_or_else(|| BlockError::NoSuchNode(child.clone()))?;
-            let child_json = serde_json::json!({
-                "driver": child_node.driver.name(),
-                "filename": child_node.driver.filename(),
-            });
+            let child_json =
+                json_name::child(child_node.driver.name(), &child_node.driver.filename());
             let driver =
                 BlkdebugDriver::open(b, child_node.io.clone(), child_json, flags.read_only)?;
+            children.push(Edge {
+                role: ChildRole::File,
+                child,
+            });
+            Arc::new(driver)
+        }
+        BlockdevOptionsBranch::Throttle(t) => {
+            let group = graph
+                .throttle_groups
+                .get(&t.throttle_group)
+                .cloned()
+                .ok_or_else(|| {
+                    BlockError::invalid(format!(
+                        "Throttle group '{}' does not exist",
+                        t.throttle_group
+                    ))
+                })?;
+            let child = open_child(graph, &t.file, &flags, depth)?;
+            let child_node = graph
+                .node(&child)
+                .ok_or_else(|| BlockError::NoSuchNode(child.clone()))?;
+            let filename = format!(
+                "json:{{\"throttle-group\": {}, \"driver\": \"throttle\", \"file\": {}}}",
+                serde_json::Value::from(t.throttle_group.as_str()),
+                json_name::spaced(&json_name::child(
+                    child_node.driver.name(),
+                    &child_node.driver.filename()
+                ))
+            );
+            let driver = ThrottleDriver::open(
+                child_node.io.clone(),
+                filename,
+                &t.throttle_group,
+                group,
+                flags.read_only,
+            );
             children.push(Edge {
                 role: ChildRole::File,
                 child,

@@ -194,7 +194,13 @@ impl Daemon {
                 let poll = iothread_polling(t)?;
                 self.iothreads.set_poll(id, poll)
             }
-            _ => Ok(()),
+            qapi::ObjectOptionsBranch::ThrottleGroup(g) => {
+                let cfg = qom::throttle_config(g)?;
+                if let Some(group) = self.graph.throttle_groups.get(id) {
+                    group.set_config(cfg);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -207,10 +213,29 @@ impl Daemon {
                 self.objects.push(opts.clone());
                 Ok(())
             }
-            other => Err(QmpError::generic(format!(
-                "object type '{}' is not available in this build of vubd yet",
-                other.qom_type()
-            ))),
+            qapi::ObjectOptionsBranch::ThrottleGroup(g) => {
+                if self.objects.iter().any(|o| o.id == opts.id) {
+                    return Err(QmpError::generic(format!(
+                        "attempt to add duplicate property '{}' to object (type 'container')",
+                        opts.id
+                    )));
+                }
+                let cfg = qom::throttle_config(g)?;
+                self.graph.throttle_groups.insert(
+                    opts.id.clone(),
+                    crate::block::throttle::shared::SharedGroup::new(cfg),
+                );
+                // Kept in canonical form: every limit, under `limits`.
+                let mut stored = opts.clone();
+                stored.u =
+                    qapi::ObjectOptionsBranch::ThrottleGroup(qapi::ThrottleGroupProperties {
+                        limits: Some(crate::block::throttle::limits::to_limits(&cfg)),
+                        ..Default::default()
+                    });
+                self.objects.push(stored);
+                log::info!("throttle group '{}' created", opts.id);
+                Ok(())
+            }
         }
     }
 
@@ -264,6 +289,17 @@ impl Daemon {
 
     /// object-del.
     pub fn object_del(&mut self, id: &str) -> Result<(), QmpError> {
+        if let Some(group) = self.graph.throttle_groups.get(id) {
+            // The graph holds one reference; every throttle node another.
+            if Arc::strong_count(group) > 1 {
+                return Err(QmpError::generic(format!(
+                    "object '{id}' is in use, can not be deleted"
+                )));
+            }
+            self.graph.throttle_groups.remove(id);
+            self.objects.retain(|o| o.id != id);
+            return Ok(());
+        }
         self.iothreads.remove(id)?;
         self.objects.retain(|o| o.id != id);
         Ok(())

@@ -177,6 +177,10 @@ pub fn get(view: &View<'_>, path: &str, prop: &str) -> Result<Value, QmpError> {
             u: ObjectOptionsBranch::Iothread(t),
             ..
         }) => iothread_value(t, prop),
+        Obj::Object(ObjectOptions {
+            u: ObjectOptionsBranch::ThrottleGroup(g),
+            ..
+        }) => throttle_value(g, prop),
         Obj::Chardev(c) => match prop {
             "connected" => Some(Value::from(c.clients.load(Ordering::SeqCst) > 0)),
             "addr" => Some(json!({"type": "unix", "path": c.path.display().to_string()})),
@@ -196,6 +200,54 @@ fn iothread_value(t: &IothreadProperties, prop: &str) -> Option<Value> {
         _ => return None,
     };
     Some(Value::from(given.unwrap_or(default)))
+}
+
+/// A throttle-group's `limits` (every member) or one `x-` alias of them.
+fn throttle_value(g: &crate::qapi::ThrottleGroupProperties, prop: &str) -> Option<Value> {
+    let cfg = throttle_config(g).ok()?;
+    let all = serde_json::to_value(crate::block::throttle::limits::to_limits(&cfg)).ok()?;
+    match prop {
+        "limits" => Some(all),
+        _ => all.get(prop.strip_prefix("x-")?).cloned(),
+    }
+}
+
+/// The limits a throttle-group object holds.
+pub fn throttle_config(
+    g: &crate::qapi::ThrottleGroupProperties,
+) -> Result<crate::block::throttle::Config, QmpError> {
+    crate::block::throttle::limits::from_properties(g).map_err(QmpError::generic)
+}
+
+/// A throttle-group's properties after qom-set of `prop` to `value`.
+fn throttle_set(
+    g: &crate::qapi::ThrottleGroupProperties,
+    prop: &str,
+    value: &Value,
+) -> Result<crate::qapi::ThrottleGroupProperties, QmpError> {
+    use crate::block::throttle::limits;
+    let current = throttle_config(g)?;
+    let given: crate::qapi::ThrottleLimits = if prop == "limits" {
+        crate::qapi::rt::read(value, crate::qapi::rt::Syntax::Json)
+            .map_err(|e| QmpError::generic(e.to_string()))?
+    } else {
+        let n = value.as_i64().ok_or_else(|| {
+            QmpError::generic(format!(
+                "Invalid parameter type for '{prop}', expected: integer"
+            ))
+        })?;
+        if n < 0 {
+            return Err(QmpError::generic("Property values cannot be negative"));
+        }
+        let name = prop.strip_prefix("x-").unwrap_or(prop);
+        crate::qapi::rt::read(&json!({ name: n }), crate::qapi::rt::Syntax::Json)
+            .map_err(|e| QmpError::generic(e.to_string()))?
+    };
+    let next = limits::apply(&current, &given).map_err(QmpError::generic)?;
+    Ok(crate::qapi::ThrottleGroupProperties {
+        limits: Some(limits::to_limits(&next)),
+        ..Default::default()
+    })
 }
 
 /// Checks an iothread's properties as QEMU does: none may be negative.
@@ -236,6 +288,11 @@ pub fn set(
             )))
         }
     };
+    let branch = objects.iter_mut().find(|o| o.id == id).map(|o| &mut o.u);
+    if let Some(ObjectOptionsBranch::ThrottleGroup(g)) = branch {
+        *g = throttle_set(g, prop, value)?;
+        return Ok(id);
+    }
     let n = value.as_i64().ok_or_else(|| {
         QmpError::generic(format!(
             "Invalid parameter type for '{prop}', expected: integer"

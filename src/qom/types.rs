@@ -89,6 +89,63 @@ pub const TYPES: &[TypeDef] = &[
         ],
     },
     TypeDef {
+        name: "throttle-group",
+        parent: Some("object"),
+        is_abstract: false,
+        props: &[
+            PropDef {
+                name: "limits",
+                ty: "ThrottleLimits",
+                writable: true,
+                description: Some("the group's I/O limits"),
+                default: None,
+            },
+            int_prop("x-iops-total", "alias of limits.iops-total", 0),
+            int_prop("x-iops-total-max", "alias of limits.iops-total-max", 0),
+            int_prop(
+                "x-iops-total-max-length",
+                "alias of limits.iops-total-max-length",
+                1,
+            ),
+            int_prop("x-iops-read", "alias of limits.iops-read", 0),
+            int_prop("x-iops-read-max", "alias of limits.iops-read-max", 0),
+            int_prop(
+                "x-iops-read-max-length",
+                "alias of limits.iops-read-max-length",
+                1,
+            ),
+            int_prop("x-iops-write", "alias of limits.iops-write", 0),
+            int_prop("x-iops-write-max", "alias of limits.iops-write-max", 0),
+            int_prop(
+                "x-iops-write-max-length",
+                "alias of limits.iops-write-max-length",
+                1,
+            ),
+            int_prop("x-bps-total", "alias of limits.bps-total", 0),
+            int_prop("x-bps-total-max", "alias of limits.bps-total-max", 0),
+            int_prop(
+                "x-bps-total-max-length",
+                "alias of limits.bps-total-max-length",
+                1,
+            ),
+            int_prop("x-bps-read", "alias of limits.bps-read", 0),
+            int_prop("x-bps-read-max", "alias of limits.bps-read-max", 0),
+            int_prop(
+                "x-bps-read-max-length",
+                "alias of limits.bps-read-max-length",
+                1,
+            ),
+            int_prop("x-bps-write", "alias of limits.bps-write", 0),
+            int_prop("x-bps-write-max", "alias of limits.bps-write-max", 0),
+            int_prop(
+                "x-bps-write-max-length",
+                "alias of limits.bps-write-max-length",
+                1,
+            ),
+            int_prop("x-iops-size", "alias of limits.iops-size", 0),
+        ],
+    },
+    TypeDef {
         name: "chardev",
         parent: Some("object"),
         is_abstract: true,
@@ -204,7 +261,10 @@ mod tests {
             .into_iter()
             .map(|t| t.name)
             .collect();
-        assert_eq!(names, ["container", "iothread", "chardev-socket"]);
+        assert_eq!(
+            names,
+            ["container", "iothread", "throttle-group", "chardev-socket"]
+        );
     }
 
     #[test]

@@ -172,5 +172,6 @@ pub fn is_built(driver: BlockdevDriver) -> bool {
             | BlockdevDriver::NullCo
             | BlockdevDriver::NullAio
             | BlockdevDriver::Qcow2
+            | BlockdevDriver::Throttle
     )
 }

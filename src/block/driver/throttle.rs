@@ -116,14 +116,14 @@ impl BlockIo for ThrottleIo {
 pub struct ThrottleDriver {
     io: Arc<ThrottleIo>,
     group_id: String,
-    child_filename: String,
+    filename: String,
     read_only: bool,
 }
 
 impl ThrottleDriver {
     pub fn open(
         child: Root,
-        child_filename: String,
+        filename: String,
         group_id: &str,
         group: Arc<SharedGroup>,
         read_only: bool,
@@ -131,7 +131,7 @@ impl ThrottleDriver {
         ThrottleDriver {
             io: ThrottleIo::new(child, group),
             group_id: group_id.to_string(),
-            child_filename,
+            filename,
             read_only,
         }
     }
@@ -160,7 +160,7 @@ impl Driver for ThrottleDriver {
     }
 
     fn filename(&self) -> String {
-        self.child_filename.clone()
+        self.filename.clone()
     }
 
     fn is_read_only(&self) -> bool {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod group;
+pub mod limits;
 pub mod shared;
 pub mod state;
 

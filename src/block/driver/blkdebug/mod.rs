@@ -206,7 +206,10 @@ impl BlkdebugDriver {
 /// QEMU describes a blkdebug node by its options, flattened.
 fn filename(opts: &BlockdevOptionsBlkdebug, child_json: serde_json::Value) -> String {
     let mut parts = vec![
-        format!("\"image\": {}", spaced(&child_json)),
+        format!(
+            "\"image\": {}",
+            crate::block::json_name::spaced(&child_json)
+        ),
         "\"driver\": \"blkdebug\"".to_string(),
     ];
     if let Some(c) = &opts.config {
@@ -241,11 +244,6 @@ fn filename(opts: &BlockdevOptionsBlkdebug, child_json: serde_json::Value) -> St
         parts.push(format!("\"{p}.new_state\": {}", r.new_state));
     }
     format!("json:{{{}}}", parts.join(", "))
-}
-
-/// JSON with QEMU's spacing (`"a": 1, "b": 2`).
-fn spaced(v: &serde_json::Value) -> String {
-    v.to_string().replace("\":", "\": ").replace(",\"", ", \"")
 }
 
 impl Driver for BlkdebugDriver {

@@ -1,0 +1,165 @@
+//! Throttle groups and the throttle filter through a real export: a
+//! libblkio client keeping 8 reads in flight gets the group's rate, the
+//! limits change while it runs (qom-set) and lifting them restores full
+//! speed; the group objects answer as qemu-storage-daemon's do.
+
+mod common;
+
+use common::blk::{Blk, BlkQueue};
+use common::*;
+use serde_json::json;
+use std::path::Path;
+use std::time::Instant;
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn serve(dir: &Path, group: &str) -> (Daemon, Blk) {
+    let sock = dir.join("t.sock");
+    let d = Daemon::vubd(&[])
+        .arg("--object")
+        .arg(group)
+        .arg("--blockdev")
+        .arg("driver=null-co,node-name=n0,size=1073741824")
+        .arg("--blockdev")
+        .arg("driver=throttle,node-name=t0,throttle-group=g0,file=n0")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=t0,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let blk = Blk::connect(&sock);
+    (d, blk)
+}
+
+/// Reads 4 KiB at QD8 for `secs`; returns completions per second.
+fn rate(q: &mut BlkQueue, secs: f64) -> f64 {
+    let depth = 8;
+    for i in 0..depth {
+        q.submit_read((i as u64) * 4096, i * 4096, 4096, i);
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for (tag, ret) in q.wait(1) {
+            assert_eq!(ret, 0);
+            done += 1;
+            q.submit_read((tag as u64) * 4096, tag * 4096, 4096, tag);
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    q.wait(depth);
+    done as f64 / elapsed
+}
+
+#[test]
+fn group_limit_holds_changes_live_and_lifts() {
+    let dir = TempDir::new("throttle-rate");
+    let (d, mut blk) = serve(dir.path(), "throttle-group,id=g0,x-iops-total=200");
+    let mut qmp = d.qmp();
+    let mut queues = blk.take_queues();
+    let q = &mut queues[0];
+    let r = rate(q, 2.0);
+    assert!((180.0..=235.0).contains(&r), "limited to 200 iops: {r:.0}");
+    assert_return(&qmp.execute(
+        "qom-set",
+        json!({"path": "g0", "property": "limits", "value": {"iops-total": 500}}),
+    ));
+    let r = rate(q, 1.5);
+    assert!((450.0..=560.0).contains(&r), "limited to 500 iops: {r:.0}");
+    assert_return(&qmp.execute(
+        "qom-set",
+        json!({"path": "g0", "property": "limits", "value": {"iops-total": 0}}),
+    ));
+    let r = rate(q, 0.5);
+    assert!(r > 2000.0, "unlimited again: {r:.0}");
+    blk.put_queues(queues);
+}
+
+#[test]
+fn group_objects_answer_as_qemu_does() {
+    let dir = TempDir::new("throttle-objects");
+    let (d, _blk) = serve(dir.path(), "throttle-group,id=g0,x-iops-total=100");
+    let mut qmp = d.qmp();
+    let limits =
+        assert_return(&qmp.execute("qom-get", json!({"path": "g0", "property": "limits"}))).clone();
+    assert_eq!(limits["iops-total"], 100);
+    assert_eq!(limits["bps-read-max-length"], 1);
+    assert_eq!(
+        assert_return(&qmp.execute("qom-get", json!({"path": "g0", "property": "x-iops-total"}))),
+        &json!(100)
+    );
+    for (value, msg) in [
+        (
+            json!({"bps-total": 1000, "bps-read": 5}),
+            "bps/iops/max total values and read/write values cannot be used at the same time",
+        ),
+        (
+            json!({"iops-total-max": 10}),
+            "bps_max/iops_max cannot be lower than bps/iops",
+        ),
+    ] {
+        let r = qmp.execute(
+            "qom-set",
+            json!({"path": "g0", "property": "limits", "value": value}),
+        );
+        assert_error(&r, "GenericError", msg);
+    }
+    assert_error(
+        &qmp.execute("object-del", json!({"id": "g0"})),
+        "GenericError",
+        "object 'g0' is in use, can not be deleted",
+    );
+    assert_error(
+        &qmp.execute(
+            "blockdev-add",
+            json!({"driver": "throttle", "node-name": "t1", "throttle-group": "nope", "file": "n0"}),
+        ),
+        "GenericError",
+        "Throttle group 'nope' does not exist",
+    );
+    for (props, msg) in [
+        (
+            json!({"x-iops-total": -1}),
+            "Property values cannot be negative",
+        ),
+        (
+            json!({"limits": {"iops-total": -1}}),
+            "bps/iops/max values must be within [0, 1000000000000000]",
+        ),
+        (
+            json!({"limits": {"iops-total-max-length": 0}}),
+            "the burst length cannot be 0",
+        ),
+    ] {
+        let mut args = json!({"qom-type": "throttle-group", "id": "g2"});
+        for (k, v) in props.as_object().unwrap() {
+            args[k] = v.clone();
+        }
+        assert_error(&qmp.execute("object-add", args), "GenericError", msg);
+    }
+    assert_return(&qmp.execute(
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "g1", "limits": {"iops-total": 5}, "x-iops-total": 7}),
+    ));
+    assert_eq!(
+        assert_return(&qmp.execute("qom-get", json!({"path": "g1", "property": "x-iops-total"}))),
+        &json!(5)
+    );
+    let node = assert_return(&qmp.execute("query-named-block-nodes", json!({})))
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "t0")
+        .unwrap()
+        .clone();
+    assert_eq!(node["drv"], "throttle");
+    assert_eq!(
+        node["file"],
+        "json:{\"throttle-group\": \"g0\", \"driver\": \"throttle\", \"file\": {\"driver\": \"null-co\", \"size\": 1073741824}}"
+    );
+    assert_return(&qmp.execute("object-del", json!({"id": "g1"})));
+}
