@@ -38,10 +38,17 @@ fn send(qmp: &mut Qmp, cmd: &str, args: Value, id: u64) {
     qmp.send_value(&json!({"execute": cmd, "arguments": args, "id": id}));
 }
 
-#[test]
-fn monitors_answer_while_a_snapshot_waits_for_a_request_in_flight() {
-    // Arrange: the slow export, an overlay image added as a node, a guest
-    // read in flight.
+/// A vubd exporting the slow node, two monitors with `oob`, an overlay
+/// node 'over' (no backing yet) and a guest read in flight.
+struct Slow {
+    _dir: TempDir,
+    d: Daemon,
+    blk: Blk,
+    first: Qmp,
+    second: Qmp,
+}
+
+fn slow_export_with_a_read_in_flight() -> Slow {
     let dir = TempDir::new("vubd-graph-drain");
     let sock = dir.path().join("vhost.sock");
     let overlay = dir.path().join("over.qcow2");
@@ -66,7 +73,7 @@ fn monitors_answer_while_a_snapshot_waits_for_a_request_in_flight() {
         ))
         .start();
     let mut first = oob_monitor(&d);
-    let mut second = oob_monitor(&d);
+    let second = oob_monitor(&d);
     let r = first.execute(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "over", "backing": null,
@@ -79,6 +86,26 @@ fn monitors_answer_while_a_snapshot_waits_for_a_request_in_flight() {
     q.kick();
     // Let the request reach the node.
     std::thread::sleep(Duration::from_millis(200));
+    Slow {
+        _dir: dir,
+        d,
+        blk,
+        first,
+        second,
+    }
+}
+
+#[test]
+fn monitors_answer_while_a_snapshot_waits_for_a_request_in_flight() {
+    // Arrange: the slow export, an overlay image added as a node, a guest
+    // read in flight.
+    let Slow {
+        _dir,
+        d: _d,
+        mut blk,
+        mut first,
+        mut second,
+    } = slow_export_with_a_read_in_flight();
 
     // Act: the snapshot, then (without waiting) another command on the
     // same monitor; queries and a change on the second monitor.
@@ -146,4 +173,42 @@ fn monitors_answer_while_a_snapshot_waits_for_a_request_in_flight() {
         block["return"][0]["inserted"]["node-name"], "over",
         "{block}"
     );
+}
+
+#[test]
+fn quit_from_another_monitor_gives_a_waiting_snapshot_up() {
+    // Arrange
+    let Slow {
+        _dir,
+        mut d,
+        blk,
+        mut first,
+        mut second,
+    } = slow_export_with_a_read_in_flight();
+
+    // Act
+    let start = Instant::now();
+    send(
+        &mut first,
+        "blockdev-snapshot",
+        json!({"node": "slow", "overlay": "over"}),
+        1,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let quit = second.execute_with_id("quit", json!({}), json!(2));
+    let snapshot = first.read_reply(Duration::from_secs(5));
+    let answered = start.elapsed();
+    let status = d.wait_exit(Duration::from_secs(10));
+    drop(blk);
+
+    // Assert: both answered before the read could end; a clean exit.
+    assert_eq!(quit, json!({"return": {}, "id": 2}));
+    assert_eq!(
+        snapshot,
+        json!({"id": 1, "error": {"class": "GenericError",
+               "desc": "Graph change abandoned: the daemon is shutting down"}})
+    );
+    assert!(answered < PROMPT, "answers took {answered:?}");
+    let status = status.unwrap_or_else(|| panic!("vubd did not exit\n{}", d.describe()));
+    assert!(status.success(), "{status:?}\n{}", d.describe());
 }
