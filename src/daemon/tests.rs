@@ -6,6 +6,7 @@ use crate::block::drain::{LocalRoot, RootSlot};
 use crate::block::driver::ChildRole;
 use crate::block::graph::{Use, UserKind};
 use crate::block::perm::Perm;
+use crate::qmp::session::Body;
 use crate::qmp::writer::Writer;
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
