@@ -7,8 +7,8 @@
 //! state wait their turn; the snapshot is answered when the read is done,
 //! and the first monitor's next command only after it.
 //!
-//! This is vubd's behaviour (qemu-storage-daemon runs its monitors on one
-//! loop that the drain holds), so the test always runs vubd.
+//! The ordering while a change waits is vubd's own design (docs/design.md,
+//! "The graph and its changes"), so these tests always run vubd.
 
 mod common;
 
