@@ -6,17 +6,17 @@
 //! the `Arc`, refreshed only when the slot's generation moves, so a request
 //! costs one atomic load.
 //!
-//! Changing the root is: [`RootSlot::drain`] (new requests are held back,
-//! requests in flight are waited for), [`RootSlot::publish`] (the new node
-//! is installed and the generation bumped), and dropping the returned
-//! [`Drained`] guard (requests flow again). Every I/O thread counts its own
+//! Changing the root is: [`RootSlot::quiesce`] (new requests are held
+//! back), waiting until [`Quiesced::in_flight`] is 0 (the graph's
+//! [`crate::block::graph::PendingChange`] does, without blocking the
+//! control thread), [`Quiesced::publish`] (the new node is installed and
+//! the generation bumped), and dropping the guard (requests flow again). Every I/O thread counts its own
 //! requests in its own [`InFlight`] counter, on its own cache line, so two
 //! queues on two threads never write a shared line.
 
 use super::io::BlockIo;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
 
 /// Requests in flight on one I/O thread, padded to its own cache line.
 #[repr(align(128))]
@@ -91,30 +91,17 @@ impl RootSlot {
         self.lock().root.clone()
     }
 
-    fn pending(&self) -> u64 {
+    /// Requests in flight on all the slot's I/O threads.
+    pub fn in_flight(&self) -> u64 {
         self.lock().users.iter().map(|u| u.get()).sum()
     }
 
-    /// Holds back new requests and waits until none is in flight.
-    pub fn drain(&self, timeout: Duration) -> Result<Drained<'_>, DrainTimeout> {
+    /// Holds back new requests and returns at once; requests already in
+    /// flight go on. The slot is drained once [`Quiesced::in_flight`] is 0,
+    /// and resumes when the guard is dropped.
+    pub fn quiesce(self: &Arc<Self>) -> Quiesced {
         self.quiesced.store(true, Ordering::SeqCst);
-        let start = Instant::now();
-        let mut pause = Duration::from_micros(20);
-        loop {
-            let pending = self.pending();
-            if pending == 0 {
-                return Ok(Drained { slot: self });
-            }
-            if start.elapsed() >= timeout {
-                self.quiesced.store(false, Ordering::SeqCst);
-                return Err(DrainTimeout {
-                    pending,
-                    waited_ms: start.elapsed().as_millis(),
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
+        Quiesced { slot: self.clone() }
     }
 
     fn resume(&self) {
@@ -122,22 +109,36 @@ impl RootSlot {
     }
 }
 
-/// A drained slot: nothing is in flight and nothing new starts until this
-/// guard is dropped.
-pub struct Drained<'a> {
-    slot: &'a RootSlot,
+/// A quiesced slot: nothing new starts until this guard is dropped, and
+/// once nothing is in flight the root may be replaced.
+pub struct Quiesced {
+    slot: Arc<RootSlot>,
 }
 
-impl Drained<'_> {
+impl Quiesced {
+    /// Requests still in flight; the drain is complete at 0 (no request
+    /// can start while the guard lives).
+    pub fn in_flight(&self) -> u64 {
+        self.slot.in_flight()
+    }
+
+    /// Whether this guard holds `slot`.
+    pub fn holds(&self, slot: &Arc<RootSlot>) -> bool {
+        Arc::ptr_eq(&self.slot, slot)
+    }
+
     /// Installs a new root; I/O threads pick it up on their next request.
+    /// Only once the drain is complete (nothing in flight); the graph
+    /// checks that before it publishes.
     pub fn publish(&self, root: Option<Root>) {
+        debug_assert_eq!(self.in_flight(), 0, "publishing into an undrained slot");
         let mut shared = self.slot.lock();
         shared.root = root;
         self.slot.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
 
-impl Drop for Drained<'_> {
+impl Drop for Quiesced {
     fn drop(&mut self) {
         self.slot.resume();
     }
@@ -156,7 +157,7 @@ impl LocalRoot {
     /// current. Returns false (and counts nothing) while the slot is
     /// drained; the caller holds the request back and tries again later.
     pub fn enter(&mut self) -> bool {
-        // Count first, then look at the flag: together with drain(), which
+        // Count first, then look at the flag: together with a drain, which
         // sets the flag first and then reads the counts, a request either
         // sees the drain or is seen by it.
         self.inflight.count.fetch_add(1, Ordering::SeqCst);
@@ -201,6 +202,26 @@ mod tests {
     use super::*;
     use crate::block::error::BlockError;
     use std::sync::atomic::AtomicU64;
+    use std::time::{Duration, Instant};
+
+    /// Quiesces and waits, as the graph's pending change does in steps.
+    fn drain(slot: &Arc<RootSlot>, timeout: Duration) -> Result<Quiesced, DrainTimeout> {
+        let q = slot.quiesce();
+        let start = Instant::now();
+        loop {
+            let pending = q.in_flight();
+            if pending == 0 {
+                return Ok(q);
+            }
+            if start.elapsed() >= timeout {
+                return Err(DrainTimeout {
+                    pending,
+                    waited_ms: start.elapsed().as_millis(),
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
 
     /// A node whose length names it, counting requests that use it while it
     /// is no longer published.
@@ -269,7 +290,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let second = tagged(2);
         {
-            let drained = slot.drain(Duration::from_secs(5)).unwrap();
+            let drained = drain(&slot, Duration::from_secs(5)).unwrap();
             first.retired.store(true, Ordering::SeqCst);
             drained.publish(Some(second.clone() as Root));
         }
@@ -294,17 +315,17 @@ mod tests {
         let slot = Arc::new(RootSlot::new(None));
         let mut local = slot.register();
         assert!(local.enter());
-        let err = slot.drain(Duration::from_millis(30)).err();
+        let err = drain(&slot, Duration::from_millis(30)).err();
         assert_eq!(err.map(|e| e.pending), Some(1));
         local.leave();
-        assert!(slot.drain(Duration::from_millis(30)).is_ok());
+        assert!(drain(&slot, Duration::from_millis(30)).is_ok());
     }
 
     #[test]
     fn requests_are_held_back_while_drained() {
         let slot = Arc::new(RootSlot::new(None));
         let mut local = slot.register();
-        let drained = slot.drain(Duration::from_millis(30)).unwrap();
+        let drained = drain(&slot, Duration::from_millis(30)).unwrap();
         assert!(!local.enter());
         drop(drained);
         assert!(local.enter());

@@ -1,10 +1,16 @@
 //! The block graph, owned by the control plane.
 //!
-//! Every change goes through [`Graph::change`]: the change is made on a
-//! copy (nodes are cheap to copy, their drivers are shared `Arc`s), the copy
-//! is checked — no cycles, permissions compatible on every edge, image locks
-//! obtainable — and only then replaces the graph. A failed check leaves the
-//! live graph as it was, so there is nothing to undo.
+//! Every change goes through [`Graph::begin_change`] and
+//! [`Graph::finish_change`] (or [`Graph::change`], both at once): the
+//! change is made on a copy (nodes are cheap to copy, their drivers are
+//! shared `Arc`s), the copy is checked — no cycles, permissions compatible
+//! on every edge — the affected data-plane users are drained, image locks
+//! are taken, and only then does the copy replace the graph. A failure
+//! leaves the live graph as it was, so there is nothing to undo.
+
+mod change;
+
+pub use change::{PendingChange, Progress, DRAIN_TIMEOUT};
 
 use super::drain::RootSlot;
 use super::driver::{ChildRole, Driver, NodeFlags};
@@ -12,10 +18,6 @@ use super::error::BlockError;
 use super::perm::Perm;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How long a graph change waits for requests in flight.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The longest node name QEMU accepts.
 const MAX_NODE_NAME: usize = 31;
@@ -93,6 +95,9 @@ pub struct Graph {
     /// Throttle groups by object id (`--object throttle-group`), which
     /// throttle nodes join when opened.
     pub throttle_groups: HashMap<String, Arc<crate::block::throttle::shared::SharedGroup>>,
+    /// Changes committed so far: a pending change commits only onto the
+    /// graph it was made from.
+    commits: u64,
 }
 
 /// One parent's claim on a node, for the permission check.
@@ -127,111 +132,6 @@ impl Graph {
     /// The permissions a node holds since the last check.
     pub fn perm_of(&self, name: &str) -> Option<NodePerm> {
         self.perms.get(name).copied()
-    }
-
-    /// Makes a change on a copy, checks it and, if it holds, keeps it. Nodes
-    /// that the change removed are closed afterwards.
-    ///
-    /// The change is a transaction: the copy is checked first (cycles,
-    /// permissions); then every data-plane user the change affects is
-    /// drained (its root changes, or its requests pass through an edge
-    /// that is re-pointed), all of them or none; then the image locks are
-    /// taken (all or none); only then are edges re-pointed and roots
-    /// published, and the users resume. Any failure before that point
-    /// leaves the live graph, its locks and its data plane as they were.
-    pub fn change<T>(
-        &mut self,
-        f: impl FnOnce(&mut Graph) -> Result<T, BlockError>,
-    ) -> Result<T, BlockError> {
-        let mut draft = self.clone();
-        draft.relinks.clear();
-        let out = f(&mut draft)?;
-        let plan = draft.check()?;
-        let slots = self.slots_to_drain(&draft);
-        let mut drained = Vec::with_capacity(slots.len());
-        for (name, slot) in &slots {
-            let guard = slot
-                .drain(DRAIN_TIMEOUT)
-                .map_err(|e| BlockError::invalid(format!("Cannot drain '{name}': {e}")))?;
-            drained.push((guard, slot));
-        }
-        apply_plan(&draft, &plan)?;
-        let relinked = !draft.relinks.is_empty();
-        for (parent, role) in std::mem::take(&mut draft.relinks) {
-            let Some(p) = draft.node(&parent) else {
-                continue;
-            };
-            let new_child = p
-                .children
-                .iter()
-                .find(|e| e.role == role)
-                .and_then(|e| draft.node(&e.child))
-                .map(|c| c.io.clone());
-            match (p.driver.child(role), new_child) {
-                (Some(link), Some(io)) => {
-                    // SAFETY: every user whose requests can reach `parent`
-                    // is drained above (slots_to_drain), and nothing here
-                    // holds a reference from the link.
-                    drop(unsafe { link.replace(io) });
-                }
-                _ => log::error!("node '{parent}' has no '{}' link to re-point", role.name()),
-            }
-        }
-        for (guard, slot) in &drained {
-            if let Some(u) = draft
-                .uses
-                .iter()
-                .find(|u| u.slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, slot)))
-            {
-                guard.publish(draft.node(&u.node).map(|n| n.io.clone()));
-            }
-        }
-        drop(drained);
-        draft.perms = plan;
-        let kept: HashSet<&str> = draft.nodes.iter().map(|n| n.name.as_str()).collect();
-        let removed: Vec<Arc<dyn Driver>> = self
-            .nodes
-            .iter()
-            .filter(|n| !kept.contains(n.name.as_str()))
-            .map(|n| n.driver.clone())
-            .collect();
-        *self = draft;
-        if relinked {
-            self.refresh_lengths();
-        }
-        for driver in removed {
-            if let Err(e) = driver.close() {
-                log::warn!("closing a removed node: {e}");
-            }
-        }
-        Ok(out)
-    }
-
-    /// The data-plane users a change from `self` to `draft` must drain:
-    /// those whose root node changes, and those whose requests reach the
-    /// parent of an edge the draft re-points.
-    fn slots_to_drain(&self, draft: &Graph) -> Vec<(String, Arc<RootSlot>)> {
-        let mut out: Vec<(String, Arc<RootSlot>)> = Vec::new();
-        for u in &draft.uses {
-            let Some(slot) = &u.slot else { continue };
-            let new_root = draft.node(&u.node).map(|n| n.io.clone());
-            let same = match (&new_root, &slot.current()) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            let reaches_relink = !draft.relinks.is_empty() && {
-                let below = self.below(&u.node);
-                draft
-                    .relinks
-                    .iter()
-                    .any(|(p, _)| below.contains(p.as_str()))
-            };
-            if (!same || reaches_relink) && !out.iter().any(|(_, s)| Arc::ptr_eq(s, slot)) {
-                out.push((u.name.clone(), slot.clone()));
-            }
-        }
-        out
     }
 
     /// `name` and every node below it.
@@ -544,27 +444,4 @@ fn combine(node: &Node, claims: &[Claim]) -> Result<NodePerm, BlockError> {
         return Err(BlockError::ReadOnly);
     }
     Ok(NodePerm { perm, shared })
-}
-
-/// Takes the image locks of a checked graph: all or none.
-fn apply_plan(graph: &Graph, plan: &HashMap<String, NodePerm>) -> Result<(), BlockError> {
-    let mut prepared: Vec<&Node> = Vec::new();
-    for node in &graph.nodes {
-        let Some(np) = plan.get(&node.name) else {
-            continue;
-        };
-        if let Err(e) = node.driver.prepare_perm(np.perm, np.shared) {
-            for p in prepared {
-                p.driver.abort_perm();
-            }
-            return Err(e);
-        }
-        prepared.push(node);
-    }
-    for node in prepared {
-        if let Some(np) = plan.get(&node.name) {
-            node.driver.commit_perm(np.perm, np.shared);
-        }
-    }
-    Ok(())
 }

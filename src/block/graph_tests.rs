@@ -449,3 +449,96 @@ fn a_change_waits_for_requests_through_a_re_pointed_edge() {
     assert_eq!(local.root().unwrap().length().unwrap(), 2 << 20);
     local.leave();
 }
+
+#[test]
+fn a_begun_change_commits_only_once_its_drain_is_complete() {
+    // Arrange: a user on 'n1' with a request in flight.
+    let (mut g, slot) = two_nulls_and_raw(false, "n1");
+    let mut local = slot.register();
+    assert!(local.enter());
+
+    // Act
+    let ((), pending) = g.begin_change(|d| d.replace_node("n1", "n2")).unwrap();
+
+    // Assert: nothing committed, new requests held back, the old one goes on.
+    assert_eq!(pending.poll(), super::graph::Progress::Waiting);
+    assert_eq!(g.uses()[0].node, "n1");
+    let mut other = slot.register();
+    assert!(!other.enter());
+    local.leave();
+    assert_eq!(pending.poll(), super::graph::Progress::Ready);
+    g.finish_change(pending).unwrap();
+    assert_eq!(g.uses()[0].node, "n2");
+    assert!(other.enter());
+    assert_eq!(other.root().unwrap().length().unwrap(), 2 << 20);
+    other.leave();
+}
+
+#[test]
+fn a_begun_change_that_times_out_leaves_everything_as_it_was() {
+    // Arrange
+    let (mut g, slot) = two_nulls_and_raw(false, "r");
+    let mut local = slot.register();
+    assert!(local.enter());
+    let ((), pending) = g.begin_change(|d| d.replace_node("n1", "n2")).unwrap();
+    let pending = pending.with_timeout(std::time::Duration::from_millis(20));
+
+    // Act
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let progress = pending.poll();
+    let err = g.finish_change(pending).err().map(|e| e.to_string());
+
+    // Assert: the drain error, the raw node's link and the root unchanged,
+    // and the user runs again.
+    assert_eq!(progress, super::graph::Progress::TimedOut);
+    let err = err.unwrap_or_default();
+    assert!(
+        err.starts_with("Cannot drain 'dev': 1 requests still in flight after"),
+        "{err}"
+    );
+    let link = g
+        .node("r")
+        .unwrap()
+        .driver
+        .child(super::driver::ChildRole::File);
+    assert_eq!(link.unwrap().get().length().unwrap(), 1 << 20);
+    local.leave();
+    assert!(local.enter());
+    assert_eq!(local.root().unwrap().length().unwrap(), 1 << 20);
+    local.leave();
+}
+
+#[test]
+fn an_abandoned_change_resumes_its_users_and_a_stale_one_is_refused() {
+    // Arrange
+    let (mut g, slot) = two_nulls_and_raw(false, "n1");
+    let mut local = slot.register();
+    assert!(local.enter());
+    let ((), first) = g.begin_change(|d| d.replace_node("n1", "n2")).unwrap();
+
+    // Act: give it up; then begin again, and let another change commit
+    // before the second finishes.
+    first.abandon();
+    let resumed = {
+        let mut other = slot.register();
+        let ok = other.enter();
+        if ok {
+            other.leave();
+        }
+        ok
+    };
+    local.leave();
+    let ((), second) = g.begin_change(|d| d.replace_node("n1", "n2")).unwrap();
+    drop(second);
+    let ((), stale) = g.begin_change(|d| d.replace_node("n1", "n2")).unwrap();
+    add(&mut g, json!({"driver": "null-co", "node-name": "n3"})).unwrap();
+    let err = g.finish_change(stale).err();
+
+    // Assert
+    assert!(resumed);
+    assert!(err.is_some());
+    assert_eq!(g.uses()[0].node, "n1");
+    assert!(local.enter());
+    assert_eq!(local.root().unwrap().length().unwrap(), 1 << 20);
+    local.leave();
+}

@@ -57,16 +57,24 @@ fn attach(draft: &mut Graph, node: &str, overlay: &str) -> Result<(), BlockError
     draft.replace_node(node, overlay)
 }
 
+/// The graph change a snapshot command makes (see [`Graph::change`]).
+pub type Change<'a> = Box<dyn FnOnce(&mut Graph) -> Result<(), BlockError> + 'a>;
+
 /// blockdev-snapshot: `overlay`, added before without a backing node,
-/// goes on top of `node`.
-pub fn snapshot(g: &mut Graph, arg: &BlockdevSnapshot) -> Result<(), BlockError> {
+/// goes on top of `node`. Returns the change, for the caller to make.
+pub fn snapshot<'a>(g: &Graph, arg: &'a BlockdevSnapshot) -> Result<Change<'a>, BlockError> {
     let node = source(g, Some(&arg.node), None)?;
-    g.change(|draft| attach(draft, &node, &arg.overlay))
+    Ok(Box::new(move |draft: &mut Graph| {
+        attach(draft, &node, &arg.overlay)
+    }))
 }
 
 /// blockdev-snapshot-sync: creates the overlay file (or opens the one
-/// there), opens it, and puts it on top.
-pub fn snapshot_sync(g: &mut Graph, arg: &BlockdevSnapshotSync) -> Result<(), BlockError> {
+/// there); returns the change that opens it and puts it on top.
+pub fn snapshot_sync(
+    g: &mut Graph,
+    arg: &BlockdevSnapshotSync,
+) -> Result<Change<'static>, BlockError> {
     let node = source(g, arg.device.as_deref(), arg.node_name.as_deref())?;
     let format = arg.format.clone().unwrap_or_else(|| "qcow2".to_string());
     if format != "qcow2" {
@@ -102,8 +110,8 @@ pub fn snapshot_sync(g: &mut Graph, arg: &BlockdevSnapshotSync) -> Result<(), Bl
     opts["node-name"] = overlay.clone().into();
     let opts: BlockdevOptions = crate::qapi::rt::read(&opts, crate::qapi::rt::Syntax::Json)
         .map_err(|e| BlockError::invalid(e.to_string()))?;
-    g.change(|draft| {
+    Ok(Box::new(move |draft: &mut Graph| {
         add_node(draft, &opts)?;
         attach(draft, &node, &overlay)
-    })
+    }))
 }

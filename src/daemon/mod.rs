@@ -3,10 +3,14 @@
 //! thread. Startup turns the command line into the same operations the
 //! QMP commands perform.
 
+pub mod agenda;
+mod control_loop;
 pub mod process;
+#[cfg(test)]
+mod tests;
 
 use crate::block::error::{strerror, BlockError};
-use crate::block::graph::Graph;
+use crate::block::graph::{Graph, PendingChange, DRAIN_TIMEOUT};
 use crate::block::open::add_node;
 use crate::cli::{self, CliItem, Invocation, OptionValue};
 use crate::error::QmpError;
@@ -14,16 +18,18 @@ use crate::export::manager::Exports;
 use crate::export::vhost_user::polling::{Adaptive, PollPolicy, DEFAULT_POLL_MAX_NS};
 use crate::iothread::IoThreads;
 use crate::qapi::{self, rt, BlockdevOptions};
-use crate::qmp::commands::{version_info, Cx};
+use crate::qmp::commands::version_info;
 use crate::qmp::events::EventHub;
 use crate::qmp::server;
-use crate::qmp::session::{Body, Request};
+use crate::qmp::session::Request;
 use crate::qom::{self, Chardev};
+use agenda::Agenda;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What reaches the control thread.
 pub enum ControlMsg {
@@ -88,6 +94,15 @@ pub struct Daemon {
     tx: Sender<ControlMsg>,
     rx: Receiver<ControlMsg>,
     next_session: Arc<AtomicU64>,
+    /// The graph change the running command began and left waiting for
+    /// its drain (see [`Daemon::change_graph`]).
+    deferred: Option<PendingChange>,
+    /// The command whose change waits for its drain, with its reply.
+    waiting: Option<control_loop::Waiting>,
+    /// Commands that arrived while a change waited and may not run yet.
+    agenda: Agenda<Box<Request>>,
+    /// How long a command's change may wait for its drain.
+    drain_timeout: Duration,
 }
 
 impl Default for Daemon {
@@ -111,6 +126,10 @@ impl Daemon {
             tx,
             rx,
             next_session: Arc::new(AtomicU64::new(1)),
+            deferred: None,
+            waiting: None,
+            agenda: Agenda::default(),
+            drain_timeout: DRAIN_TIMEOUT,
         }
     }
 
@@ -311,42 +330,9 @@ impl Daemon {
     }
 
     pub fn delete_node(&mut self, name: &str) -> Result<(), QmpError> {
-        self.graph.change(|g| g.remove_node(name))?;
+        self.change_graph(|g| g.remove_node(name))?;
         log::info!("node '{name}' deleted");
         Ok(())
-    }
-
-    /// Runs commands until asked to quit.
-    pub fn run(&mut self) {
-        while !self.quit {
-            let Ok(msg) = self.rx.recv() else { break };
-            match msg {
-                ControlMsg::Execute(req) => self.execute(&req),
-                ControlMsg::SessionClosed(id) => {
-                    self.events.remove(id);
-                    log::info!("monitor session {id} closed");
-                }
-                ControlMsg::Signal(sig) => self.request_quit(&format!("signal {sig}")),
-            }
-        }
-    }
-
-    fn execute(&mut self, req: &Request) {
-        let result = match &req.body {
-            Body::Command { name, args } => {
-                log::debug!("session {}: {name}", req.session);
-                let mut cx = Cx {
-                    daemon: self,
-                    request: req,
-                };
-                qapi::dispatch(&mut cx, name, args)
-                    .unwrap_or_else(|| Err(QmpError::command_not_found(name)))
-            }
-            Body::Refused(err) => Err(err.clone()),
-        };
-        req.reply(result);
-        // The session may have gone; it no longer waits then.
-        let _ = req.done.send(());
     }
 
     /// Stops serving and releases everything: monitor sockets are removed,

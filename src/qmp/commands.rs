@@ -117,18 +117,19 @@ impl qapi::Commands for Cx<'_> {
 
     fn blockdev_add(&mut self, arg: BlockdevOptions) -> Result<(), QmpError> {
         self.daemon
-            .graph
-            .change(|g| add_node(g, &arg).map(|_| ()))?;
+            .change_graph(|g| add_node(g, &arg).map(|_| ()))?;
         Ok(())
     }
 
     fn blockdev_snapshot_sync(&mut self, arg: qapi::BlockdevSnapshotSync) -> Result<(), QmpError> {
-        crate::block::snapshot::snapshot_sync(&mut self.daemon.graph, &arg)?;
+        let change = crate::block::snapshot::snapshot_sync(&mut self.daemon.graph, &arg)?;
+        self.daemon.change_graph(change)?;
         Ok(())
     }
 
     fn blockdev_snapshot(&mut self, arg: qapi::BlockdevSnapshot) -> Result<(), QmpError> {
-        crate::block::snapshot::snapshot(&mut self.daemon.graph, &arg)?;
+        let change = crate::block::snapshot::snapshot(&self.daemon.graph, &arg)?;
+        self.daemon.change_graph(change)?;
         Ok(())
     }
 
