@@ -163,3 +163,90 @@ fn group_objects_answer_as_qemu_does() {
     );
     assert_return(&qmp.execute("object-del", json!({"id": "g1"})));
 }
+
+/// Two null-co exports, e0 and e1, with no throttle node.
+fn serve_two(dir: &Path) -> (Daemon, Blk, Blk) {
+    let mut b = Daemon::vubd(&[]);
+    for i in 0..2 {
+        b = b
+            .arg("--blockdev")
+            .arg(&format!("driver=null-co,node-name=n{i},size=1073741824"))
+            .arg("--export")
+            .arg(&format!(
+                "type=vhost-user-blk,id=e{i},node-name=n{i},writable=on,addr.type=unix,addr.path={}",
+                path(&dir.join(format!("e{i}.sock")))
+            ));
+    }
+    let d = b.monitor().start();
+    let b0 = Blk::connect(&dir.join("e0.sock"));
+    let b1 = Blk::connect(&dir.join("e1.sock"));
+    (d, b0, b1)
+}
+
+fn io_throttle(id: &str, iops: i64, bps: i64, group: Option<&str>) -> serde_json::Value {
+    let mut a = json!({"id": id, "bps": bps, "bps_rd": 0, "bps_wr": 0,
+                       "iops": iops, "iops_rd": 0, "iops_wr": 0});
+    if let Some(g) = group {
+        a["group"] = json!(g);
+    }
+    a
+}
+
+#[test]
+fn block_set_io_throttle_limits_a_device_and_groups_share() {
+    let dir = TempDir::new("throttle-device");
+    let (d, mut b0, mut b1) = serve_two(dir.path());
+    let mut qmp = d.qmp();
+    assert_return(&qmp.execute("block_set_io_throttle", io_throttle("e0", 200, 0, None)));
+    let mut q0 = b0.take_queues();
+    let r = rate(&mut q0[0], 2.0);
+    assert!((180.0..=235.0).contains(&r), "iops=200: {r:.0}");
+    let block = assert_return(&qmp.execute("query-block", json!({}))).clone();
+    let e0 = &block.as_array().unwrap()[0]["inserted"];
+    assert_eq!(e0["iops"], 200);
+    assert_eq!(e0["group"], "e0");
+    // Bytes per second: 800 KiB/s of 4 KiB reads is 200 per second.
+    assert_return(&qmp.execute("block_set_io_throttle", io_throttle("e0", 0, 819200, None)));
+    let r = rate(&mut q0[0], 2.0);
+    assert!((180.0..=235.0).contains(&r), "bps=800k: {r:.0}");
+    // Both devices in one group of 300 iops: each about half, the sum 300.
+    assert_return(&qmp.execute("block_set_io_throttle", io_throttle("e0", 300, 0, Some("pair"))));
+    assert_return(&qmp.execute("block_set_io_throttle", io_throttle("e1", 300, 0, Some("pair"))));
+    let mut q1 = b1.take_queues();
+    let (r0, r1) = std::thread::scope(|s| {
+        let a = s.spawn(|| rate(&mut q0[0], 2.0));
+        let b = s.spawn(|| rate(&mut q1[0], 2.0));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!((270.0..=350.0).contains(&(r0 + r1)), "group of 300: {r0:.0} + {r1:.0}");
+    assert!(r0 > 110.0 && r1 > 110.0, "shared fairly: {r0:.0} and {r1:.0}");
+    // Every limit 0: out of the group, full speed.
+    assert_return(&qmp.execute("block_set_io_throttle", io_throttle("e0", 0, 0, None)));
+    let r = rate(&mut q0[0], 0.5);
+    assert!(r > 2000.0, "unlimited again: {r:.0}");
+    b0.put_queues(q0);
+    b1.put_queues(q1);
+    let mut both = json!({"device": "e0", "id": "e0"});
+    for (k, v) in io_throttle("e0", 1, 0, None).as_object().unwrap() {
+        if k != "id" {
+            both[k] = v.clone();
+        }
+    }
+    assert_error(
+        &qmp.execute("block_set_io_throttle", both),
+        "GenericError",
+        "Need exactly one of 'device' and 'id'",
+    );
+    assert_error(
+        &qmp.execute("block_set_io_throttle", io_throttle("nope", 1, 0, None)),
+        "DeviceNotFound",
+        "Device 'nope' not found",
+    );
+    let mut bad = io_throttle("e0", 10, 0, None);
+    bad["iops_max"] = json!(5);
+    assert_error(
+        &qmp.execute("block_set_io_throttle", bad),
+        "GenericError",
+        "bps_max/iops_max cannot be lower than bps/iops",
+    );
+}

@@ -27,6 +27,8 @@ pub struct Export {
 #[derive(Default)]
 pub struct Exports {
     list: Vec<Export>,
+    /// Throttle groups made by block_set_io_throttle.
+    implicit_groups: super::throttle::ImplicitGroups,
 }
 
 impl Export {
@@ -36,6 +38,11 @@ impl Export {
 }
 
 impl Exports {
+    /// The exports and the implicit throttle groups, borrowed apart.
+    pub(super) fn parts(&mut self) -> (&[Export], &mut super::throttle::ImplicitGroups) {
+        (&self.list, &mut self.implicit_groups)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Export> {
         self.list.iter()
     }

@@ -3,5 +3,6 @@
 
 pub mod cache_hint;
 pub mod manager;
+pub mod throttle;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -166,12 +166,25 @@ impl qapi::Commands for Cx<'_> {
                 r#type: "unknown".into(),
                 removable: false,
                 locked: false,
-                inserted: g.node(&u.node).map(|n| query::device_info(g, n)),
+                inserted: g.node(&u.node).map(|n| {
+                    let mut info = query::device_info(g, n);
+                    if let Some((cfg, group)) =
+                        crate::export::throttle::device_limits(&self.daemon.exports, &u.name)
+                    {
+                        crate::block::throttle::limits::describe(&mut info, &cfg, &group);
+                    }
+                    info
+                }),
                 tray_open: None,
                 io_status: None,
                 dirty_bitmaps: None,
             })
             .collect())
+    }
+
+    fn block_set_io_throttle(&mut self, arg: qapi::BlockIOThrottle) -> Result<(), QmpError> {
+        let d = &mut *self.daemon;
+        crate::export::throttle::set_io_throttle(&mut d.exports, &mut d.graph, &arg)
     }
 
     fn query_blockstats(&mut self, arg: QueryBlockstatsArg) -> Result<Vec<BlockStats>, QmpError> {

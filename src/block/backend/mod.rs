@@ -15,6 +15,8 @@
 //! * **writethrough**: while the guest has not enabled its write cache,
 //!   a write completes only after the flush that follows it;
 //! * **statistics** for query-blockstats, counted per queue;
+//! * **I/O limits** (`block_set_io_throttle`): a membership in a throttle
+//!   group, checked per request with one relaxed load while unlimited;
 //! * the **fate of a failed request**, decided in one place
 //!   ([`ErrorAction`]); today the error is reported.
 //!
@@ -44,8 +46,9 @@ pub use queue::BackendQueue;
 use crate::block::drain::RootSlot;
 use crate::block::io::IoKind;
 use crate::block::stats::{QueueStats, StatsEpoch};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use crate::block::throttle::shared::Membership;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// What an export's queues share: the medium, the cache mode, the
 /// statistics.
@@ -58,6 +61,10 @@ pub struct Backend {
     /// One block of counters per queue.
     stats: Vec<QueueStats>,
     epoch: StatsEpoch,
+    /// The throttle group the device is in, if any; queues pick up a
+    /// change when `throttle_gen` moves.
+    throttle: Mutex<Option<Arc<Membership>>>,
+    throttle_gen: AtomicU64,
 }
 
 impl Backend {
@@ -69,6 +76,8 @@ impl Backend {
             writeback: AtomicBool::new(writeback),
             stats: (0..queues).map(|_| QueueStats::default()).collect(),
             epoch: StatsEpoch::default(),
+            throttle: Mutex::new(None),
+            throttle_gen: AtomicU64::new(0),
         })
     }
 
@@ -84,6 +93,22 @@ impl Backend {
     /// The guest switched its write cache on or off.
     pub fn set_writeback(&self, on: bool) {
         self.writeback.store(on, Ordering::Relaxed);
+    }
+
+    /// The device's throttle group membership.
+    pub fn throttle(&self) -> Option<Arc<Membership>> {
+        self.throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts the device in a throttle group (or takes it out); queues
+    /// follow at their next request. Requests already held keep the
+    /// membership they waited under.
+    pub fn set_throttle(&self, m: Option<Arc<Membership>>) {
+        *self.throttle.lock().unwrap_or_else(PoisonError::into_inner) = m;
+        self.throttle_gen.fetch_add(1, Ordering::Release);
     }
 
     /// The counters of all queues, added up (query-blockstats).

@@ -9,7 +9,10 @@ use super::{Backend, Done, Request, Status};
 use crate::block::drain::LocalRoot;
 use crate::block::io::{IoKind, IoRequest};
 use crate::block::stats::Acct;
+use crate::block::throttle::shared::{wait_turn, Membership, Waiter};
+use crate::block::throttle::Direction;
 use crate::io::IoContext;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Tag bits the I/O context keeps for itself.
@@ -72,6 +75,9 @@ pub struct BackendQueue<K> {
     /// Requests finished but not yet counted; room for every slot is
     /// reserved up front.
     finished: Vec<Finished>,
+    /// The backend's throttle membership as of `gate_gen`.
+    gate: Option<Arc<Membership>>,
+    gate_gen: u64,
 }
 
 impl<K> BackendQueue<K> {
@@ -85,6 +91,8 @@ impl<K> BackendQueue<K> {
             slab: (0..slots).map(|_| Entry::new()).collect(),
             clock: None,
             finished: Vec::with_capacity(slots),
+            gate: None,
+            gate_gen: 0,
         }
     }
 
@@ -204,6 +212,24 @@ impl<K> BackendQueue<K> {
             }
             kind => IoRequest::without_data(kind, req.offset, req.len, req.tag),
         };
+        let gen = self.backend.throttle_gen.load(Ordering::Acquire);
+        if gen != self.gate_gen {
+            self.gate_gen = gen;
+            self.gate = self.backend.throttle();
+        }
+        if let Some(gate) = self.gate.as_ref().filter(|g| g.group.enabled()) {
+            let dir = match req.kind {
+                IoKind::Read => Some(Direction::Read),
+                IoKind::Flush => None,
+                _ => Some(Direction::Write),
+            };
+            if let Some(dir) = dir {
+                if let Some(waiter) = gate.group.arrive(gate.member, dir, req.len) {
+                    ctx.spawn(req.tag, held(gate.clone(), waiter, root.clone(), io, dir));
+                    return None;
+                }
+            }
+        }
         root.submit(ctx, &io);
         None
     }
@@ -321,4 +347,17 @@ impl<K> BackendQueue<K> {
             &mut self.finished,
         );
     }
+}
+
+/// A request the device's I/O limits hold back: waits for its turn, then
+/// goes to the root it was submitted to.
+async fn held(
+    gate: Arc<Membership>,
+    waiter: Arc<Waiter>,
+    root: crate::block::drain::Root,
+    io: IoRequest,
+    dir: Direction,
+) -> i32 {
+    wait_turn(&gate.group, gate.member, waiter, dir, io.len()).await;
+    crate::io::task::submit(&*root, &io).await
 }

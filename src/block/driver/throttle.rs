@@ -10,7 +10,7 @@ use crate::block::drain::Root;
 use crate::block::edge::Child;
 use crate::block::error::BlockError;
 use crate::block::io::{BlockIo, IoKind, IoRequest};
-use crate::block::throttle::shared::{SharedGroup, Signal, Waiter};
+use crate::block::throttle::shared::{wait_turn, SharedGroup, Waiter};
 use crate::block::throttle::{Direction, MemberId};
 use crate::io::{task, IoContext};
 use std::sync::{Arc, Weak};
@@ -42,21 +42,7 @@ impl Drop for ThrottleIo {
 
 /// Waits for the group's word, then runs the request.
 async fn held(io: Arc<ThrottleIo>, waiter: Arc<Waiter>, req: IoRequest, dir: Direction) -> i32 {
-    loop {
-        match waiter.next().await {
-            Signal::Timer(at) => {
-                let now = io.group.now();
-                if at > now {
-                    let _ = task::sleep(at - now).await;
-                }
-                io.group.timer_fired(dir);
-            }
-            Signal::Released => {
-                io.group.start_waiting(io.member, dir, req.len());
-                break;
-            }
-        }
-    }
+    wait_turn(&io.group, io.member, waiter, dir, req.len()).await;
     task::submit(io.child.get(), &req).await
 }
 

@@ -164,10 +164,11 @@ impl Group {
         if self.timer_armed[i] || self.releasing[i] {
             return Step::Idle;
         }
+        // The turn moves on only when a request starts (start_waiting):
+        // when the timer fires, the member it was armed for is still next.
         let Some(next) = self.next_waiting(dir, self.turn[i]) else {
             return Step::Idle;
         };
-        self.turn[i] = next;
         match self.state.wait(dir, now) {
             None => {
                 self.releasing[i] = true;

@@ -2,7 +2,7 @@
 //! `x-` properties) and a [`Config`], with QEMU's checks and messages.
 
 use super::config::{Bucket, Config, ConfigError, Limit};
-use crate::qapi::{ThrottleGroupProperties, ThrottleLimits};
+use crate::qapi::{BlockDeviceInfo, BlockIOThrottle, ThrottleGroupProperties, ThrottleLimits};
 
 /// One bucket's three QAPI members: rate, burst rate, burst length.
 type Members = (Option<i64>, Option<i64>, Option<i64>);
@@ -138,6 +138,59 @@ pub fn from_properties(p: &ThrottleGroupProperties) -> Result<Config, String> {
             Ok(cfg)
         }
     }
+}
+
+/// The limits `block_set_io_throttle` gives (absent burst members: no
+/// burst), checked.
+pub fn from_io_throttle(a: &BlockIOThrottle) -> Result<Config, String> {
+    let l = ThrottleLimits {
+        bps_total: Some(a.bps),
+        bps_read: Some(a.bps_rd),
+        bps_write: Some(a.bps_wr),
+        iops_total: Some(a.iops),
+        iops_read: Some(a.iops_rd),
+        iops_write: Some(a.iops_wr),
+        bps_total_max: a.bps_max,
+        bps_read_max: a.bps_rd_max,
+        bps_write_max: a.bps_wr_max,
+        iops_total_max: a.iops_max,
+        iops_read_max: a.iops_rd_max,
+        iops_write_max: a.iops_wr_max,
+        bps_total_max_length: a.bps_max_length,
+        bps_read_max_length: a.bps_rd_max_length,
+        bps_write_max_length: a.bps_wr_max_length,
+        iops_total_max_length: a.iops_max_length,
+        iops_read_max_length: a.iops_rd_max_length,
+        iops_write_max_length: a.iops_wr_max_length,
+        iops_size: a.iops_size,
+    };
+    apply(&Config::default(), &l)
+}
+
+/// Shows a device's limits and group in its BlockDeviceInfo.
+pub fn describe(info: &mut BlockDeviceInfo, cfg: &Config, group: &str) {
+    let l = to_limits(cfg);
+    let v = |x: Option<i64>| x.unwrap_or(0);
+    info.bps = v(l.bps_total);
+    info.bps_rd = v(l.bps_read);
+    info.bps_wr = v(l.bps_write);
+    info.iops = v(l.iops_total);
+    info.iops_rd = v(l.iops_read);
+    info.iops_wr = v(l.iops_write);
+    info.bps_max = l.bps_total_max;
+    info.bps_rd_max = l.bps_read_max;
+    info.bps_wr_max = l.bps_write_max;
+    info.iops_max = l.iops_total_max;
+    info.iops_rd_max = l.iops_read_max;
+    info.iops_wr_max = l.iops_write_max;
+    info.bps_max_length = l.bps_total_max_length;
+    info.bps_rd_max_length = l.bps_read_max_length;
+    info.bps_wr_max_length = l.bps_write_max_length;
+    info.iops_max_length = l.iops_total_max_length;
+    info.iops_rd_max_length = l.iops_read_max_length;
+    info.iops_wr_max_length = l.iops_write_max_length;
+    info.iops_size = l.iops_size;
+    info.group = Some(group.to_string());
 }
 
 #[cfg(test)]

@@ -239,3 +239,55 @@ fn apply(inner: &mut Inner, dir: Direction, step: Step) {
         }
     }
 }
+
+/// Waits, in a task, until the group lets a held-back request of member
+/// `m` start (taking the timer duty when given it).
+pub async fn wait_turn(
+    group: &SharedGroup,
+    m: MemberId,
+    waiter: Arc<Waiter>,
+    dir: Direction,
+    bytes: u64,
+) {
+    loop {
+        match waiter.next().await {
+            Signal::Timer(at) => {
+                let now = group.now();
+                if at > now {
+                    let _ = crate::io::task::sleep(at - now).await;
+                }
+                group.timer_fired(dir);
+            }
+            Signal::Released => {
+                group.start_waiting(m, dir, bytes);
+                return;
+            }
+        }
+    }
+}
+
+/// A member's place in a group, left when dropped: what a BlockBackend
+/// holds while `block_set_io_throttle` limits it.
+pub struct Membership {
+    /// The group's name (an object id, or the one a command gave).
+    pub name: String,
+    pub group: Arc<SharedGroup>,
+    pub member: MemberId,
+}
+
+impl Membership {
+    pub fn join(name: &str, group: Arc<SharedGroup>) -> Arc<Self> {
+        let member = group.join();
+        Arc::new(Membership {
+            name: name.to_string(),
+            group,
+            member,
+        })
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.group.leave(self.member);
+    }
+}
