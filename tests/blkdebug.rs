@@ -1,7 +1,9 @@
-//! blkdebug through a real export: errors injected by rules (options and
-//! a rules file) reach a libblkio client as I/O errors, only for the
-//! requests the rules name, and the node shows in queries as QEMU shows
-//! it; option errors answer as qemu-storage-daemon does.
+//! The debugging filters through a real export. blkdebug: errors
+//! injected by rules (options and a rules file) reach a libblkio client as
+//! I/O errors, only for the requests the rules name, and the node shows in
+//! queries as QEMU shows it; option errors answer as qemu-storage-daemon
+//! does. blkverify: reads compared with a raw copy catch a corrupted one,
+//! writes reach both.
 
 mod common;
 
@@ -133,4 +135,56 @@ fn queries_and_option_errors_match_qemu() {
         "blockdev-add",
         json!({"driver": "blkdebug", "node-name": "x", "align": 4096, "image": "dbg"}),
     ));
+}
+
+#[test]
+fn blkverify_catches_a_corrupted_copy_and_writes_both() {
+    let dir = TempDir::new("blkverify");
+    let test = dir.path().join("test.img");
+    let raw = dir.path().join("raw.img");
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&test, &data).unwrap();
+    std::fs::write(&raw, &data).unwrap();
+    let sock = dir.path().join("v.sock");
+    let node = json!({
+        "driver": "blkverify", "node-name": "v",
+        "test": {"driver": "raw", "file": {"driver": "file", "filename": path(&test)}},
+        "raw": {"driver": "file", "filename": path(&raw)},
+    });
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&node.to_string())
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=v,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let mut blk = Blk::connect(&sock);
+    assert_eq!(blk.read(0, 65536), data[..65536].to_vec());
+    // One byte of the raw copy changes behind vubd's back.
+    let mut corrupted = data.clone();
+    corrupted[70000] ^= 0xff;
+    std::fs::write(&raw, &corrupted).unwrap();
+    assert!(blk.try_read(65536, 8192).is_err());
+    assert!(blk.try_read(0, 65536).is_ok());
+    // A write reaches both images.
+    assert_eq!(blk.write(4096, &[9u8; 4096]), 0);
+    assert_eq!(blk.flush(), 0);
+    assert_eq!(std::fs::read(&test).unwrap()[4096..8192], [9u8; 4096]);
+    assert_eq!(std::fs::read(&raw).unwrap()[4096..8192], [9u8; 4096]);
+    let mut qmp = d.qmp();
+    let nodes = assert_return(&qmp.execute("query-named-block-nodes", json!({}))).clone();
+    let v = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "v")
+        .unwrap();
+    assert_eq!(v["drv"], "blkverify");
+    assert_eq!(
+        v["file"],
+        format!("blkverify:{}:{}", path(&raw), path(&test))
+    );
 }

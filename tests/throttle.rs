@@ -210,16 +210,28 @@ fn block_set_io_throttle_limits_a_device_and_groups_share() {
     let r = rate(&mut q0[0], 2.0);
     assert!((180.0..=235.0).contains(&r), "bps=800k: {r:.0}");
     // Both devices in one group of 300 iops: each about half, the sum 300.
-    assert_return(&qmp.execute("block_set_io_throttle", io_throttle("e0", 300, 0, Some("pair"))));
-    assert_return(&qmp.execute("block_set_io_throttle", io_throttle("e1", 300, 0, Some("pair"))));
+    assert_return(&qmp.execute(
+        "block_set_io_throttle",
+        io_throttle("e0", 300, 0, Some("pair")),
+    ));
+    assert_return(&qmp.execute(
+        "block_set_io_throttle",
+        io_throttle("e1", 300, 0, Some("pair")),
+    ));
     let mut q1 = b1.take_queues();
     let (r0, r1) = std::thread::scope(|s| {
         let a = s.spawn(|| rate(&mut q0[0], 2.0));
         let b = s.spawn(|| rate(&mut q1[0], 2.0));
         (a.join().unwrap(), b.join().unwrap())
     });
-    assert!((270.0..=350.0).contains(&(r0 + r1)), "group of 300: {r0:.0} + {r1:.0}");
-    assert!(r0 > 110.0 && r1 > 110.0, "shared fairly: {r0:.0} and {r1:.0}");
+    assert!(
+        (270.0..=350.0).contains(&(r0 + r1)),
+        "group of 300: {r0:.0} + {r1:.0}"
+    );
+    assert!(
+        r0 > 110.0 && r1 > 110.0,
+        "shared fairly: {r0:.0} and {r1:.0}"
+    );
     // Every limit 0: out of the group, full speed.
     assert_return(&qmp.execute("block_set_io_throttle", io_throttle("e0", 0, 0, None)));
     let r = rate(&mut q0[0], 0.5);

@@ -2,6 +2,7 @@
 //! draft graph (see [`Graph::change`]).
 
 use super::driver::blkdebug::BlkdebugDriver;
+use super::driver::blkverify::BlkverifyDriver;
 use super::driver::file::FileDriver;
 use super::driver::null::NullDriver;
 use super::driver::qcow2;
@@ -199,6 +200,35 @@ fn open_node(
             children.push(Edge {
                 role: ChildRole::File,
                 child,
+            });
+            Arc::new(driver)
+        }
+        BlockdevOptionsBranch::Blkverify(v) => {
+            let test = open_child(graph, &v.test, &flags, depth)?;
+            let raw = open_child(graph, &v.raw, &flags, depth)?;
+            let node = |n: &String| {
+                graph
+                    .node(n)
+                    .map(|c| (c.io.clone(), c.driver.filename()))
+                    .ok_or_else(|| BlockError::NoSuchNode(n.clone()))
+            };
+            let (test_io, test_name) = node(&test)?;
+            let (raw_io, raw_name) = node(&raw)?;
+            let driver = BlkverifyDriver::open(
+                &name,
+                test_io,
+                &test_name,
+                raw_io,
+                &raw_name,
+                flags.read_only,
+            );
+            children.push(Edge {
+                role: ChildRole::File,
+                child: raw,
+            });
+            children.push(Edge {
+                role: ChildRole::Test,
+                child: test,
             });
             Arc::new(driver)
         }

@@ -3,6 +3,7 @@
 //! face ([`BlockIo`](super::io::BlockIo)) shared with the I/O threads.
 
 pub mod blkdebug;
+pub mod blkverify;
 pub mod file;
 #[cfg(test)]
 mod file_tests;
@@ -33,6 +34,8 @@ pub enum DriverKind {
 pub enum ChildRole {
     File,
     Backing,
+    /// blkverify's node under test (its `file` is the raw image).
+    Test,
 }
 
 impl ChildRole {
@@ -40,6 +43,7 @@ impl ChildRole {
         match self {
             ChildRole::File => "file",
             ChildRole::Backing => "backing",
+            ChildRole::Test => "test",
         }
     }
 }
@@ -166,6 +170,7 @@ pub fn is_built(driver: BlockdevDriver) -> bool {
     matches!(
         driver,
         BlockdevDriver::Blkdebug
+            | BlockdevDriver::Blkverify
             | BlockdevDriver::File
             | BlockdevDriver::HostDevice
             | BlockdevDriver::Raw

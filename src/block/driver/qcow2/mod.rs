@@ -348,6 +348,7 @@ impl Driver for Qcow2Driver {
         match role {
             ChildRole::File => Some(&self.io.file),
             ChildRole::Backing => Some(&self.io.backing),
+            ChildRole::Test => None,
         }
     }
 
@@ -364,7 +365,9 @@ impl Driver for Qcow2Driver {
             // A backing node is only read, and others (a commit job) may
             // write it.
             ChildRole::Backing => (Perm::CONSISTENT_READ, Perm::ALL),
-            ChildRole::File => super::default_child_perm(self.kind(), self.read_only, perm, shared),
+            ChildRole::File | ChildRole::Test => {
+                super::default_child_perm(self.kind(), self.read_only, perm, shared)
+            }
         }
     }
 
