@@ -22,3 +22,4 @@ pub mod snapshot;
 pub mod stats;
 pub mod sync_io;
 pub mod throttle;
+pub mod timed_stats;

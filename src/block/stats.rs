@@ -1,8 +1,10 @@
 //! I/O accounting of a BlockBackend (what query-blockstats shows for a
 //! device). Each queue counts into its own block of counters, on its own
 //! cache lines, written only by the thread that owns the queue; a query
-//! adds the blocks up.
+//! adds the blocks up. Figures over intervals come from
+//! [`super::timed_stats`].
 
+use super::timed_stats::{self, Interval, Kind};
 use crate::qapi::BlockDeviceStats;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -31,6 +33,27 @@ fn add(c: &AtomicU64, v: u64) {
     c.fetch_add(v, Ordering::Relaxed);
 }
 
+/// How a device counts (the export's accounting options).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accounting {
+    /// Whether invalid requests count for the idle time.
+    pub account_invalid: bool,
+    /// Whether failed requests count for latencies and the idle time.
+    pub account_failed: bool,
+    /// Lengths in seconds of the intervals timed statistics cover.
+    pub intervals: Vec<u64>,
+}
+
+impl Default for Accounting {
+    fn default() -> Self {
+        Accounting {
+            account_invalid: true,
+            account_failed: true,
+            intervals: Vec::new(),
+        }
+    }
+}
+
 /// The counters of one queue.
 #[repr(align(128))]
 #[derive(Default)]
@@ -43,6 +66,9 @@ pub struct QueueStats {
     /// Nanoseconds since `epoch` of the last completed request, plus one
     /// (zero: none yet).
     last_done: AtomicU64,
+    intervals: Vec<Interval>,
+    skip_failed: bool,
+    skip_invalid: bool,
 }
 
 /// When the counting started, for idle times.
@@ -61,6 +87,15 @@ impl StatsEpoch {
 }
 
 impl QueueStats {
+    pub fn new(acct: &Accounting) -> Self {
+        QueueStats {
+            intervals: acct.intervals.iter().map(|s| Interval::new(*s)).collect(),
+            skip_failed: !acct.account_failed,
+            skip_invalid: !acct.account_invalid,
+            ..QueueStats::default()
+        }
+    }
+
     fn counters(&self, kind: Acct) -> &Counters {
         match kind {
             Acct::Read => &self.read,
@@ -82,18 +117,32 @@ impl QueueStats {
             }
         } else {
             add(&c.failed, 1);
+            if self.skip_failed {
+                return;
+            }
         }
         add(&c.time_ns, ns);
         self.last_done
             .store(now_ns.saturating_add(1), Ordering::Relaxed);
+        let timed = match kind {
+            Acct::Read => Kind::Read,
+            Acct::Write => Kind::Write,
+            Acct::Flush => Kind::Flush,
+            Acct::Unmap => return,
+        };
+        for i in &self.intervals {
+            i.account(timed, ns, now_ns);
+        }
     }
 
     /// A request was refused before reaching the node.
     pub fn invalid(&self, kind: Acct, now_ns: u64) {
         let c = self.counters(kind);
         add(&c.invalid, 1);
-        self.last_done
-            .store(now_ns.saturating_add(1), Ordering::Relaxed);
+        if !self.skip_invalid {
+            self.last_done
+                .store(now_ns.saturating_add(1), Ordering::Relaxed);
+        }
     }
 }
 
@@ -103,14 +152,27 @@ fn i(v: &AtomicU64) -> i64 {
 
 /// The sum of a backend's queues, as QMP shows it.
 pub fn sum<'a>(
-    queues: impl IntoIterator<Item = &'a QueueStats>,
+    queues: impl IntoIterator<Item = &'a QueueStats> + Clone,
     epoch: &StatsEpoch,
 ) -> BlockDeviceStats {
+    let first = queues.clone().into_iter().next();
     let mut s = BlockDeviceStats {
-        account_invalid: true,
-        account_failed: true,
+        account_invalid: first.is_none_or(|q| !q.skip_invalid),
+        account_failed: first.is_none_or(|q| !q.skip_failed),
         ..BlockDeviceStats::default()
     };
+    let now = epoch.now_ns();
+    let intervals = first.map_or(0, |q| q.intervals.len());
+    s.timed_stats = (0..intervals)
+        .filter_map(|j| {
+            let windows: Vec<&Interval> = queues
+                .clone()
+                .into_iter()
+                .filter_map(|q| q.intervals.get(j))
+                .collect();
+            timed_stats::report(&windows, now)
+        })
+        .collect();
     let mut last = 0u64;
     for q in queues {
         s.rd_bytes += i(&q.read.bytes);

@@ -6580,6 +6580,12 @@ pub struct BlockExportOptionsVhostUserBlk {
     pub queue_size: Option<u16>,
     /// microseconds to busy-poll before waiting for a notification, always the same, 0 to never poll; applies to the threads of an export without iothreads (default: adaptive polling, as an iothread with its default poll-max-ns); vubd extension
     pub poll_us: Option<u32>,
+    /// whether invalid requests count for the device's idle time (default: true); vubd extension, as -drive's stats-account-invalid
+    pub account_invalid: Option<bool>,
+    /// whether failed requests count for latencies and the idle time (default: true); vubd extension, as -drive's stats-account-failed
+    pub account_failed: Option<bool>,
+    /// lengths in seconds of the intervals query-blockstats reports timed statistics over (default: none); vubd extension, as -drive's stats-intervals
+    pub stats_intervals: Option<Vec<u32>>,
 }
 
 impl BlockExportOptionsVhostUserBlk {
@@ -6591,7 +6597,10 @@ impl BlockExportOptionsVhostUserBlk {
         let serial = obj.opt("serial", <String as rt::FromQapi>::from_qapi)?;
         let queue_size = obj.opt("queue-size", <u16 as rt::FromQapi>::from_qapi)?;
         let poll_us = obj.opt("poll-us", <u32 as rt::FromQapi>::from_qapi)?;
-        Ok(Self { addr, logical_block_size, num_queues, serial, queue_size, poll_us })
+        let account_invalid = obj.opt("account-invalid", <bool as rt::FromQapi>::from_qapi)?;
+        let account_failed = obj.opt("account-failed", <bool as rt::FromQapi>::from_qapi)?;
+        let stats_intervals = obj.opt("stats-intervals", |v, at| rt::list(v, at, <u32 as rt::FromQapi>::from_qapi))?;
+        Ok(Self { addr, logical_block_size, num_queues, serial, queue_size, poll_us, account_invalid, account_failed, stats_intervals })
     }
 
     /// Writes the members into a map being serialized.
@@ -6602,6 +6611,9 @@ impl BlockExportOptionsVhostUserBlk {
         if let Some(v) = &self.serial { map.serialize_entry("serial", v)?; }
         if let Some(v) = &self.queue_size { map.serialize_entry("queue-size", v)?; }
         if let Some(v) = &self.poll_us { map.serialize_entry("poll-us", v)?; }
+        if let Some(v) = &self.account_invalid { map.serialize_entry("account-invalid", v)?; }
+        if let Some(v) = &self.account_failed { map.serialize_entry("account-failed", v)?; }
+        if let Some(v) = &self.stats_intervals { map.serialize_entry("stats-intervals", v)?; }
         Ok(())
     }
 }
@@ -9451,7 +9463,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "75", "meta-type": "object", "members": [{"name": "dir", "type": "str"}, {"name": "fat-type", "type": "int", "default": null}, {"name": "floppy", "type": "bool", "default": null}, {"name": "label", "type": "str", "default": null}, {"name": "rw", "type": "bool", "default": null}]},
 {"name": "76", "meta-type": "enum", "members": [{"name": "vhost-user-blk"}], "values": ["vhost-user-blk"]},
 {"name": "77", "meta-type": "alternate", "members": [{"type": "str"}, {"type": "[str]"}]},
-{"name": "78", "meta-type": "object", "members": [{"name": "addr", "type": "106"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}]},
+{"name": "78", "meta-type": "object", "members": [{"name": "addr", "type": "106"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}, {"name": "account-invalid", "type": "bool", "default": null}, {"name": "account-failed", "type": "bool", "default": null}, {"name": "stats-intervals", "type": "[int]", "default": null}]},
 {"name": "79", "meta-type": "enum", "members": [{"name": "safe"}, {"name": "hard"}], "values": ["safe", "hard"]},
 {"name": "80", "meta-type": "enum", "members": [{"name": "iothread"}, {"name": "throttle-group"}], "values": ["iothread", "throttle-group"]},
 {"name": "81", "meta-type": "object", "members": [{"name": "poll-max-ns", "type": "int", "default": null}, {"name": "poll-grow", "type": "int", "default": null}, {"name": "poll-shrink", "type": "int", "default": null}, {"name": "aio-max-batch", "type": "int", "default": null}]},
@@ -9490,6 +9502,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "104", "meta-type": "enum", "members": [{"name": "quorum"}, {"name": "fifo"}], "values": ["quorum", "fifo"]},
 {"name": "105", "meta-type": "enum", "members": [{"name": "primary"}, {"name": "secondary"}], "values": ["primary", "secondary"]},
 {"name": "106", "meta-type": "object", "members": [{"name": "type", "type": "119"}], "tag": "type", "variants": [{"case": "inet", "type": "116"}, {"case": "unix", "type": "115"}, {"case": "vsock", "type": "120"}, {"case": "fd", "type": "121"}]},
+{"name": "[int]", "meta-type": "array", "element-type": "int"},
 {"name": "107", "meta-type": "object", "members": [{"name": "iops-total", "type": "int", "default": null}, {"name": "iops-total-max", "type": "int", "default": null}, {"name": "iops-total-max-length", "type": "int", "default": null}, {"name": "iops-read", "type": "int", "default": null}, {"name": "iops-read-max", "type": "int", "default": null}, {"name": "iops-read-max-length", "type": "int", "default": null}, {"name": "iops-write", "type": "int", "default": null}, {"name": "iops-write-max", "type": "int", "default": null}, {"name": "iops-write-max-length", "type": "int", "default": null}, {"name": "bps-total", "type": "int", "default": null}, {"name": "bps-total-max", "type": "int", "default": null}, {"name": "bps-total-max-length", "type": "int", "default": null}, {"name": "bps-read", "type": "int", "default": null}, {"name": "bps-read-max", "type": "int", "default": null}, {"name": "bps-read-max-length", "type": "int", "default": null}, {"name": "bps-write", "type": "int", "default": null}, {"name": "bps-write-max", "type": "int", "default": null}, {"name": "bps-write-max-length", "type": "int", "default": null}, {"name": "iops-size", "type": "int", "default": null}]},
 {"name": "number", "meta-type": "builtin", "json-type": "number"},
 {"name": "108", "meta-type": "enum", "members": [{"name": "qcow2"}, {"name": "vmdk"}, {"name": "luks"}, {"name": "file"}], "values": ["qcow2", "vmdk", "luks", "file"]},

@@ -45,7 +45,7 @@ pub use queue::BackendQueue;
 
 use crate::block::drain::RootSlot;
 use crate::block::io::IoKind;
-use crate::block::stats::{QueueStats, StatsEpoch};
+use crate::block::stats::{Accounting, QueueStats, StatsEpoch};
 use crate::block::throttle::shared::Membership;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -70,11 +70,22 @@ pub struct Backend {
 impl Backend {
     /// A backend over the root in `slot`, for `queues` queues.
     pub fn new(name: &str, slot: Arc<RootSlot>, queues: usize, writeback: bool) -> Arc<Self> {
+        Self::with_accounting(name, slot, queues, writeback, &Accounting::default())
+    }
+
+    /// As [`Self::new`], counting as `acct` says.
+    pub fn with_accounting(
+        name: &str,
+        slot: Arc<RootSlot>,
+        queues: usize,
+        writeback: bool,
+        acct: &Accounting,
+    ) -> Arc<Self> {
         Arc::new(Backend {
             name: name.to_string(),
             slot,
             writeback: AtomicBool::new(writeback),
-            stats: (0..queues).map(|_| QueueStats::default()).collect(),
+            stats: (0..queues).map(|_| QueueStats::new(acct)).collect(),
             epoch: StatsEpoch::default(),
             throttle: Mutex::new(None),
             throttle_gen: AtomicU64::new(0),

@@ -149,6 +149,23 @@ fn block_sizes(
 /// refused, as such requests would fail. The topology (physical block,
 /// minimum I/O size) is the node's preferred alignment, so that guests
 /// align and size their writes to what the storage below does well.
+/// The export's accounting options, checked as QEMU checks -drive's.
+fn accounting(
+    vu: &BlockExportOptionsVhostUserBlk,
+) -> std::io::Result<crate::block::stats::Accounting> {
+    let intervals = vu.stats_intervals.clone().unwrap_or_default();
+    if let Some(bad) = intervals.iter().find(|i| **i == 0) {
+        return Err(std::io::Error::other(format!(
+            "Invalid interval length: {bad}"
+        )));
+    }
+    Ok(crate::block::stats::Accounting {
+        account_invalid: vu.account_invalid.unwrap_or(true),
+        account_failed: vu.account_failed.unwrap_or(true),
+        intervals: intervals.into_iter().map(u64::from).collect(),
+    })
+}
+
 fn device_options(
     opts: &BlockExportOptions,
     vu: &BlockExportOptionsVhostUserBlk,
@@ -237,11 +254,12 @@ impl Server {
     ) -> std::io::Result<Server> {
         let options = device_options(opts, vu, node)?;
         let length = node.length;
-        let backend = Backend::new(
+        let backend = Backend::with_accounting(
             &opts.id,
             slot,
             usize::from(options.num_queues),
             options.writeback,
+            &accounting(vu)?,
         );
         let dev = Arc::new(Device {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),

@@ -1,0 +1,104 @@
+//! query-blockstats against the I/O a libblkio client did: operations
+//! and bytes per kind, failed requests (injected with blkdebug), the
+//! accounting options, and timed statistics over an interval.
+
+mod common;
+
+use common::blk::Blk;
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn serve(dir: &Path, export_extra: &str) -> (Daemon, Blk) {
+    let img = dir.join("s.img");
+    qemu_img_create(&img, "raw", 4 << 20);
+    let sock = dir.join("s.sock");
+    let node = json!({
+        "driver": "blkdebug", "node-name": "dbg",
+        "inject-error": [{"event": "pwritev", "sector": 2048}],
+        "image": {"driver": "file", "filename": path(&img)},
+    });
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&node.to_string())
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=dbg,writable=on,addr.type=unix,addr.path={}{export_extra}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let blk = Blk::connect(&sock);
+    (d, blk)
+}
+
+fn stats(d: &Daemon) -> Value {
+    let mut qmp = d.qmp();
+    let r = assert_return(&qmp.execute("query-blockstats", json!({}))).clone();
+    r[0]["stats"].clone()
+}
+
+#[test]
+fn figures_equal_the_io_done_and_intervals_are_timed() {
+    let dir = TempDir::new("blockstats");
+    let (d, mut blk) = serve(
+        dir.path(),
+        ",stats-intervals.0=1,stats-intervals.1=60,account-failed=off",
+    );
+    for i in 0..10u64 {
+        assert_eq!(blk.read(i * 4096, 4096).len(), 4096);
+    }
+    for i in 0..5u64 {
+        assert_eq!(blk.write(i * 8192, &[1u8; 8192]), 0);
+    }
+    // Sector 2048 is 1 MiB in: that write fails (blkdebug).
+    assert_ne!(blk.write(1 << 20, &[2u8; 4096]), 0);
+    assert_eq!(blk.flush(), 0);
+    let s = stats(&d);
+    assert_eq!(
+        (s["rd_operations"].as_i64(), s["rd_bytes"].as_i64()),
+        (Some(10), Some(40960))
+    );
+    assert_eq!(
+        (s["wr_operations"].as_i64(), s["wr_bytes"].as_i64()),
+        (Some(5), Some(40960))
+    );
+    assert_eq!(s["failed_wr_operations"], 1);
+    assert_eq!(s["flush_operations"], 1);
+    assert_eq!(s["wr_highest_offset"], 40960);
+    assert_eq!(s["account_failed"], false);
+    assert_eq!(s["account_invalid"], true);
+    let timed = s["timed_stats"].as_array().unwrap();
+    assert_eq!(timed.len(), 2);
+    assert_eq!(timed[0]["interval_length"], 1);
+    assert_eq!(timed[1]["interval_length"], 60);
+    let t = &timed[1];
+    assert!(t["min_rd_latency_ns"].as_i64().unwrap() > 0);
+    assert!(t["max_rd_latency_ns"].as_i64().unwrap() >= t["avg_rd_latency_ns"].as_i64().unwrap());
+    assert!(t["avg_wr_latency_ns"].as_i64().unwrap() > 0);
+    assert!(t["avg_rd_queue_depth"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn a_zero_interval_is_refused() {
+    let dir = TempDir::new("blockstats-zero");
+    let img = dir.path().join("z.img");
+    qemu_img_create(&img, "raw", 1 << 20);
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&format!("driver=file,node-name=f,filename={}", path(&img)))
+        .monitor()
+        .start();
+    let mut qmp = d.qmp();
+    let r = qmp.execute(
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "e0", "node-name": "f",
+               "addr": {"type": "unix", "path": path(&dir.path().join("z.sock"))},
+               "stats-intervals": [0]}),
+    );
+    assert!(error_desc(&r).contains("Invalid interval length: 0"), "{r}");
+}
