@@ -231,6 +231,34 @@ impl Graph {
         out
     }
 
+    /// Runs `f` while every data-plane user whose requests can reach
+    /// `node` is drained (held back, nothing in flight); they resume after.
+    pub fn with_users_drained<T>(
+        &self,
+        node: &str,
+        f: impl FnOnce() -> Result<T, BlockError>,
+    ) -> Result<T, BlockError> {
+        let mut slots: Vec<(String, Arc<RootSlot>)> = Vec::new();
+        for u in &self.uses {
+            let Some(slot) = &u.slot else { continue };
+            if self.below(&u.node).contains(node)
+                && !slots.iter().any(|(_, s)| Arc::ptr_eq(s, slot))
+            {
+                slots.push((u.name.clone(), slot.clone()));
+            }
+        }
+        let mut drained = Vec::with_capacity(slots.len());
+        for (name, slot) in &slots {
+            let guard = slot
+                .drain(DRAIN_TIMEOUT)
+                .map_err(|e| BlockError::invalid(format!("Cannot drain '{name}': {e}")))?;
+            drained.push(guard);
+        }
+        let out = f();
+        drop(drained);
+        out
+    }
+
     /// `name` and every node below it.
     fn below(&self, name: &str) -> HashSet<&str> {
         let mut seen = HashSet::new();

@@ -8,9 +8,11 @@
 //!
 //! Writes go in place to clusters the image owns, and allocate new
 //! clusters otherwise ([`write`], [`alloc`]), with metadata written
-//! through (no dirty cache to lose). Not yet: internal snapshots written
-//! to, images with extended L2 entries or lazy refcounts opened for
-//! writing, reuse of freed clusters, resizing.
+//! through (no dirty cache to lose). A cluster or L2 table shared with an
+//! internal snapshot (no COPIED flag) is copied before it is written;
+//! internal snapshots are taken and deleted by [`snapshots`]. Not yet:
+//! images with extended L2 entries opened for writing, reuse of freed
+//! clusters, shrinking.
 
 mod alloc;
 mod cache;
@@ -18,6 +20,7 @@ pub mod create;
 mod io;
 mod iov;
 mod resize;
+mod snapshots;
 mod words;
 mod write;
 
@@ -27,7 +30,8 @@ use crate::block::edge::Child;
 use crate::block::error::BlockError;
 use crate::block::perm::Perm;
 use crate::block::qcow2::format::{
-    parse_snapshot_table, CryptMethod, FormatError, Geometry, Header, Snapshot, MAX_TABLE_LEN,
+    parse_snapshot_table, snapshot_table_len, CryptMethod, FormatError, Geometry, Header, Snapshot,
+    MAX_TABLE_LEN,
 };
 use crate::block::sync_io;
 use io::Qcow2Io;
@@ -117,6 +121,8 @@ pub struct Discard {
     pub unmap: bool,
     /// `pass-discard-request` (default: as `unmap`).
     pub pass_request: Option<bool>,
+    /// `pass-discard-snapshot` (default: on).
+    pub pass_snapshot: Option<bool>,
 }
 
 /// What the image header says about its backing file.
@@ -156,8 +162,6 @@ impl BackingInfo {
 pub struct Qcow2Driver {
     io: Arc<Qcow2Io>,
     header: Header,
-    /// The internal snapshots, as the image lists them at open.
-    snapshots: Vec<Snapshot>,
     read_only: bool,
     file_filename: String,
     backing_filename: Option<String>,
@@ -217,6 +221,7 @@ impl Qcow2Driver {
             ));
         }
         let tables = whole_disk.min(bound).max(2) as usize;
+        let table = read_snapshots(&file, &header, read_only)?;
         let alloc = if read_only {
             None
         } else {
@@ -243,12 +248,12 @@ impl Qcow2Driver {
             version: header.version,
             discard_unmap: discard.unmap,
             pass_discard: discard.pass_request.unwrap_or(discard.unmap),
+            pass_discard_snapshot: discard.pass_snapshot.unwrap_or(true),
+            snapshots: Mutex::new(table),
         });
-        let snapshots = read_snapshots(&io.file.node(), &header);
         Ok(Qcow2Driver {
             io,
             header,
-            snapshots,
             read_only,
             file_filename,
             backing_filename,
@@ -278,11 +283,6 @@ fn open_for_writing(
             "qcow2 images with extended L2 entries can only be opened read-only by vubd yet",
         ));
     }
-    if header.nb_snapshots > 0 {
-        return Err(BlockError::invalid(
-            "qcow2 images with internal snapshots can only be opened read-only by vubd yet",
-        ));
-    }
     let bytes = u64::from(header.refcount_table_clusters) * geo.cluster_size();
     if bytes > MAX_L1_BYTES {
         return Err(BlockError::invalid("Refcount table too large"));
@@ -303,31 +303,136 @@ fn open_for_writing(
     ))
 }
 
-/// The image's snapshot table; empty (with a warning) when it cannot be
-/// read, which only costs the listing.
-fn read_snapshots(file: &Root, h: &Header) -> Vec<Snapshot> {
+/// The image's snapshot table. One that cannot be read costs only the
+/// listing on a read-only node (a warning); a writable node refuses to
+/// open, as it would otherwise write a table without those snapshots.
+fn read_snapshots(
+    file: &Root,
+    h: &Header,
+    read_only: bool,
+) -> Result<snapshots::SnapTable, BlockError> {
     if h.nb_snapshots == 0 {
-        return Vec::new();
+        return Ok(snapshots::SnapTable::default());
     }
+    let fail = |what: String| {
+        if read_only {
+            log::warn!("{what}");
+            Ok(snapshots::SnapTable::default())
+        } else {
+            Err(BlockError::invalid(what))
+        }
+    };
     let mut len = 64 << 10;
     loop {
         let mut buf = vec![0u8; len];
         if let Err(e) = sync_io::read_at(&**file, h.snapshots_offset, &mut buf) {
-            log::warn!("reading the snapshot table: {e}");
-            return Vec::new();
+            return fail(format!("reading the snapshot table: {e}"));
         }
         match parse_snapshot_table(&buf, h.nb_snapshots) {
-            Ok(v) => return v,
+            Ok(list) => {
+                let len = snapshot_table_len(&list) as u64;
+                return Ok(snapshots::SnapTable {
+                    list,
+                    offset: h.snapshots_offset,
+                    len,
+                });
+            }
             Err(FormatError::Truncated { needed, .. })
                 if needed > len && needed <= MAX_TABLE_LEN =>
             {
                 len = needed;
             }
-            Err(e) => {
-                log::warn!("the snapshot table: {e}");
-                return Vec::new();
-            }
+            Err(e) => return fail(format!("the snapshot table: {e}")),
         }
+    }
+}
+
+impl snapshots::SnapTable {
+    fn position(&self, id: Option<&str>, name: Option<&str>) -> Option<usize> {
+        self.list
+            .iter()
+            .position(|sn| snapshots::matches(sn, id, name))
+    }
+}
+
+impl super::InternalSnapshots for Qcow2Driver {
+    fn create(&self, name: &str) -> Result<(), BlockError> {
+        if self.read_only || self.io.alloc.is_none() {
+            return Err(BlockError::ReadOnly);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = snapshots::next_id(&self.io.snapshots().list);
+        let mut sn = Snapshot::new(id, name.as_bytes().to_vec());
+        sn.date_sec = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+        // Microseconds, as QEMU keeps the date.
+        sn.date_nsec = now.subsec_micros() * 1000;
+        let io = self.io.clone();
+        let r = sync_io::run_task(async move {
+            match snapshots::create(&io, sn).await {
+                Ok(()) => 0,
+                Err(e) => e,
+            }
+        })?;
+        if r < 0 {
+            return Err(BlockError::io(
+                "snapshot creation",
+                &std::io::Error::from_raw_os_error(-r),
+            ));
+        }
+        log::info!(
+            "qcow2 node '{}': internal snapshot '{name}' taken",
+            self.io.name
+        );
+        Ok(())
+    }
+
+    fn delete(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<crate::qapi::SnapshotInfo, BlockError> {
+        if self.read_only || self.io.alloc.is_none() {
+            return Err(BlockError::ReadOnly);
+        }
+        let Some(index) = self.io.snapshots().position(id, name) else {
+            return Err(BlockError::invalid("no such snapshot"));
+        };
+        let io = self.io.clone();
+        let pass = self.io.pass_discard_snapshot;
+        let out = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let slot = out.clone();
+        let r = sync_io::run_task(async move {
+            match snapshots::delete(&io, index, pass).await {
+                Ok(sn) => {
+                    *slot.borrow_mut() = Some(sn);
+                    0
+                }
+                Err(e) => e,
+            }
+        })?;
+        if r < 0 {
+            return Err(BlockError::io(
+                "snapshot deletion",
+                &std::io::Error::from_raw_os_error(-r),
+            ));
+        }
+        let sn = out
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| BlockError::invalid("the snapshot deletion gave no result"))?;
+        log::info!(
+            "qcow2 node '{}': internal snapshot '{}' deleted",
+            self.io.name,
+            String::from_utf8_lossy(&sn.name)
+        );
+        Ok(snapshots::info(&sn))
+    }
+
+    fn find(&self, id: Option<&str>, name: Option<&str>) -> Option<crate::qapi::SnapshotInfo> {
+        let t = self.io.snapshots();
+        t.position(id, name).map(|i| snapshots::info(&t.list[i]))
     }
 }
 
@@ -368,6 +473,10 @@ impl Driver for Qcow2Driver {
         }
     }
 
+    fn internal_snapshots(&self) -> Option<&dyn super::InternalSnapshots> {
+        Some(self)
+    }
+
     fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
         let h = &self.header;
         info.cluster_size = Some(h.cluster_size() as i64);
@@ -379,22 +488,11 @@ impl Driver for Qcow2Driver {
         if let Some(full) = &self.backing_filename {
             info.full_backing_filename = Some(full.clone());
         }
-        if !self.snapshots.is_empty() {
-            info.snapshots = Some(
-                self.snapshots
-                    .iter()
-                    .map(|sn| crate::qapi::SnapshotInfo {
-                        id: String::from_utf8_lossy(&sn.id).into_owned(),
-                        name: String::from_utf8_lossy(&sn.name).into_owned(),
-                        vm_state_size: i64::try_from(sn.vm_state_size()).unwrap_or(i64::MAX),
-                        date_sec: i64::from(sn.date_sec),
-                        date_nsec: i64::from(sn.date_nsec),
-                        vm_clock_sec: (sn.vm_clock_nsec / 1_000_000_000) as i64,
-                        vm_clock_nsec: (sn.vm_clock_nsec % 1_000_000_000) as i64,
-                    })
-                    .collect(),
-            );
+        let table = self.io.snapshots();
+        if !table.list.is_empty() {
+            info.snapshots = Some(table.list.iter().map(snapshots::info).collect());
         }
+        drop(table);
         info.format_specific = Some(crate::qapi::ImageInfoSpecific::Qcow2(
             crate::qapi::ImageInfoSpecificQCow2 {
                 compat: if h.version == 2 { "0.10" } else { "1.1" }.to_string(),
