@@ -448,3 +448,29 @@ async fn count_of(io: &Qcow2Io, a: &super::alloc::Allocator, host: u64) -> Resul
         .first()
         .map_or(0, |&(_, c)| c))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sn(id: &str, name: &str) -> Snapshot {
+        Snapshot::new(id.as_bytes().to_vec(), name.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_new_snapshot_gets_one_more_than_the_largest_numeric_id() {
+        assert_eq!(next_id(&[]), b"1");
+        let list = [sn("2", "a"), sn("x", "b"), sn("10", "c")];
+        assert_eq!(next_id(&list), b"11");
+    }
+
+    #[test]
+    fn a_snapshot_is_found_by_id_by_name_or_by_both() {
+        let s = sn("3", "night");
+        assert!(matches(&s, Some("3"), None));
+        assert!(matches(&s, None, Some("night")));
+        assert!(matches(&s, Some("3"), Some("night")));
+        assert!(!matches(&s, Some("3"), Some("day")));
+        assert!(!matches(&s, None, None));
+    }
+}
