@@ -1838,9 +1838,53 @@ impl Serialize for SnapshotInfo {
 }
 rt::deserialize_via_qapi!(SnapshotInfo);
 
+/// How a qcow2 image's compressed clusters are compressed.
+/// Since: 5.1
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Qcow2CompressionType {
+    /// raw deflate
+    Zlib,
+    /// zstandard
+    Zstd,
+}
+
+impl Qcow2CompressionType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Zlib, Self::Zstd];
+    /// Every value's wire name, in schema order.
+    pub const NAMES: &'static [&'static str] = &["zlib", "zstd"];
+
+    /// The name of the value on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Zlib => "zlib",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+impl rt::FromQapi for Qcow2CompressionType {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        rt::one_of(v, at, Self::NAMES).map(|i| Self::ALL[i])
+    }
+}
+
+impl Serialize for Qcow2CompressionType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+rt::deserialize_via_qapi!(Qcow2CompressionType);
+
+impl std::fmt::Display for Qcow2CompressionType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Details that only qcow2 images have.
 /// Since: 1.7
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificQCow2 {
     /// the qcow2 compatibility level, e.g. "0.10" or "1.1"
     pub compat: String,
@@ -1848,8 +1892,12 @@ pub struct ImageInfoSpecificQCow2 {
     pub lazy_refcounts: Option<bool>,
     /// true if the image carries the corrupt flag; compat 1.1 and later only (since 2.2)
     pub corrupt: Option<bool>,
+    /// true if the image has extended L2 entries; compat 1.1 and later only (since 5.2)
+    pub extended_l2: Option<bool>,
     /// bits per refcount entry (since 2.3)
     pub refcount_bits: i64,
+    /// how compressed clusters are compressed (since 5.1)
+    pub compression_type: Qcow2CompressionType,
 }
 
 impl ImageInfoSpecificQCow2 {
@@ -1858,8 +1906,10 @@ impl ImageInfoSpecificQCow2 {
         let compat = obj.req("compat", <String as rt::FromQapi>::from_qapi)?;
         let lazy_refcounts = obj.opt("lazy-refcounts", <bool as rt::FromQapi>::from_qapi)?;
         let corrupt = obj.opt("corrupt", <bool as rt::FromQapi>::from_qapi)?;
+        let extended_l2 = obj.opt("extended-l2", <bool as rt::FromQapi>::from_qapi)?;
         let refcount_bits = obj.req("refcount-bits", <i64 as rt::FromQapi>::from_qapi)?;
-        Ok(Self { compat, lazy_refcounts, corrupt, refcount_bits })
+        let compression_type = obj.req("compression-type", <Qcow2CompressionType as rt::FromQapi>::from_qapi)?;
+        Ok(Self { compat, lazy_refcounts, corrupt, extended_l2, refcount_bits, compression_type })
     }
 
     /// Writes the members into a map being serialized.
@@ -1867,7 +1917,9 @@ impl ImageInfoSpecificQCow2 {
         map.serialize_entry("compat", &self.compat)?;
         if let Some(v) = &self.lazy_refcounts { map.serialize_entry("lazy-refcounts", v)?; }
         if let Some(v) = &self.corrupt { map.serialize_entry("corrupt", v)?; }
+        if let Some(v) = &self.extended_l2 { map.serialize_entry("extended-l2", v)?; }
         map.serialize_entry("refcount-bits", &self.refcount_bits)?;
+        map.serialize_entry("compression-type", &self.compression_type)?;
         Ok(())
     }
 }
@@ -9599,16 +9651,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "120", "meta-type": "enum", "members": [{"name": "inet"}, {"name": "unix"}, {"name": "vsock"}, {"name": "fd"}], "values": ["inet", "unix", "vsock", "fd"]},
 {"name": "121", "meta-type": "object", "members": [{"name": "cid", "type": "str"}, {"name": "port", "type": "str"}]},
 {"name": "122", "meta-type": "object", "members": [{"name": "str", "type": "str"}]},
-{"name": "123", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}]},
+{"name": "123", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "extended-l2", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}, {"name": "compression-type", "type": "127"}]},
 {"name": "124", "meta-type": "object", "members": [{"name": "create-type", "type": "str"}, {"name": "cid", "type": "int"}, {"name": "parent-cid", "type": "int"}, {"name": "extents", "type": "[57]"}]},
-{"name": "125", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "127"}, {"name": "cipher-mode", "type": "128"}, {"name": "ivgen-alg", "type": "129"}, {"name": "ivgen-hash-alg", "type": "130", "default": null}, {"name": "hash-alg", "type": "130"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[131]"}]},
+{"name": "125", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "128"}, {"name": "cipher-mode", "type": "129"}, {"name": "ivgen-alg", "type": "130"}, {"name": "ivgen-hash-alg", "type": "131", "default": null}, {"name": "hash-alg", "type": "131"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[132]"}]},
 {"name": "126", "meta-type": "object", "members": [{"name": "extent-size-hint", "type": "int", "default": null}]},
+{"name": "127", "meta-type": "enum", "members": [{"name": "zlib"}, {"name": "zstd"}], "values": ["zlib", "zstd"]},
 {"name": "[57]", "meta-type": "array", "element-type": "57"},
-{"name": "127", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
-{"name": "128", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
-{"name": "129", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
-{"name": "130", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
-{"name": "[131]", "meta-type": "array", "element-type": "131"},
-{"name": "131", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
+{"name": "128", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
+{"name": "129", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
+{"name": "130", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
+{"name": "131", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
+{"name": "[132]", "meta-type": "array", "element-type": "132"},
+{"name": "132", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
 ]
 "#;

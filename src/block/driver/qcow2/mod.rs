@@ -30,8 +30,8 @@ use crate::block::edge::Child;
 use crate::block::error::BlockError;
 use crate::block::perm::Perm;
 use crate::block::qcow2::format::{
-    parse_snapshot_table, snapshot_table_len, CryptMethod, FormatError, Geometry, Header, Snapshot,
-    MAX_TABLE_LEN,
+    parse_snapshot_table, snapshot_table_len, CompressionType, CryptMethod, FormatError, Geometry,
+    Header, Snapshot, MAX_TABLE_LEN,
 };
 use crate::block::sync_io;
 use io::Qcow2Io;
@@ -498,7 +498,12 @@ impl Driver for Qcow2Driver {
                 compat: if h.version == 2 { "0.10" } else { "1.1" }.to_string(),
                 lazy_refcounts: (h.version >= 3).then(|| h.has_lazy_refcounts()),
                 corrupt: (h.version >= 3).then(|| h.is_corrupt()),
+                extended_l2: (h.version >= 3).then(|| h.has_extended_l2()),
                 refcount_bits: i64::from(h.refcount_bits()),
+                compression_type: match h.compression_type {
+                    CompressionType::Zlib => crate::qapi::Qcow2CompressionType::Zlib,
+                    CompressionType::Zstd => crate::qapi::Qcow2CompressionType::Zstd,
+                },
             },
         ));
     }
