@@ -254,7 +254,7 @@ fn snapshots_taken_and_deleted_over_qmp_while_a_guest_writes_keep_their_data() {
 
     // Act: write, snapshot "one", write, snapshot "two", write, delete
     // "one", write; errors on the way are QEMU's.
-    workload(&mut blk, &mut shadow, 0, half, 300, 1);
+    workload(&mut blk, &mut shadow, 0, half, 120, 1);
     for name in ["one", "two"] {
         let r = qmp.execute(
             "blockdev-snapshot-internal-sync",
@@ -262,7 +262,7 @@ fn snapshots_taken_and_deleted_over_qmp_while_a_guest_writes_keep_their_data() {
         );
         assert_eq!(r, json!({"return": {}}), "{name}");
         taken.push((name.to_string(), shadow.clone()));
-        workload(&mut blk, &mut shadow, 0, half, 300, name.len() as u64 + 7);
+        workload(&mut blk, &mut shadow, 0, half, 120, name.len() as u64 + 7);
     }
     let r = qmp.execute(
         "blockdev-snapshot-internal-sync",
@@ -293,14 +293,14 @@ fn snapshots_taken_and_deleted_over_qmp_while_a_guest_writes_keep_their_data() {
         r["error"]["desc"],
         "Snapshot with id '1' and name 'null' does not exist on device 'e0'"
     );
-    workload(&mut blk, &mut shadow, 0, half, 300, 3);
+    workload(&mut blk, &mut shadow, 0, half, 120, 3);
     let r = qmp.execute(
         "blockdev-snapshot-internal-sync",
         json!({"device": "e0", "name": "three"}),
     );
     assert_eq!(r, json!({"return": {}}));
     taken.push(("three".to_string(), shadow.clone()));
-    workload(&mut blk, &mut shadow, 0, half, 200, 4);
+    workload(&mut blk, &mut shadow, 0, half, 120, 4);
     stop.store(true, Ordering::SeqCst);
     let q1 = background.join().unwrap();
     let listed = vubd_snapshots(&mut qmp);
@@ -373,7 +373,7 @@ fn an_image_with_snapshots_from_qemu_img_is_written_and_they_stay_intact() {
     // snapshot deleted over QMP.
     let mut d = serve_rw(&dir, &img, 1);
     let mut blk = connect(&dir, 1);
-    workload(&mut blk, &mut shadow, 0, size, 600, 5);
+    workload(&mut blk, &mut shadow, 0, size, 250, 5);
     let mut qmp = d.qmp();
     let before = vubd_snapshots(&mut qmp);
     let r = qmp.execute(
@@ -381,7 +381,7 @@ fn an_image_with_snapshots_from_qemu_img_is_written_and_they_stay_intact() {
         json!({"device": "e0", "id": "1", "name": "base"}),
     );
     assert_eq!(r["return"]["name"], "base", "{r}");
-    workload(&mut blk, &mut shadow, 0, size, 200, 6);
+    workload(&mut blk, &mut shadow, 0, size, 120, 6);
     drop(blk);
     drop(qmp);
     quit(&mut d);
@@ -467,4 +467,92 @@ fn internal_snapshot_errors_are_qemus() {
         assert_eq!(r["error"]["class"], "GenericError");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bytes the file occupies on disk.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn deleting_a_snapshot_discards_what_it_alone_held_unless_told_not_to() {
+    for pass in [true, false] {
+        // Arrange: 2 MiB written, a snapshot, the 2 MiB written again: the
+        // snapshot alone holds the first copy.
+        let dir = scratch(&format!("pass-{pass}"));
+        let img = dir.join("d.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", path(&img), "4M"]);
+        let d = Daemon::vubd(&[])
+            .arg("--blockdev")
+            .arg(&format!(
+                "driver=file,node-name=f0,filename={},discard=unmap",
+                path(&img)
+            ))
+            .arg("--blockdev")
+            .arg(&format!(
+                "driver=qcow2,node-name=q0,file=f0,pass-discard-snapshot={}",
+                if pass { "on" } else { "off" }
+            ))
+            .arg("--export")
+            .arg(&format!(
+                "type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path={},writable=on",
+                path(&dir.join("w.sock"))
+            ))
+            .monitor()
+            .start();
+        let mut blk = connect(&dir, 1);
+        for half in 0..2 {
+            assert_eq!(blk.write(half * MIB, &vec![0x33u8; MIB as usize]), 0);
+        }
+        let mut qmp = d.qmp();
+        let r = qmp.execute(
+            "blockdev-snapshot-internal-sync",
+            json!({"device": "e0", "name": "old"}),
+        );
+        assert_eq!(r, json!({"return": {}}));
+        for half in 0..2 {
+            assert_eq!(blk.write(half * MIB, &vec![0x44u8; MIB as usize]), 0);
+        }
+        assert_eq!(blk.flush(), 0);
+        let block = qmp.execute("query-block", Value::Null);
+        assert_eq!(
+            block["return"][0]["inserted"]["image"]["snapshots"][0]["name"], "old",
+            "{block}"
+        );
+        let before = allocated(&img);
+
+        // Act
+        let r = qmp.execute(
+            "blockdev-snapshot-delete-internal-sync",
+            json!({"device": "e0", "name": "old"}),
+        );
+        assert_eq!(r["return"]["name"], "old", "{r}");
+        let after = allocated(&img);
+        let block = qmp.execute("query-block", Value::Null);
+
+        // Assert: the 2 MiB only the snapshot held left the file (or
+        // stayed, with pass-discard-snapshot=off); the image is clean.
+        assert!(
+            block["return"][0]["inserted"]["image"]
+                .get("snapshots")
+                .is_none(),
+            "{block}"
+        );
+        if pass {
+            assert!(
+                after + 2 * MIB <= before,
+                "pass-discard-snapshot=on: {before} -> {after} bytes"
+            );
+        } else {
+            assert_eq!(after, before, "pass-discard-snapshot=off");
+        }
+        assert_eq!(blk.read(0, 4096), vec![0x44u8; 4096]);
+        drop(blk);
+        drop(qmp);
+        let mut d = d;
+        quit(&mut d);
+        assert_check_clean(&img);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
