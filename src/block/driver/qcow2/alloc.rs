@@ -14,8 +14,8 @@
 //!
 //! Refcounts of clusters already in use change through
 //! [`adjust_refcounts`] (copy-on-write of shared clusters, internal
-//! snapshots). Freed clusters are not reused yet: overwriting a compressed
-//! cluster leaves the old one counted (a leak).
+//! snapshots, overwritten or discarded compressed clusters). Freed
+//! clusters are not reused yet.
 
 use super::io::Qcow2Io;
 use super::words::put_table_words;

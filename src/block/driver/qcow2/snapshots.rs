@@ -32,6 +32,10 @@ use crate::block::qcow2::format::{
 use crate::qapi::SnapshotInfo;
 use std::sync::atomic::Ordering;
 
+/// Refcount changes gathered before they are applied (bounds the memory a
+/// walk over a large image takes).
+const BATCH: usize = 1 << 16;
+
 /// Header offsets of the snapshot count and the table's offset.
 const NB_SNAPSHOTS_AT: usize = 60;
 const SNAPSHOTS_OFFSET_AT: usize = 64;
@@ -236,16 +240,13 @@ pub async fn create(io: &Qcow2Io, mut sn: Snapshot) -> Result<(), i32> {
         if e.l2_offset == 0 {
             continue;
         }
-        more.push((e.l2_offset, 1));
         let words = read_table(io, e.l2_offset).await?;
         let mut changed = false;
         let mut cleared = words.clone();
         for (w, out) in words.iter().zip(cleared.iter_mut()) {
-            let held = data_clusters(io, *w)?;
-            if held.is_empty() {
+            if data_clusters(io, *w)?.is_empty() {
                 continue;
             }
-            more.extend(held.into_iter().map(|c| (c, 1)));
             if w & COPIED != 0 {
                 *out = w & !COPIED;
                 changed = true;
@@ -258,6 +259,23 @@ pub async fn create(io: &Qcow2Io, mut sn: Snapshot) -> Result<(), i32> {
     flush_file(io).await?;
     store_active_l1(io, &copy).await?;
     io.meta_writes.fetch_add(1, Ordering::AcqRel);
+    // Now the references: the flags are stable, so a crash from here on
+    // leaves counts too high (leaks) and never flags that claim a sole
+    // owner.
+    for &raw in &l1 {
+        let e = L1Entry::decode(raw, &io.geo).map_err(|e| io.corrupt(&format!("L1: {e}")))?;
+        if e.l2_offset == 0 {
+            continue;
+        }
+        more.push((e.l2_offset, 1));
+        for w in read_table(io, e.l2_offset).await? {
+            more.extend(data_clusters(io, w)?.into_iter().map(|c| (c, 1)));
+        }
+        if more.len() >= BATCH {
+            adjust_refcounts(io, a, &more).await?;
+            more.clear();
+        }
+    }
     adjust_refcounts(io, a, &more).await?;
     flush_file(io).await?;
     sn.l1_table_offset = l1_at;
@@ -314,6 +332,7 @@ pub async fn delete(io: &Qcow2Io, index: usize, pass_discard: bool) -> Result<Sn
     }
     // Nothing on disk names the snapshot any more: its references go.
     let mut less: Vec<(u64, i64)> = Vec::new();
+    let mut freed: Vec<u64> = Vec::new();
     if sn.l1_size > 0 {
         let bytes = u64::from(sn.l1_size) * 8;
         let mut buf = meta_buf(io, (bytes.div_ceil(cs) * cs) as usize)?;
@@ -331,6 +350,10 @@ pub async fn delete(io: &Qcow2Io, index: usize, pass_discard: bool) -> Result<Sn
             for w in read_table(io, e.l2_offset).await? {
                 less.extend(data_clusters(io, w)?.into_iter().map(|c| (c, -1)));
             }
+            if less.len() >= BATCH {
+                freed.extend(zeroes(&adjust_refcounts(io, a, &less).await?));
+                less.clear();
+            }
         }
         less.extend(
             clusters_of(io, sn.l1_table_offset, bytes)
@@ -343,14 +366,9 @@ pub async fn delete(io: &Qcow2Io, index: usize, pass_discard: bool) -> Result<Sn
             .into_iter()
             .map(|c| (c, -1)),
     );
-    let counts = adjust_refcounts(io, a, &less).await?;
+    freed.extend(zeroes(&adjust_refcounts(io, a, &less).await?));
     flush_file(io).await?;
     if pass_discard {
-        let mut freed: Vec<u64> = counts
-            .iter()
-            .filter(|&&(_, c)| c == 0)
-            .map(|&(h, _)| h)
-            .collect();
         freed.sort_unstable();
         freed.dedup();
         for host in freed {
@@ -359,6 +377,11 @@ pub async fn delete(io: &Qcow2Io, index: usize, pass_discard: bool) -> Result<Sn
     }
     restore_copied(io).await?;
     Ok(sn)
+}
+
+/// The clusters among `counts` that nothing counts any more.
+fn zeroes(counts: &[(u64, u64)]) -> impl Iterator<Item = u64> + '_ {
+    counts.iter().filter(|&&(_, c)| c == 0).map(|&(h, _)| h)
 }
 
 /// Discards a cluster nothing counts any more in the file (best effort).

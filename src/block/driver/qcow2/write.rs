@@ -13,7 +13,8 @@
 //! allocations of different clusters run at once.
 
 use super::alloc::{
-    flush_file, meta_buf, read_file, release_cluster, take_cluster, write_file, Allocator,
+    adjust_refcounts, flush_file, meta_buf, read_file, release_cluster, take_cluster, write_file,
+    Allocator,
 };
 use super::io::{load_table, Lookup, Map, Qcow2Io};
 use super::iov;
@@ -152,13 +153,29 @@ async fn write_piece(
 /// then the cluster counts one reference less. A crash in between leaves
 /// the reference counted: a leak.
 async fn drop_shared(io: &Qcow2Io, a: &Allocator, old: Map) -> Result<(), i32> {
-    let host = match old {
-        Map::Shared(h) | Map::Data(h) => h - io.geo.offset_in_cluster(h),
-        _ => return Ok(()),
-    };
+    let held = held_clusters(io, old);
+    if held.is_empty() {
+        return Ok(());
+    }
     flush_file(io).await?;
-    release_cluster(io, a, host).await?;
+    let less: Vec<(u64, i64)> = held.into_iter().map(|c| (c, -1)).collect();
+    adjust_refcounts(io, a, &less).await?;
     Ok(())
+}
+
+/// The host clusters a mapping holds a reference to: its cluster, or each
+/// cluster its compressed data touches.
+fn held_clusters(io: &Qcow2Io, map: Map) -> Vec<u64> {
+    let cs = io.geo.cluster_size();
+    match map {
+        Map::Shared(h) | Map::Data(h) => vec![h - io.geo.offset_in_cluster(h)],
+        Map::Compressed(c) => {
+            let first = c.host_offset / cs * cs;
+            let last = (c.host_offset + c.compressed_len() - 1) / cs * cs;
+            (0..=(last - first) / cs).map(|i| first + i * cs).collect()
+        }
+        Map::Zero | Map::Unallocated => Vec::new(),
+    }
 }
 
 /// Makes a whole cluster read as zeroes through its L2 entry.
@@ -361,9 +378,9 @@ async fn set_l2_entry(io: &Qcow2Io, a: &Allocator, l2: u64, off: u64, raw: u64) 
 
 /// Discards the whole clusters of the request: each reads as zeroes (or
 /// from the backing node, where there is none to hide) and the cluster it
-/// held counts one reference less; one that no snapshot holds any more is
-/// freed and, with `pass-discard-request`, discarded in the file too. Parts of clusters
-/// are left alone, as QEMU does.
+/// held counts one reference less; one that nothing holds any more is
+/// freed and, with `pass-discard-request`, discarded in the file too.
+/// Parts of clusters are left alone, as QEMU does.
 pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
     let Some(a) = io.alloc.as_ref() else {
         return -libc::EROFS;
@@ -375,7 +392,7 @@ pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
     let mut at = first;
     while at < end {
         match discard_cluster(&io, a, at).await {
-            Ok(Some(host)) => freed.push(host),
+            Ok(Some(map)) => freed.extend(held_clusters(&io, map)),
             Ok(None) => {}
             Err(e) => return e,
         }
@@ -391,7 +408,7 @@ pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
     }
     for host in freed {
         match release_cluster(&io, a, host).await {
-            // A snapshot still holds it.
+            // A snapshot (or other compressed data) still holds it.
             Ok(left) if left > 0 => continue,
             Ok(_) => {}
             Err(e) => return e,
@@ -413,8 +430,9 @@ pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
     0
 }
 
-/// Unmaps one cluster; the host cluster to free, if there is one.
-async fn discard_cluster(io: &Qcow2Io, a: &Allocator, at: u64) -> Result<Option<u64>, i32> {
+/// Unmaps one cluster; the mapping it had (whose clusters then count one
+/// reference less), if it had one.
+async fn discard_cluster(io: &Qcow2Io, a: &Allocator, at: u64) -> Result<Option<Map>, i32> {
     let cs = io.geo.cluster_size();
     let _cluster = a.guest_locks.lock(at, at + cs).await?;
     let (map, _) = resolve(io, at).await?;
@@ -435,8 +453,5 @@ async fn discard_cluster(io: &Qcow2Io, a: &Allocator, at: u64) -> Result<Option<
         .map_err(|e| io.corrupt(&format!("new L2 entry: {e}")))?;
     let l2 = ensure_l2(io, a, at).await?;
     set_l2_entry(io, a, l2, at, raw).await?;
-    Ok(match map {
-        Map::Data(host) | Map::Shared(host) => Some(host - io.geo.offset_in_cluster(host)),
-        _ => None,
-    })
+    Ok(Some(map))
 }
