@@ -603,3 +603,62 @@ fn compressed_clusters_shared_with_a_snapshot_are_overwritten_and_discarded_clea
     assert_same("active layer", &qemu_reads(&dir, &img, None), &shadow);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn two_queues_writing_the_same_shared_clusters_at_once_both_land() {
+    // Arrange: 2 MiB of data and a snapshot of it; every cluster and the
+    // L2 table are shared.
+    let dir = scratch("race");
+    let img = dir.join("r.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path(&img), "4M"]);
+    let mut d = serve_rw(&dir, &img, 2);
+    let mut blk = connect(&dir, 2);
+    for half in 0..2 {
+        assert_eq!(blk.write(half * MIB, &vec![0x77u8; MIB as usize]), 0);
+    }
+    let mut qmp = d.qmp();
+    let r = qmp.execute(
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "e0", "name": "before"}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+
+    // Act: queue 0 writes the even 4 KiB blocks, queue 1 the odd ones, at
+    // the same time: each first write to a cluster races the other
+    // queue's for its copy, and the first two for the table's.
+    let queues = blk.take_queues();
+    let handles: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut q)| {
+            std::thread::spawn(move || {
+                for b in (i as u64..512).step_by(2) {
+                    assert_eq!(q.write(b * 4096, &stamp(b, 1)), 0, "block {b}");
+                }
+                assert_eq!(q.flush(), 0);
+                q
+            })
+        })
+        .collect();
+    let back: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    blk.put_queues(back);
+    drop(blk);
+    drop(qmp);
+    quit(&mut d);
+
+    // Assert
+    assert_check_clean(&img);
+    let mut want = vec![0u8; 4 * MIB as usize];
+    for b in 0..512u64 {
+        want[(b * 4096) as usize..((b + 1) * 4096) as usize].copy_from_slice(&stamp(b, 1));
+    }
+    assert_same("active layer", &qemu_reads(&dir, &img, None), &want);
+    let mut old = vec![0u8; 4 * MIB as usize];
+    old[..2 * MIB as usize].fill(0x77);
+    assert_same(
+        "snapshot 'before'",
+        &qemu_reads(&dir, &img, Some("before")),
+        &old,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
