@@ -174,6 +174,27 @@ fn qemu_snapshot_names(img: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Each snapshot's id, name, date and VM state size as an image info
+/// (vubd's or qemu-img's) lists them.
+fn snapshot_details(image: &Value) -> Vec<Value> {
+    image["snapshots"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|s| {
+            json!([
+                s["id"],
+                s["name"],
+                s["date-sec"],
+                s["date-nsec"],
+                s["vm-state-size"],
+                s["vm-clock-sec"],
+                s["vm-clock-nsec"]
+            ])
+        })
+        .collect()
+}
+
 /// The snapshots vubd lists for node q0 (id, name).
 fn vubd_snapshots(qmp: &mut Qmp) -> Vec<(String, String)> {
     let nodes = qmp.execute("query-named-block-nodes", Value::Null);
@@ -304,6 +325,9 @@ fn snapshots_taken_and_deleted_over_qmp_while_a_guest_writes_keep_their_data() {
     stop.store(true, Ordering::SeqCst);
     let q1 = background.join().unwrap();
     let listed = vubd_snapshots(&mut qmp);
+    let full = snapshot_details(
+        &qmp.execute("query-block", Value::Null)["return"][0]["inserted"]["image"],
+    );
     drop(q1);
     drop(blk);
     drop(qmp);
@@ -316,6 +340,13 @@ fn snapshots_taken_and_deleted_over_qmp_while_a_guest_writes_keep_their_data() {
     assert_eq!(names, vec!["two".to_string(), "three".to_string()]);
     assert_eq!(qemu_snapshot_names(&img), names);
     assert_eq!(listed[1].0, "3", "the next free id");
+    let out = qemu_img(&["info", "--output=json", "-f", "qcow2", path(&img)]);
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        snapshot_details(&info),
+        full,
+        "vubd's list against qemu-img's"
+    );
     let written = written.lock().unwrap();
     let check_second_half = |what: &str, data: &[u8]| {
         for b in 0..256u64 {
