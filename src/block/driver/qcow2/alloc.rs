@@ -242,6 +242,18 @@ pub(super) async fn adjust_refcounts(
     Ok(counts)
 }
 
+/// Gives back the clusters reserved but not handed out (at close): their
+/// refcounts return to 0, so a clean close leaves no leak, even once the
+/// file grows past them.
+pub(super) async fn return_unused(io: &Qcow2Io, a: &Allocator) -> Result<(), i32> {
+    let unused: Vec<(u64, i64)> = a.state().free.drain(..).map(|c| (c, -1)).collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    adjust_refcounts(io, a, &unused).await?;
+    flush_file(io).await
+}
+
 /// `n` clusters in a row, each counted 1 on disk (for a table that must be
 /// contiguous). Clusters taken on the way that do not fit the run go back
 /// to the free list.

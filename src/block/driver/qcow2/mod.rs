@@ -477,6 +477,30 @@ impl Driver for Qcow2Driver {
         Some(self)
     }
 
+    fn close(&self) -> Result<(), BlockError> {
+        if self.read_only || self.io.alloc.is_none() {
+            return Ok(());
+        }
+        let io = self.io.clone();
+        let r = sync_io::run_task(async move {
+            let Some(a) = io.alloc.as_ref() else {
+                return 0;
+            };
+            match alloc::return_unused(&io, a).await {
+                Ok(()) => 0,
+                Err(e) => e,
+            }
+        })?;
+        if r < 0 {
+            log::warn!(
+                "qcow2 node '{}': giving back unused clusters: {}",
+                self.io.name,
+                std::io::Error::from_raw_os_error(-r)
+            );
+        }
+        crate::block::io::BlockIo::flush(&*self.io)
+    }
+
     fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
         let h = &self.header;
         info.cluster_size = Some(h.cluster_size() as i64);
