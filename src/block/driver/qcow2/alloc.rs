@@ -180,6 +180,43 @@ pub(super) async fn adjust_refcounts(
     a: &Allocator,
     changes: &[(u64, i64)],
 ) -> Result<Vec<(u64, u64)>, i32> {
+    let mut dirty = Vec::new();
+    let counts = stage_refcounts(io, a, changes, &mut dirty).await?;
+    write_refcount_blocks(io, a, &dirty).await?;
+    Ok(counts)
+}
+
+/// Writes the refcount blocks at these offsets as they are in memory.
+pub(super) async fn write_refcount_blocks(
+    io: &Qcow2Io,
+    a: &Allocator,
+    blocks: &[u64],
+) -> Result<(), i32> {
+    let cs = io.geo.cluster_size();
+    // Held while writing: two writers of one block must not land out of
+    // order.
+    let _reserving = a.meta_locks.lock(RESERVING, RESERVING + 1).await?;
+    for &block in blocks {
+        let mut buf = meta_buf(io, cs as usize)?;
+        match a.state().blocks.get(&block) {
+            Some(b) => buf.as_mut_slice().copy_from_slice(b),
+            None => return Err(-libc::EIO),
+        }
+        write_file(io, block, &mut buf).await?;
+    }
+    Ok(())
+}
+
+/// [`adjust_refcounts`] in memory only: the blocks it changed are added
+/// to `dirty`, for [`write_refcount_blocks`] later (a snapshot change
+/// computes everything first, so that what it writes is written close
+/// together).
+pub(super) async fn stage_refcounts(
+    io: &Qcow2Io,
+    a: &Allocator,
+    changes: &[(u64, i64)],
+    dirty: &mut Vec<u64>,
+) -> Result<Vec<(u64, u64)>, i32> {
     let cs = io.geo.cluster_size();
     let _reserving = a.meta_locks.lock(RESERVING, RESERVING + 1).await?;
     let mut located = Vec::with_capacity(changes.len());
@@ -204,7 +241,6 @@ pub(super) async fn adjust_refcounts(
         located.push((host, delta, block, pos.block_index));
     }
     let mut counts = Vec::with_capacity(changes.len());
-    let mut dirty: Vec<u64> = Vec::new();
     {
         let mut st = a.state();
         for &(host, delta, block, index) in &located {
@@ -230,14 +266,6 @@ pub(super) async fn adjust_refcounts(
                 dirty.push(block);
             }
         }
-    }
-    for block in dirty {
-        let mut buf = meta_buf(io, cs as usize)?;
-        match a.state().blocks.get(&block) {
-            Some(b) => buf.as_mut_slice().copy_from_slice(b),
-            None => return Err(-libc::EIO),
-        }
-        write_file(io, block, &mut buf).await?;
     }
     Ok(counts)
 }

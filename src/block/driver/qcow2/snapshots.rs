@@ -3,10 +3,11 @@
 //! Both run as one task on the control thread while every user of the
 //! node is drained, with the same helpers the I/O threads use.
 //!
-//! Taking one: the active L1 table is copied to new clusters; the COPIED
-//! flags of the active L1 and L2 entries are cleared on disk (then in
-//! memory) and flushed; every L2 table and data cluster the active image
-//! reaches counts one reference more, flushed; the new snapshot table goes
+//! Taking one: the active L1 table is copied to new clusters; the new
+//! refcounts (one more for every L2 table and data cluster the active image
+//! reaches) are computed in memory; the COPIED flags of the active L1 and
+//! L2 entries are cleared on disk (then in memory) and flushed; the
+//! refcount blocks are written, flushed; the new snapshot table goes
 //! to new clusters, flushed; then the header names it (the snapshot count
 //! and table offset in one sector write), flushed; only then does the old
 //! table's space count one reference less.
@@ -19,12 +20,17 @@
 //! COPIED flag back.
 //!
 //! A crash before the header write leaves the image as it was, with
-//! leaked clusters; after it, the new state with leaked clusters. Between
-//! the COPIED flags and the refcounts (either way) `qemu-img check` sees
-//! flags that do not match the counts: harmless (a cluster without the flag
-//! is copied before it is written), and `qemu-img check -r all` fixes it.
+//! leaked clusters; after it, the new state with leaked clusters. A crash
+//! between the flag writes and the refcount block writes (taking: while
+//! the tables and blocks are written; deleting: while the active tables
+//! are walked for COPIED) leaves flags that `qemu-img check` reports as
+//! not matching the counts: harmless (a cluster without the flag is copied
+//! before it is written), and `qemu-img check -r all` fixes it.
 
-use super::alloc::{adjust_refcounts, flush_file, meta_buf, read_file, take_run, write_file};
+use super::alloc::{
+    adjust_refcounts, flush_file, meta_buf, read_file, stage_refcounts, take_run, write_file,
+    write_refcount_blocks,
+};
 use super::io::Qcow2Io;
 use crate::block::qcow2::format::{
     encode_snapshot_table, L1Entry, L2Entry, Snapshot, COPIED, MAX_TABLE_LEN,
@@ -233,35 +239,11 @@ pub async fn create(io: &Qcow2Io, mut sn: Snapshot) -> Result<(), i32> {
         at
     };
     // Every table and data cluster the active image reaches gets one more
-    // reference; the active entries lose COPIED first.
+    // reference: computed first, in memory, and written last, after the
+    // active entries lost COPIED (on disk and in memory). Between those
+    // writes, and only there, the flags do not match the counts.
     let mut more: Vec<(u64, i64)> = Vec::new();
-    for &raw in &l1 {
-        let e = L1Entry::decode(raw, &io.geo).map_err(|e| io.corrupt(&format!("L1: {e}")))?;
-        if e.l2_offset == 0 {
-            continue;
-        }
-        let words = read_table(io, e.l2_offset).await?;
-        let mut changed = false;
-        let mut cleared = words.clone();
-        for (w, out) in words.iter().zip(cleared.iter_mut()) {
-            if data_clusters(io, *w)?.is_empty() {
-                continue;
-            }
-            if w & COPIED != 0 {
-                *out = w & !COPIED;
-                changed = true;
-            }
-        }
-        if changed {
-            store_active_l2(io, e.l2_offset, &cleared).await?;
-        }
-    }
-    flush_file(io).await?;
-    store_active_l1(io, &copy).await?;
-    io.meta_writes.fetch_add(1, Ordering::AcqRel);
-    // Now the references: the flags are stable, so a crash from here on
-    // leaves counts too high (leaks) and never flags that claim a sole
-    // owner.
+    let mut dirty: Vec<u64> = Vec::new();
     for &raw in &l1 {
         let e = L1Entry::decode(raw, &io.geo).map_err(|e| io.corrupt(&format!("L1: {e}")))?;
         if e.l2_offset == 0 {
@@ -272,11 +254,36 @@ pub async fn create(io: &Qcow2Io, mut sn: Snapshot) -> Result<(), i32> {
             more.extend(data_clusters(io, w)?.into_iter().map(|c| (c, 1)));
         }
         if more.len() >= BATCH {
-            adjust_refcounts(io, a, &more).await?;
+            stage_refcounts(io, a, &more, &mut dirty).await?;
             more.clear();
         }
     }
-    adjust_refcounts(io, a, &more).await?;
+    stage_refcounts(io, a, &more, &mut dirty).await?;
+    for &raw in &l1 {
+        let e = L1Entry::decode(raw, &io.geo).map_err(|e| io.corrupt(&format!("L1: {e}")))?;
+        if e.l2_offset == 0 {
+            continue;
+        }
+        let words = read_table(io, e.l2_offset).await?;
+        let cleared: Vec<u64> = words
+            .iter()
+            .map(|&w| match L2Entry::decode(w, &io.geo) {
+                Ok(L2Entry::Normal { .. })
+                | Ok(L2Entry::Zero {
+                    host_offset: Some(_),
+                    ..
+                }) => w & !COPIED,
+                _ => w,
+            })
+            .collect();
+        if cleared != words {
+            store_active_l2(io, e.l2_offset, &cleared).await?;
+        }
+    }
+    flush_file(io).await?;
+    store_active_l1(io, &copy).await?;
+    io.meta_writes.fetch_add(1, Ordering::AcqRel);
+    write_refcount_blocks(io, a, &dirty).await?;
     flush_file(io).await?;
     sn.l1_table_offset = l1_at;
     sn.l1_size = copy.len() as u32;
