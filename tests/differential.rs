@@ -70,6 +70,34 @@ fn script() -> Vec<Step> {
         step("resize raw grow", "block_resize", json!({"node-name": "fmt0", "size": 2097152})),
         step("resize negative", "block_resize", json!({"node-name": "fmt0", "size": -1})),
         step("resize unknown node", "block_resize", json!({"node-name": "nosuch", "size": 1048576})),
+        // Internal snapshots of a qcow2 node.
+        step("add qcow2 file", "blockdev-add",
+             json!({"driver": "file", "node-name": "file3", "filename": "{dir}/disk3.qcow2"})),
+        step("add qcow2", "blockdev-add",
+             json!({"driver": "qcow2", "node-name": "q3", "file": "file3"})),
+        step("internal snapshot", "blockdev-snapshot-internal-sync",
+             json!({"device": "q3", "name": "s1"})),
+        step("internal snapshot again", "blockdev-snapshot-internal-sync",
+             json!({"device": "q3", "name": "s1"})),
+        step("internal snapshot no name", "blockdev-snapshot-internal-sync",
+             json!({"device": "q3", "name": ""})),
+        step("internal snapshot of raw", "blockdev-snapshot-internal-sync",
+             json!({"device": "fmt0", "name": "s1"})),
+        step("internal snapshot unknown", "blockdev-snapshot-internal-sync",
+             json!({"device": "nosuch", "name": "s1"})),
+        step("second internal snapshot", "blockdev-snapshot-internal-sync",
+             json!({"device": "q3", "name": "s2"})),
+        step("nodes with snapshots", "query-named-block-nodes", none.clone()),
+        step("delete snapshot no id/name", "blockdev-snapshot-delete-internal-sync",
+             json!({"device": "q3"})),
+        step("delete snapshot unknown", "blockdev-snapshot-delete-internal-sync",
+             json!({"device": "q3", "id": "9", "name": "s1"})),
+        step("delete snapshot of raw", "blockdev-snapshot-delete-internal-sync",
+             json!({"device": "fmt0", "name": "s1"})),
+        step("delete snapshot", "blockdev-snapshot-delete-internal-sync",
+             json!({"device": "q3", "name": "s1"})),
+        step("delete snapshot by id", "blockdev-snapshot-delete-internal-sync",
+             json!({"device": "q3", "id": "2"})),
         step("nodes at end", "query-named-block-nodes", none.clone()),
         step("blockstats nodes at end", "query-blockstats", json!({"query-nodes": true})),
     ]
@@ -97,6 +125,7 @@ fn run(flavor: Flavor) -> Run {
     qemu_img_create(&builder.dir().join("disk0.img"), "raw", 1 << 20);
     qemu_img_create(&builder.dir().join("disk1.img"), "raw", 2 << 20);
     qemu_img_create(&builder.dir().join("disk2.img"), "raw", 1 << 20);
+    qemu_img_create(&builder.dir().join("disk3.qcow2"), "qcow2", 1 << 20);
     let daemon = builder.start();
     let dir = daemon.dir().to_str().unwrap().to_string();
     let (mut qmp, greeting) = Qmp::connect(daemon.qmp_socket());

@@ -11,6 +11,7 @@ pub mod file_lock;
 pub mod graph;
 #[cfg(test)]
 mod graph_tests;
+pub mod internal_snapshot;
 pub mod io;
 pub mod json_name;
 pub mod open;

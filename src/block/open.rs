@@ -184,6 +184,7 @@ fn open_node(
                     discard: qcow2::Discard {
                         unmap: flags.discard == BlockdevDiscardOptions::Unmap,
                         pass_request: q.pass_discard_request,
+                        pass_snapshot: q.pass_discard_snapshot,
                     },
                 },
             )?)

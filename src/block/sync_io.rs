@@ -85,6 +85,27 @@ pub fn write_at(node: &dyn BlockIo, offset: u64, buf: &[u8]) -> Result<(), Block
     Ok(())
 }
 
+/// Runs `fut` as a task on this thread's I/O context and waits for it;
+/// the value it completes with. Metadata changes made on the control
+/// thread (internal snapshots) use the same async helpers as the I/O
+/// threads this way.
+pub fn run_task<F: std::future::Future<Output = i32> + 'static>(fut: F) -> Result<i32, BlockError> {
+    CTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(IoContext::new(16, false).map_err(|e| BlockError::io("I/O setup", &e))?);
+        }
+        let Some(ctx) = slot.as_mut() else {
+            return Err(BlockError::invalid("no I/O context"));
+        };
+        ctx.spawn(TASK_TAG, fut);
+        wait(ctx, TASK_TAG)
+    })
+}
+
+/// The tag a task run by [`run_task`] completes with.
+const TASK_TAG: u64 = 1;
+
 /// Submits `req` and waits for its completion; the bytes done.
 fn run(node: &dyn BlockIo, req: &IoRequest) -> Result<usize, BlockError> {
     CTX.with(|cell| {

@@ -1838,9 +1838,53 @@ impl Serialize for SnapshotInfo {
 }
 rt::deserialize_via_qapi!(SnapshotInfo);
 
+/// How a qcow2 image's compressed clusters are compressed.
+/// Since: 5.1
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Qcow2CompressionType {
+    /// raw deflate
+    Zlib,
+    /// zstandard
+    Zstd,
+}
+
+impl Qcow2CompressionType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Zlib, Self::Zstd];
+    /// Every value's wire name, in schema order.
+    pub const NAMES: &'static [&'static str] = &["zlib", "zstd"];
+
+    /// The name of the value on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Zlib => "zlib",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+impl rt::FromQapi for Qcow2CompressionType {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        rt::one_of(v, at, Self::NAMES).map(|i| Self::ALL[i])
+    }
+}
+
+impl Serialize for Qcow2CompressionType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+rt::deserialize_via_qapi!(Qcow2CompressionType);
+
+impl std::fmt::Display for Qcow2CompressionType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Details that only qcow2 images have.
 /// Since: 1.7
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificQCow2 {
     /// the qcow2 compatibility level, e.g. "0.10" or "1.1"
     pub compat: String,
@@ -1848,8 +1892,12 @@ pub struct ImageInfoSpecificQCow2 {
     pub lazy_refcounts: Option<bool>,
     /// true if the image carries the corrupt flag; compat 1.1 and later only (since 2.2)
     pub corrupt: Option<bool>,
+    /// true if the image has extended L2 entries; compat 1.1 and later only (since 5.2)
+    pub extended_l2: Option<bool>,
     /// bits per refcount entry (since 2.3)
     pub refcount_bits: i64,
+    /// how compressed clusters are compressed (since 5.1)
+    pub compression_type: Qcow2CompressionType,
 }
 
 impl ImageInfoSpecificQCow2 {
@@ -1858,8 +1906,10 @@ impl ImageInfoSpecificQCow2 {
         let compat = obj.req("compat", <String as rt::FromQapi>::from_qapi)?;
         let lazy_refcounts = obj.opt("lazy-refcounts", <bool as rt::FromQapi>::from_qapi)?;
         let corrupt = obj.opt("corrupt", <bool as rt::FromQapi>::from_qapi)?;
+        let extended_l2 = obj.opt("extended-l2", <bool as rt::FromQapi>::from_qapi)?;
         let refcount_bits = obj.req("refcount-bits", <i64 as rt::FromQapi>::from_qapi)?;
-        Ok(Self { compat, lazy_refcounts, corrupt, refcount_bits })
+        let compression_type = obj.req("compression-type", <Qcow2CompressionType as rt::FromQapi>::from_qapi)?;
+        Ok(Self { compat, lazy_refcounts, corrupt, extended_l2, refcount_bits, compression_type })
     }
 
     /// Writes the members into a map being serialized.
@@ -1867,7 +1917,9 @@ impl ImageInfoSpecificQCow2 {
         map.serialize_entry("compat", &self.compat)?;
         if let Some(v) = &self.lazy_refcounts { map.serialize_entry("lazy-refcounts", v)?; }
         if let Some(v) = &self.corrupt { map.serialize_entry("corrupt", v)?; }
+        if let Some(v) = &self.extended_l2 { map.serialize_entry("extended-l2", v)?; }
         map.serialize_entry("refcount-bits", &self.refcount_bits)?;
+        map.serialize_entry("compression-type", &self.compression_type)?;
         Ok(())
     }
 }
@@ -7176,6 +7228,48 @@ impl Serialize for ObjectTypeInfo {
 }
 rt::deserialize_via_qapi!(ObjectTypeInfo);
 
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BlockdevSnapshotInternal {
+    /// the device (an export's id) or node name to take the snapshot of
+    pub device: String,
+    /// the name of the new internal snapshot
+    pub name: String,
+}
+
+impl BlockdevSnapshotInternal {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let device = obj.req("device", <String as rt::FromQapi>::from_qapi)?;
+        let name = obj.req("name", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { device, name })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("device", &self.device)?;
+        map.serialize_entry("name", &self.name)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for BlockdevSnapshotInternal {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for BlockdevSnapshotInternal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(BlockdevSnapshotInternal);
+
 /// Arguments of the `qmp_capabilities` command.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct QmpCapabilitiesArg {
@@ -8608,6 +8702,53 @@ impl Serialize for QomListPropertiesArg {
 }
 rt::deserialize_via_qapi!(QomListPropertiesArg);
 
+/// Arguments of the `blockdev-snapshot-delete-internal-sync` command.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BlockdevSnapshotDeleteInternalSyncArg {
+    /// the device (an export's id) or node name
+    pub device: String,
+    /// the snapshot's id
+    pub id: Option<String>,
+    /// the snapshot's name
+    pub name: Option<String>,
+}
+
+impl BlockdevSnapshotDeleteInternalSyncArg {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let device = obj.req("device", <String as rt::FromQapi>::from_qapi)?;
+        let id = obj.opt("id", <String as rt::FromQapi>::from_qapi)?;
+        let name = obj.opt("name", <String as rt::FromQapi>::from_qapi)?;
+        Ok(Self { device, id, name })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("device", &self.device)?;
+        if let Some(v) = &self.id { map.serialize_entry("id", v)?; }
+        if let Some(v) = &self.name { map.serialize_entry("name", v)?; }
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for BlockdevSnapshotDeleteInternalSyncArg {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for BlockdevSnapshotDeleteInternalSyncArg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(BlockdevSnapshotDeleteInternalSyncArg);
+
 /// Data of the `DEVICE_TRAY_MOVED` event.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DeviceTrayMovedData {
@@ -9146,10 +9287,10 @@ impl Event {
 }
 
 /// Every command the schema defines, in schema order.
-pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "query-chardev", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties"];
+pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "query-chardev", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync"];
 
 /// The commands vubd implements (the schema's `vubd-implemented-commands` pragma).
-pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "block_set_io_throttle", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "query-chardev"];
+pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "block_set_io_throttle", "blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "query-chardev"];
 
 /// The implemented commands the schema lets run out of band (`allow-oob`).
 pub const OOB_COMMANDS: &[&str] = &["query-version", "query-commands", "query-qmp-schema"];
@@ -9241,6 +9382,15 @@ pub trait Commands {
     /// Since: 1.1
     fn block_set_io_throttle(&mut self, arg: BlockIOThrottle) -> Result<(), Self::Error>;
 
+    /// Takes an internal snapshot of a qcow2 image while it is in use.
+    fn blockdev_snapshot_internal_sync(&mut self, arg: BlockdevSnapshotInternal) -> Result<(), Self::Error>;
+
+    /// Deletes an internal snapshot of a qcow2 image, found by its id, its
+    /// name, or both.
+    ///
+    /// Returns: the snapshot that was deleted
+    fn blockdev_snapshot_delete_internal_sync(&mut self, arg: BlockdevSnapshotDeleteInternalSyncArg) -> Result<SnapshotInfo, Self::Error>;
+
     /// Create and start a block export.
     /// Since: 5.2
     fn block_export_add(&mut self, arg: BlockExportOptions) -> Result<(), Self::Error>;
@@ -9315,6 +9465,8 @@ pub fn dispatch<C: Commands + ?Sized>(c: &mut C, name: &str, args: &Value) -> Op
         "blockdev-snapshot-sync" => <BlockdevSnapshotSync as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_snapshot_sync(a)).map(|()| Value::Object(Default::default())),
         "blockdev-snapshot" => <BlockdevSnapshot as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_snapshot(a)).map(|()| Value::Object(Default::default())),
         "block_set_io_throttle" => <BlockIOThrottle as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_set_io_throttle(a)).map(|()| Value::Object(Default::default())),
+        "blockdev-snapshot-internal-sync" => <BlockdevSnapshotInternal as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_snapshot_internal_sync(a)).map(|()| Value::Object(Default::default())),
+        "blockdev-snapshot-delete-internal-sync" => <BlockdevSnapshotDeleteInternalSyncArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_snapshot_delete_internal_sync(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "block-export-add" => <BlockExportOptions as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_export_add(a)).map(|()| Value::Object(Default::default())),
         "block-export-del" => <BlockExportDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_export_del(a)).map(|()| Value::Object(Default::default())),
         "query-block-exports" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_block_exports()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
@@ -9360,44 +9512,46 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "qom-set", "meta-type": "command", "arg-type": "26", "ret-type": "1"},
 {"name": "qom-list-types", "meta-type": "command", "arg-type": "27", "ret-type": "[28]"},
 {"name": "qom-list-properties", "meta-type": "command", "arg-type": "29", "ret-type": "[24]"},
-{"name": "DEVICE_TRAY_MOVED", "meta-type": "event", "arg-type": "30"},
-{"name": "BLOCK_IMAGE_CORRUPTED", "meta-type": "event", "arg-type": "31"},
-{"name": "BLOCK_IO_ERROR", "meta-type": "event", "arg-type": "32"},
-{"name": "BLOCK_JOB_COMPLETED", "meta-type": "event", "arg-type": "33"},
-{"name": "BLOCK_JOB_CANCELLED", "meta-type": "event", "arg-type": "34"},
-{"name": "BLOCK_JOB_ERROR", "meta-type": "event", "arg-type": "35"},
-{"name": "BLOCK_JOB_READY", "meta-type": "event", "arg-type": "36"},
-{"name": "BLOCK_WRITE_THRESHOLD", "meta-type": "event", "arg-type": "37"},
-{"name": "BLOCK_EXPORT_DELETED", "meta-type": "event", "arg-type": "38"},
-{"name": "0", "meta-type": "object", "members": [{"name": "enable", "type": "[39]", "default": null}]},
+{"name": "blockdev-snapshot-internal-sync", "meta-type": "command", "arg-type": "30", "ret-type": "1"},
+{"name": "blockdev-snapshot-delete-internal-sync", "meta-type": "command", "arg-type": "31", "ret-type": "32"},
+{"name": "DEVICE_TRAY_MOVED", "meta-type": "event", "arg-type": "33"},
+{"name": "BLOCK_IMAGE_CORRUPTED", "meta-type": "event", "arg-type": "34"},
+{"name": "BLOCK_IO_ERROR", "meta-type": "event", "arg-type": "35"},
+{"name": "BLOCK_JOB_COMPLETED", "meta-type": "event", "arg-type": "36"},
+{"name": "BLOCK_JOB_CANCELLED", "meta-type": "event", "arg-type": "37"},
+{"name": "BLOCK_JOB_ERROR", "meta-type": "event", "arg-type": "38"},
+{"name": "BLOCK_JOB_READY", "meta-type": "event", "arg-type": "39"},
+{"name": "BLOCK_WRITE_THRESHOLD", "meta-type": "event", "arg-type": "40"},
+{"name": "BLOCK_EXPORT_DELETED", "meta-type": "event", "arg-type": "41"},
+{"name": "0", "meta-type": "object", "members": [{"name": "enable", "type": "[42]", "default": null}]},
 {"name": "1", "meta-type": "object", "members": []},
-{"name": "2", "meta-type": "object", "members": [{"name": "qemu", "type": "40"}, {"name": "package", "type": "str"}]},
+{"name": "2", "meta-type": "object", "members": [{"name": "qemu", "type": "43"}, {"name": "package", "type": "str"}]},
 {"name": "[3]", "meta-type": "array", "element-type": "3"},
 {"name": "3", "meta-type": "object", "members": [{"name": "name", "type": "str"}]},
 {"name": "[4]", "meta-type": "array", "element-type": "4"},
-{"name": "4", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "meta-type", "type": "41"}, {"name": "features", "type": "[str]", "default": null}], "tag": "meta-type", "variants": [{"case": "builtin", "type": "42"}, {"case": "enum", "type": "43"}, {"case": "array", "type": "44"}, {"case": "object", "type": "45"}, {"case": "alternate", "type": "46"}, {"case": "command", "type": "47"}, {"case": "event", "type": "48"}]},
+{"name": "4", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "meta-type", "type": "44"}, {"name": "features", "type": "[str]", "default": null}], "tag": "meta-type", "variants": [{"case": "builtin", "type": "45"}, {"case": "enum", "type": "46"}, {"case": "array", "type": "47"}, {"case": "object", "type": "48"}, {"case": "alternate", "type": "49"}, {"case": "command", "type": "50"}, {"case": "event", "type": "51"}]},
 {"name": "[5]", "meta-type": "array", "element-type": "5"},
 {"name": "5", "meta-type": "object", "members": [{"name": "label", "type": "str"}, {"name": "filename", "type": "str"}, {"name": "frontend-open", "type": "bool"}]},
 {"name": "[6]", "meta-type": "array", "element-type": "6"},
-{"name": "6", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "type", "type": "str"}, {"name": "removable", "type": "bool"}, {"name": "locked", "type": "bool"}, {"name": "inserted", "type": "13", "default": null}, {"name": "tray_open", "type": "bool", "default": null}, {"name": "io-status", "type": "49", "default": null}, {"name": "dirty-bitmaps", "type": "[50]", "default": null}]},
+{"name": "6", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "type", "type": "str"}, {"name": "removable", "type": "bool"}, {"name": "locked", "type": "bool"}, {"name": "inserted", "type": "13", "default": null}, {"name": "tray_open", "type": "bool", "default": null}, {"name": "io-status", "type": "52", "default": null}, {"name": "dirty-bitmaps", "type": "[53]", "default": null}]},
 {"name": "7", "meta-type": "object", "members": [{"name": "query-nodes", "type": "bool", "default": null}]},
 {"name": "[8]", "meta-type": "array", "element-type": "8"},
-{"name": "8", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "stats", "type": "51"}, {"name": "parent", "type": "8", "default": null}, {"name": "backing", "type": "8", "default": null}, {"name": "driver-specific", "type": "52", "default": null}]},
+{"name": "8", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "stats", "type": "54"}, {"name": "parent", "type": "8", "default": null}, {"name": "backing", "type": "8", "default": null}, {"name": "driver-specific", "type": "55", "default": null}]},
 {"name": "9", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "size", "type": "int"}]},
-{"name": "10", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "snapshot-file", "type": "str"}, {"name": "snapshot-node-name", "type": "str", "default": null}, {"name": "format", "type": "str", "default": null}, {"name": "mode", "type": "53", "default": null}]},
+{"name": "10", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "snapshot-file", "type": "str"}, {"name": "snapshot-node-name", "type": "str", "default": null}, {"name": "format", "type": "str", "default": null}, {"name": "mode", "type": "56", "default": null}]},
 {"name": "11", "meta-type": "object", "members": [{"name": "node", "type": "str"}, {"name": "overlay", "type": "str"}]},
 {"name": "12", "meta-type": "object", "members": [{"name": "flat", "type": "bool", "default": null}]},
 {"name": "[13]", "meta-type": "array", "element-type": "13"},
-{"name": "13", "meta-type": "object", "members": [{"name": "file", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "ro", "type": "bool"}, {"name": "drv", "type": "str"}, {"name": "backing_file", "type": "str", "default": null}, {"name": "backing_file_depth", "type": "int"}, {"name": "encrypted", "type": "bool"}, {"name": "encryption_key_missing", "type": "bool"}, {"name": "detect_zeroes", "type": "54"}, {"name": "bps", "type": "int"}, {"name": "bps_rd", "type": "int"}, {"name": "bps_wr", "type": "int"}, {"name": "iops", "type": "int"}, {"name": "iops_rd", "type": "int"}, {"name": "iops_wr", "type": "int"}, {"name": "image", "type": "55"}, {"name": "bps_max", "type": "int", "default": null}, {"name": "bps_rd_max", "type": "int", "default": null}, {"name": "bps_wr_max", "type": "int", "default": null}, {"name": "iops_max", "type": "int", "default": null}, {"name": "iops_rd_max", "type": "int", "default": null}, {"name": "iops_wr_max", "type": "int", "default": null}, {"name": "bps_max_length", "type": "int", "default": null}, {"name": "bps_rd_max_length", "type": "int", "default": null}, {"name": "bps_wr_max_length", "type": "int", "default": null}, {"name": "iops_max_length", "type": "int", "default": null}, {"name": "iops_rd_max_length", "type": "int", "default": null}, {"name": "iops_wr_max_length", "type": "int", "default": null}, {"name": "iops_size", "type": "int", "default": null}, {"name": "group", "type": "str", "default": null}, {"name": "cache", "type": "56"}, {"name": "write_threshold", "type": "int"}, {"name": "active", "type": "bool"}]},
+{"name": "13", "meta-type": "object", "members": [{"name": "file", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "ro", "type": "bool"}, {"name": "drv", "type": "str"}, {"name": "backing_file", "type": "str", "default": null}, {"name": "backing_file_depth", "type": "int"}, {"name": "encrypted", "type": "bool"}, {"name": "encryption_key_missing", "type": "bool"}, {"name": "detect_zeroes", "type": "57"}, {"name": "bps", "type": "int"}, {"name": "bps_rd", "type": "int"}, {"name": "bps_wr", "type": "int"}, {"name": "iops", "type": "int"}, {"name": "iops_rd", "type": "int"}, {"name": "iops_wr", "type": "int"}, {"name": "image", "type": "58"}, {"name": "bps_max", "type": "int", "default": null}, {"name": "bps_rd_max", "type": "int", "default": null}, {"name": "bps_wr_max", "type": "int", "default": null}, {"name": "iops_max", "type": "int", "default": null}, {"name": "iops_rd_max", "type": "int", "default": null}, {"name": "iops_wr_max", "type": "int", "default": null}, {"name": "bps_max_length", "type": "int", "default": null}, {"name": "bps_rd_max_length", "type": "int", "default": null}, {"name": "bps_wr_max_length", "type": "int", "default": null}, {"name": "iops_max_length", "type": "int", "default": null}, {"name": "iops_rd_max_length", "type": "int", "default": null}, {"name": "iops_wr_max_length", "type": "int", "default": null}, {"name": "iops_size", "type": "int", "default": null}, {"name": "group", "type": "str", "default": null}, {"name": "cache", "type": "59"}, {"name": "write_threshold", "type": "int"}, {"name": "active", "type": "bool"}]},
 {"name": "14", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "id", "type": "str", "default": null}, {"name": "bps", "type": "int"}, {"name": "bps_rd", "type": "int"}, {"name": "bps_wr", "type": "int"}, {"name": "iops", "type": "int"}, {"name": "iops_rd", "type": "int"}, {"name": "iops_wr", "type": "int"}, {"name": "bps_max", "type": "int", "default": null}, {"name": "bps_rd_max", "type": "int", "default": null}, {"name": "bps_wr_max", "type": "int", "default": null}, {"name": "iops_max", "type": "int", "default": null}, {"name": "iops_rd_max", "type": "int", "default": null}, {"name": "iops_wr_max", "type": "int", "default": null}, {"name": "bps_max_length", "type": "int", "default": null}, {"name": "bps_rd_max_length", "type": "int", "default": null}, {"name": "bps_wr_max_length", "type": "int", "default": null}, {"name": "iops_max_length", "type": "int", "default": null}, {"name": "iops_rd_max_length", "type": "int", "default": null}, {"name": "iops_wr_max_length", "type": "int", "default": null}, {"name": "iops_size", "type": "int", "default": null}, {"name": "group", "type": "str", "default": null}]},
-{"name": "15", "meta-type": "object", "members": [{"name": "driver", "type": "57"}, {"name": "node-name", "type": "str", "default": null}, {"name": "discard", "type": "58", "default": null}, {"name": "cache", "type": "59", "default": null}, {"name": "read-only", "type": "bool", "default": null}, {"name": "detect-zeroes", "type": "54", "default": null}, {"name": "force-share", "type": "bool", "default": null}, {"name": "auto-read-only", "type": "bool", "default": null}], "tag": "driver", "variants": [{"case": "archipelago", "type": "60"}, {"case": "blkdebug", "type": "61"}, {"case": "blkverify", "type": "62"}, {"case": "bochs", "type": "63"}, {"case": "cloop", "type": "63"}, {"case": "dmg", "type": "63"}, {"case": "file", "type": "64"}, {"case": "ftp", "type": "65"}, {"case": "ftps", "type": "65"}, {"case": "gluster", "type": "66"}, {"case": "host_cdrom", "type": "64"}, {"case": "host_device", "type": "64"}, {"case": "http", "type": "65"}, {"case": "https", "type": "65"}, {"case": "luks", "type": "67"}, {"case": "null-aio", "type": "68"}, {"case": "null-co", "type": "68"}, {"case": "parallels", "type": "63"}, {"case": "qcow2", "type": "69"}, {"case": "qcow", "type": "70"}, {"case": "qed", "type": "70"}, {"case": "quorum", "type": "71"}, {"case": "raw", "type": "72"}, {"case": "replication", "type": "73"}, {"case": "tftp", "type": "65"}, {"case": "throttle", "type": "74"}, {"case": "vdi", "type": "63"}, {"case": "vhdx", "type": "63"}, {"case": "vmdk", "type": "70"}, {"case": "vpc", "type": "63"}, {"case": "vvfat", "type": "75"}]},
+{"name": "15", "meta-type": "object", "members": [{"name": "driver", "type": "60"}, {"name": "node-name", "type": "str", "default": null}, {"name": "discard", "type": "61", "default": null}, {"name": "cache", "type": "62", "default": null}, {"name": "read-only", "type": "bool", "default": null}, {"name": "detect-zeroes", "type": "57", "default": null}, {"name": "force-share", "type": "bool", "default": null}, {"name": "auto-read-only", "type": "bool", "default": null}], "tag": "driver", "variants": [{"case": "archipelago", "type": "63"}, {"case": "blkdebug", "type": "64"}, {"case": "blkverify", "type": "65"}, {"case": "bochs", "type": "66"}, {"case": "cloop", "type": "66"}, {"case": "dmg", "type": "66"}, {"case": "file", "type": "67"}, {"case": "ftp", "type": "68"}, {"case": "ftps", "type": "68"}, {"case": "gluster", "type": "69"}, {"case": "host_cdrom", "type": "67"}, {"case": "host_device", "type": "67"}, {"case": "http", "type": "68"}, {"case": "https", "type": "68"}, {"case": "luks", "type": "70"}, {"case": "null-aio", "type": "71"}, {"case": "null-co", "type": "71"}, {"case": "parallels", "type": "66"}, {"case": "qcow2", "type": "72"}, {"case": "qcow", "type": "73"}, {"case": "qed", "type": "73"}, {"case": "quorum", "type": "74"}, {"case": "raw", "type": "75"}, {"case": "replication", "type": "76"}, {"case": "tftp", "type": "68"}, {"case": "throttle", "type": "77"}, {"case": "vdi", "type": "66"}, {"case": "vhdx", "type": "66"}, {"case": "vmdk", "type": "73"}, {"case": "vpc", "type": "66"}, {"case": "vvfat", "type": "78"}]},
 {"name": "16", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}]},
 {"name": "17", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}]},
-{"name": "18", "meta-type": "object", "members": [{"name": "type", "type": "76"}, {"name": "id", "type": "str"}, {"name": "fixed-iothread", "type": "bool", "default": null}, {"name": "iothread", "type": "77", "default": null}, {"name": "node-name", "type": "str"}, {"name": "writable", "type": "bool", "default": null}, {"name": "writethrough", "type": "bool", "default": null}, {"name": "allow-inactive", "type": "bool", "default": null}], "tag": "type", "variants": [{"case": "vhost-user-blk", "type": "78"}]},
-{"name": "19", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "mode", "type": "79", "default": null}]},
+{"name": "18", "meta-type": "object", "members": [{"name": "type", "type": "79"}, {"name": "id", "type": "str"}, {"name": "fixed-iothread", "type": "bool", "default": null}, {"name": "iothread", "type": "80", "default": null}, {"name": "node-name", "type": "str"}, {"name": "writable", "type": "bool", "default": null}, {"name": "writethrough", "type": "bool", "default": null}, {"name": "allow-inactive", "type": "bool", "default": null}], "tag": "type", "variants": [{"case": "vhost-user-blk", "type": "81"}]},
+{"name": "19", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "mode", "type": "82", "default": null}]},
 {"name": "[20]", "meta-type": "array", "element-type": "20"},
-{"name": "20", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "type", "type": "76"}, {"name": "node-name", "type": "str"}, {"name": "shutting-down", "type": "bool"}]},
-{"name": "21", "meta-type": "object", "members": [{"name": "qom-type", "type": "80"}, {"name": "id", "type": "str"}], "tag": "qom-type", "variants": [{"case": "iothread", "type": "81"}, {"case": "throttle-group", "type": "82"}]},
+{"name": "20", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "type", "type": "79"}, {"name": "node-name", "type": "str"}, {"name": "shutting-down", "type": "bool"}]},
+{"name": "21", "meta-type": "object", "members": [{"name": "qom-type", "type": "83"}, {"name": "id", "type": "str"}], "tag": "qom-type", "variants": [{"case": "iothread", "type": "84"}, {"case": "throttle-group", "type": "85"}]},
 {"name": "22", "meta-type": "object", "members": [{"name": "id", "type": "str"}]},
 {"name": "23", "meta-type": "object", "members": [{"name": "path", "type": "str"}]},
 {"name": "[24]", "meta-type": "array", "element-type": "24"},
@@ -9409,127 +9563,130 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "[28]", "meta-type": "array", "element-type": "28"},
 {"name": "28", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "parent", "type": "str", "default": null}]},
 {"name": "29", "meta-type": "object", "members": [{"name": "typename", "type": "str"}]},
-{"name": "30", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "id", "type": "str"}, {"name": "tray-open", "type": "bool"}]},
-{"name": "31", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "msg", "type": "str"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}, {"name": "fatal", "type": "bool"}]},
-{"name": "32", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str"}, {"name": "operation", "type": "83"}, {"name": "action", "type": "84"}, {"name": "nospace", "type": "bool", "default": null}, {"name": "reason", "type": "str"}]},
-{"name": "33", "meta-type": "object", "members": [{"name": "type", "type": "85"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}, {"name": "error", "type": "str", "default": null}]},
-{"name": "34", "meta-type": "object", "members": [{"name": "type", "type": "85"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
-{"name": "35", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "operation", "type": "83"}, {"name": "action", "type": "84"}]},
-{"name": "36", "meta-type": "object", "members": [{"name": "type", "type": "85"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
-{"name": "37", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}, {"name": "amount-exceeded", "type": "int"}, {"name": "write-threshold", "type": "int"}]},
-{"name": "38", "meta-type": "object", "members": [{"name": "id", "type": "str"}]},
-{"name": "[39]", "meta-type": "array", "element-type": "39"},
-{"name": "39", "meta-type": "enum", "members": [{"name": "oob"}], "values": ["oob"]},
-{"name": "40", "meta-type": "object", "members": [{"name": "major", "type": "int"}, {"name": "minor", "type": "int"}, {"name": "micro", "type": "int"}]},
+{"name": "30", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "name", "type": "str"}]},
+{"name": "31", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "id", "type": "str", "default": null}, {"name": "name", "type": "str", "default": null}]},
+{"name": "32", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "name", "type": "str"}, {"name": "vm-state-size", "type": "int"}, {"name": "date-sec", "type": "int"}, {"name": "date-nsec", "type": "int"}, {"name": "vm-clock-sec", "type": "int"}, {"name": "vm-clock-nsec", "type": "int"}]},
+{"name": "33", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "id", "type": "str"}, {"name": "tray-open", "type": "bool"}]},
+{"name": "34", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "msg", "type": "str"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}, {"name": "fatal", "type": "bool"}]},
+{"name": "35", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str"}, {"name": "operation", "type": "86"}, {"name": "action", "type": "87"}, {"name": "nospace", "type": "bool", "default": null}, {"name": "reason", "type": "str"}]},
+{"name": "36", "meta-type": "object", "members": [{"name": "type", "type": "88"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}, {"name": "error", "type": "str", "default": null}]},
+{"name": "37", "meta-type": "object", "members": [{"name": "type", "type": "88"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
+{"name": "38", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "operation", "type": "86"}, {"name": "action", "type": "87"}]},
+{"name": "39", "meta-type": "object", "members": [{"name": "type", "type": "88"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
+{"name": "40", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}, {"name": "amount-exceeded", "type": "int"}, {"name": "write-threshold", "type": "int"}]},
+{"name": "41", "meta-type": "object", "members": [{"name": "id", "type": "str"}]},
+{"name": "[42]", "meta-type": "array", "element-type": "42"},
+{"name": "42", "meta-type": "enum", "members": [{"name": "oob"}], "values": ["oob"]},
+{"name": "43", "meta-type": "object", "members": [{"name": "major", "type": "int"}, {"name": "minor", "type": "int"}, {"name": "micro", "type": "int"}]},
 {"name": "str", "meta-type": "builtin", "json-type": "string"},
-{"name": "41", "meta-type": "enum", "members": [{"name": "builtin"}, {"name": "enum"}, {"name": "array"}, {"name": "object"}, {"name": "alternate"}, {"name": "command"}, {"name": "event"}], "values": ["builtin", "enum", "array", "object", "alternate", "command", "event"]},
+{"name": "44", "meta-type": "enum", "members": [{"name": "builtin"}, {"name": "enum"}, {"name": "array"}, {"name": "object"}, {"name": "alternate"}, {"name": "command"}, {"name": "event"}], "values": ["builtin", "enum", "array", "object", "alternate", "command", "event"]},
 {"name": "[str]", "meta-type": "array", "element-type": "str"},
-{"name": "42", "meta-type": "object", "members": [{"name": "json-type", "type": "86"}]},
-{"name": "43", "meta-type": "object", "members": [{"name": "members", "type": "[87]"}, {"name": "values", "type": "[str]", "features": ["deprecated"]}]},
-{"name": "44", "meta-type": "object", "members": [{"name": "element-type", "type": "str"}]},
-{"name": "45", "meta-type": "object", "members": [{"name": "members", "type": "[88]"}, {"name": "tag", "type": "str", "default": null}, {"name": "variants", "type": "[89]", "default": null}]},
-{"name": "46", "meta-type": "object", "members": [{"name": "members", "type": "[90]"}]},
-{"name": "47", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}, {"name": "ret-type", "type": "str"}, {"name": "allow-oob", "type": "bool", "default": null}]},
-{"name": "48", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}]},
+{"name": "45", "meta-type": "object", "members": [{"name": "json-type", "type": "89"}]},
+{"name": "46", "meta-type": "object", "members": [{"name": "members", "type": "[90]"}, {"name": "values", "type": "[str]", "features": ["deprecated"]}]},
+{"name": "47", "meta-type": "object", "members": [{"name": "element-type", "type": "str"}]},
+{"name": "48", "meta-type": "object", "members": [{"name": "members", "type": "[91]"}, {"name": "tag", "type": "str", "default": null}, {"name": "variants", "type": "[92]", "default": null}]},
+{"name": "49", "meta-type": "object", "members": [{"name": "members", "type": "[93]"}]},
+{"name": "50", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}, {"name": "ret-type", "type": "str"}, {"name": "allow-oob", "type": "bool", "default": null}]},
+{"name": "51", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}]},
 {"name": "bool", "meta-type": "builtin", "json-type": "boolean"},
-{"name": "49", "meta-type": "enum", "members": [{"name": "ok"}, {"name": "failed"}, {"name": "nospace"}], "values": ["ok", "failed", "nospace"]},
-{"name": "[50]", "meta-type": "array", "element-type": "50"},
-{"name": "50", "meta-type": "object", "members": [{"name": "name", "type": "str", "default": null}, {"name": "count", "type": "int"}, {"name": "granularity", "type": "int"}, {"name": "status", "type": "91"}]},
-{"name": "51", "meta-type": "object", "members": [{"name": "rd_bytes", "type": "int"}, {"name": "wr_bytes", "type": "int"}, {"name": "rd_operations", "type": "int"}, {"name": "wr_operations", "type": "int"}, {"name": "flush_operations", "type": "int"}, {"name": "flush_total_time_ns", "type": "int"}, {"name": "wr_total_time_ns", "type": "int"}, {"name": "rd_total_time_ns", "type": "int"}, {"name": "wr_highest_offset", "type": "int"}, {"name": "rd_merged", "type": "int"}, {"name": "wr_merged", "type": "int"}, {"name": "idle_time_ns", "type": "int", "default": null}, {"name": "failed_rd_operations", "type": "int"}, {"name": "failed_wr_operations", "type": "int"}, {"name": "failed_flush_operations", "type": "int"}, {"name": "invalid_rd_operations", "type": "int"}, {"name": "invalid_wr_operations", "type": "int"}, {"name": "invalid_flush_operations", "type": "int"}, {"name": "account_invalid", "type": "bool"}, {"name": "account_failed", "type": "bool"}, {"name": "timed_stats", "type": "[92]"}, {"name": "unmap_bytes", "type": "int"}, {"name": "unmap_operations", "type": "int"}, {"name": "unmap_total_time_ns", "type": "int"}, {"name": "unmap_merged", "type": "int"}, {"name": "failed_unmap_operations", "type": "int"}, {"name": "invalid_unmap_operations", "type": "int"}, {"name": "zone_append_bytes", "type": "int"}, {"name": "zone_append_operations", "type": "int"}, {"name": "zone_append_total_time_ns", "type": "int"}, {"name": "zone_append_merged", "type": "int"}, {"name": "failed_zone_append_operations", "type": "int"}, {"name": "invalid_zone_append_operations", "type": "int"}]},
-{"name": "52", "meta-type": "object", "members": [{"name": "driver", "type": "57"}], "tag": "driver", "variants": [{"case": "file", "type": "93"}, {"case": "host_device", "type": "93"}, {"case": "archipelago", "type": "1"}, {"case": "blkdebug", "type": "1"}, {"case": "blkverify", "type": "1"}, {"case": "bochs", "type": "1"}, {"case": "cloop", "type": "1"}, {"case": "dmg", "type": "1"}, {"case": "ftp", "type": "1"}, {"case": "ftps", "type": "1"}, {"case": "gluster", "type": "1"}, {"case": "host_cdrom", "type": "1"}, {"case": "http", "type": "1"}, {"case": "https", "type": "1"}, {"case": "luks", "type": "1"}, {"case": "null-aio", "type": "1"}, {"case": "null-co", "type": "1"}, {"case": "parallels", "type": "1"}, {"case": "qcow", "type": "1"}, {"case": "qcow2", "type": "1"}, {"case": "qed", "type": "1"}, {"case": "quorum", "type": "1"}, {"case": "raw", "type": "1"}, {"case": "replication", "type": "1"}, {"case": "tftp", "type": "1"}, {"case": "throttle", "type": "1"}, {"case": "vdi", "type": "1"}, {"case": "vhdx", "type": "1"}, {"case": "vmdk", "type": "1"}, {"case": "vpc", "type": "1"}, {"case": "vvfat", "type": "1"}]},
+{"name": "52", "meta-type": "enum", "members": [{"name": "ok"}, {"name": "failed"}, {"name": "nospace"}], "values": ["ok", "failed", "nospace"]},
+{"name": "[53]", "meta-type": "array", "element-type": "53"},
+{"name": "53", "meta-type": "object", "members": [{"name": "name", "type": "str", "default": null}, {"name": "count", "type": "int"}, {"name": "granularity", "type": "int"}, {"name": "status", "type": "94"}]},
+{"name": "54", "meta-type": "object", "members": [{"name": "rd_bytes", "type": "int"}, {"name": "wr_bytes", "type": "int"}, {"name": "rd_operations", "type": "int"}, {"name": "wr_operations", "type": "int"}, {"name": "flush_operations", "type": "int"}, {"name": "flush_total_time_ns", "type": "int"}, {"name": "wr_total_time_ns", "type": "int"}, {"name": "rd_total_time_ns", "type": "int"}, {"name": "wr_highest_offset", "type": "int"}, {"name": "rd_merged", "type": "int"}, {"name": "wr_merged", "type": "int"}, {"name": "idle_time_ns", "type": "int", "default": null}, {"name": "failed_rd_operations", "type": "int"}, {"name": "failed_wr_operations", "type": "int"}, {"name": "failed_flush_operations", "type": "int"}, {"name": "invalid_rd_operations", "type": "int"}, {"name": "invalid_wr_operations", "type": "int"}, {"name": "invalid_flush_operations", "type": "int"}, {"name": "account_invalid", "type": "bool"}, {"name": "account_failed", "type": "bool"}, {"name": "timed_stats", "type": "[95]"}, {"name": "unmap_bytes", "type": "int"}, {"name": "unmap_operations", "type": "int"}, {"name": "unmap_total_time_ns", "type": "int"}, {"name": "unmap_merged", "type": "int"}, {"name": "failed_unmap_operations", "type": "int"}, {"name": "invalid_unmap_operations", "type": "int"}, {"name": "zone_append_bytes", "type": "int"}, {"name": "zone_append_operations", "type": "int"}, {"name": "zone_append_total_time_ns", "type": "int"}, {"name": "zone_append_merged", "type": "int"}, {"name": "failed_zone_append_operations", "type": "int"}, {"name": "invalid_zone_append_operations", "type": "int"}]},
+{"name": "55", "meta-type": "object", "members": [{"name": "driver", "type": "60"}], "tag": "driver", "variants": [{"case": "file", "type": "96"}, {"case": "host_device", "type": "96"}, {"case": "archipelago", "type": "1"}, {"case": "blkdebug", "type": "1"}, {"case": "blkverify", "type": "1"}, {"case": "bochs", "type": "1"}, {"case": "cloop", "type": "1"}, {"case": "dmg", "type": "1"}, {"case": "ftp", "type": "1"}, {"case": "ftps", "type": "1"}, {"case": "gluster", "type": "1"}, {"case": "host_cdrom", "type": "1"}, {"case": "http", "type": "1"}, {"case": "https", "type": "1"}, {"case": "luks", "type": "1"}, {"case": "null-aio", "type": "1"}, {"case": "null-co", "type": "1"}, {"case": "parallels", "type": "1"}, {"case": "qcow", "type": "1"}, {"case": "qcow2", "type": "1"}, {"case": "qed", "type": "1"}, {"case": "quorum", "type": "1"}, {"case": "raw", "type": "1"}, {"case": "replication", "type": "1"}, {"case": "tftp", "type": "1"}, {"case": "throttle", "type": "1"}, {"case": "vdi", "type": "1"}, {"case": "vhdx", "type": "1"}, {"case": "vmdk", "type": "1"}, {"case": "vpc", "type": "1"}, {"case": "vvfat", "type": "1"}]},
 {"name": "int", "meta-type": "builtin", "json-type": "int"},
-{"name": "53", "meta-type": "enum", "members": [{"name": "existing"}, {"name": "absolute-paths"}], "values": ["existing", "absolute-paths"]},
-{"name": "54", "meta-type": "enum", "members": [{"name": "off"}, {"name": "on"}, {"name": "unmap"}], "values": ["off", "on", "unmap"]},
-{"name": "55", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "format", "type": "str"}, {"name": "dirty-flag", "type": "bool", "default": null}, {"name": "actual-size", "type": "int", "default": null}, {"name": "virtual-size", "type": "int"}, {"name": "cluster-size", "type": "int", "default": null}, {"name": "encrypted", "type": "bool", "default": null}, {"name": "compressed", "type": "bool", "default": null}, {"name": "backing-filename", "type": "str", "default": null}, {"name": "full-backing-filename", "type": "str", "default": null}, {"name": "backing-filename-format", "type": "str", "default": null}, {"name": "snapshots", "type": "[94]", "default": null}, {"name": "backing-image", "type": "55", "default": null}, {"name": "format-specific", "type": "95", "default": null}]},
-{"name": "56", "meta-type": "object", "members": [{"name": "writeback", "type": "bool"}, {"name": "direct", "type": "bool"}, {"name": "no-flush", "type": "bool"}]},
-{"name": "57", "meta-type": "enum", "members": [{"name": "archipelago"}, {"name": "blkdebug"}, {"name": "blkverify"}, {"name": "bochs"}, {"name": "cloop"}, {"name": "dmg"}, {"name": "file"}, {"name": "ftp"}, {"name": "ftps"}, {"name": "gluster", "features": ["deprecated"]}, {"name": "host_cdrom"}, {"name": "host_device"}, {"name": "http"}, {"name": "https"}, {"name": "luks"}, {"name": "null-aio"}, {"name": "null-co"}, {"name": "parallels"}, {"name": "qcow"}, {"name": "qcow2"}, {"name": "qed"}, {"name": "quorum"}, {"name": "raw"}, {"name": "replication"}, {"name": "tftp"}, {"name": "throttle"}, {"name": "vdi"}, {"name": "vhdx"}, {"name": "vmdk"}, {"name": "vpc"}, {"name": "vvfat"}], "values": ["archipelago", "blkdebug", "blkverify", "bochs", "cloop", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "luks", "null-aio", "null-co", "parallels", "qcow", "qcow2", "qed", "quorum", "raw", "replication", "tftp", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"]},
-{"name": "58", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "unmap"}], "values": ["ignore", "unmap"]},
-{"name": "59", "meta-type": "object", "members": [{"name": "direct", "type": "bool", "default": null}, {"name": "no-flush", "type": "bool", "default": null}]},
-{"name": "60", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "mport", "type": "int", "default": null}, {"name": "vport", "type": "int", "default": null}, {"name": "segment", "type": "str", "default": null}]},
-{"name": "61", "meta-type": "object", "members": [{"name": "image", "type": "96"}, {"name": "config", "type": "str", "default": null}, {"name": "align", "type": "int", "default": null}, {"name": "inject-error", "type": "[97]", "default": null}, {"name": "set-state", "type": "[98]", "default": null}]},
-{"name": "62", "meta-type": "object", "members": [{"name": "test", "type": "96"}, {"name": "raw", "type": "96"}]},
-{"name": "63", "meta-type": "object", "members": [{"name": "file", "type": "96"}]},
-{"name": "64", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "aio", "type": "99", "default": null}, {"name": "locking", "type": "100", "default": null}]},
-{"name": "65", "meta-type": "object", "members": [{"name": "filename", "type": "str"}]},
-{"name": "66", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "path", "type": "str"}, {"name": "server", "type": "[101]"}, {"name": "debug-level", "type": "int", "default": null}, {"name": "logfile", "type": "str", "default": null}]},
-{"name": "67", "meta-type": "object", "members": [{"name": "file", "type": "96"}, {"name": "key-secret", "type": "str", "default": null}]},
-{"name": "68", "meta-type": "object", "members": [{"name": "size", "type": "int", "default": null}, {"name": "latency-ns", "type": "int", "default": null}, {"name": "read-zeroes", "type": "bool", "default": null}]},
-{"name": "69", "meta-type": "object", "members": [{"name": "file", "type": "96"}, {"name": "backing", "type": "102", "default": null}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "pass-discard-request", "type": "bool", "default": null}, {"name": "pass-discard-snapshot", "type": "bool", "default": null}, {"name": "pass-discard-other", "type": "bool", "default": null}, {"name": "overlap-check", "type": "103", "default": null}, {"name": "cache-size", "type": "int", "default": null}, {"name": "l2-cache-size", "type": "int", "default": null}, {"name": "refcount-cache-size", "type": "int", "default": null}, {"name": "cache-clean-interval", "type": "int", "default": null}]},
-{"name": "70", "meta-type": "object", "members": [{"name": "file", "type": "96"}, {"name": "backing", "type": "102", "default": null}]},
-{"name": "71", "meta-type": "object", "members": [{"name": "blkverify", "type": "bool", "default": null}, {"name": "children", "type": "[96]"}, {"name": "vote-threshold", "type": "int"}, {"name": "rewrite-corrupted", "type": "bool", "default": null}, {"name": "read-pattern", "type": "104", "default": null}]},
-{"name": "72", "meta-type": "object", "members": [{"name": "file", "type": "96"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}]},
-{"name": "73", "meta-type": "object", "members": [{"name": "file", "type": "96"}, {"name": "mode", "type": "105"}, {"name": "top-id", "type": "str", "default": null}]},
-{"name": "74", "meta-type": "object", "members": [{"name": "throttle-group", "type": "str"}, {"name": "file", "type": "96"}]},
-{"name": "75", "meta-type": "object", "members": [{"name": "dir", "type": "str"}, {"name": "fat-type", "type": "int", "default": null}, {"name": "floppy", "type": "bool", "default": null}, {"name": "label", "type": "str", "default": null}, {"name": "rw", "type": "bool", "default": null}]},
-{"name": "76", "meta-type": "enum", "members": [{"name": "vhost-user-blk"}], "values": ["vhost-user-blk"]},
-{"name": "77", "meta-type": "alternate", "members": [{"type": "str"}, {"type": "[str]"}]},
-{"name": "78", "meta-type": "object", "members": [{"name": "addr", "type": "106"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}, {"name": "account-invalid", "type": "bool", "default": null}, {"name": "account-failed", "type": "bool", "default": null}, {"name": "stats-intervals", "type": "[int]", "default": null}]},
-{"name": "79", "meta-type": "enum", "members": [{"name": "safe"}, {"name": "hard"}], "values": ["safe", "hard"]},
-{"name": "80", "meta-type": "enum", "members": [{"name": "iothread"}, {"name": "throttle-group"}], "values": ["iothread", "throttle-group"]},
-{"name": "81", "meta-type": "object", "members": [{"name": "poll-max-ns", "type": "int", "default": null}, {"name": "poll-grow", "type": "int", "default": null}, {"name": "poll-shrink", "type": "int", "default": null}, {"name": "aio-max-batch", "type": "int", "default": null}]},
-{"name": "82", "meta-type": "object", "members": [{"name": "limits", "type": "107", "default": null}, {"name": "x-iops-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-size", "type": "int", "default": null, "features": ["unstable"]}]},
-{"name": "83", "meta-type": "enum", "members": [{"name": "read"}, {"name": "write"}], "values": ["read", "write"]},
-{"name": "84", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "report"}, {"name": "stop"}], "values": ["ignore", "report", "stop"]},
-{"name": "85", "meta-type": "enum", "members": [{"name": "commit"}, {"name": "stream"}, {"name": "mirror"}, {"name": "backup"}], "values": ["commit", "stream", "mirror", "backup"]},
-{"name": "86", "meta-type": "enum", "members": [{"name": "string"}, {"name": "number"}, {"name": "int"}, {"name": "boolean"}, {"name": "null"}, {"name": "object"}, {"name": "array"}, {"name": "value"}], "values": ["string", "number", "int", "boolean", "null", "object", "array", "value"]},
-{"name": "[87]", "meta-type": "array", "element-type": "87"},
-{"name": "87", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "features", "type": "[str]", "default": null}]},
-{"name": "[88]", "meta-type": "array", "element-type": "88"},
-{"name": "88", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "type", "type": "str"}, {"name": "default", "type": "any", "default": null}, {"name": "features", "type": "[str]", "default": null}]},
-{"name": "[89]", "meta-type": "array", "element-type": "89"},
-{"name": "89", "meta-type": "object", "members": [{"name": "case", "type": "str"}, {"name": "type", "type": "str"}]},
+{"name": "56", "meta-type": "enum", "members": [{"name": "existing"}, {"name": "absolute-paths"}], "values": ["existing", "absolute-paths"]},
+{"name": "57", "meta-type": "enum", "members": [{"name": "off"}, {"name": "on"}, {"name": "unmap"}], "values": ["off", "on", "unmap"]},
+{"name": "58", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "format", "type": "str"}, {"name": "dirty-flag", "type": "bool", "default": null}, {"name": "actual-size", "type": "int", "default": null}, {"name": "virtual-size", "type": "int"}, {"name": "cluster-size", "type": "int", "default": null}, {"name": "encrypted", "type": "bool", "default": null}, {"name": "compressed", "type": "bool", "default": null}, {"name": "backing-filename", "type": "str", "default": null}, {"name": "full-backing-filename", "type": "str", "default": null}, {"name": "backing-filename-format", "type": "str", "default": null}, {"name": "snapshots", "type": "[32]", "default": null}, {"name": "backing-image", "type": "58", "default": null}, {"name": "format-specific", "type": "97", "default": null}]},
+{"name": "59", "meta-type": "object", "members": [{"name": "writeback", "type": "bool"}, {"name": "direct", "type": "bool"}, {"name": "no-flush", "type": "bool"}]},
+{"name": "60", "meta-type": "enum", "members": [{"name": "archipelago"}, {"name": "blkdebug"}, {"name": "blkverify"}, {"name": "bochs"}, {"name": "cloop"}, {"name": "dmg"}, {"name": "file"}, {"name": "ftp"}, {"name": "ftps"}, {"name": "gluster", "features": ["deprecated"]}, {"name": "host_cdrom"}, {"name": "host_device"}, {"name": "http"}, {"name": "https"}, {"name": "luks"}, {"name": "null-aio"}, {"name": "null-co"}, {"name": "parallels"}, {"name": "qcow"}, {"name": "qcow2"}, {"name": "qed"}, {"name": "quorum"}, {"name": "raw"}, {"name": "replication"}, {"name": "tftp"}, {"name": "throttle"}, {"name": "vdi"}, {"name": "vhdx"}, {"name": "vmdk"}, {"name": "vpc"}, {"name": "vvfat"}], "values": ["archipelago", "blkdebug", "blkverify", "bochs", "cloop", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "luks", "null-aio", "null-co", "parallels", "qcow", "qcow2", "qed", "quorum", "raw", "replication", "tftp", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"]},
+{"name": "61", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "unmap"}], "values": ["ignore", "unmap"]},
+{"name": "62", "meta-type": "object", "members": [{"name": "direct", "type": "bool", "default": null}, {"name": "no-flush", "type": "bool", "default": null}]},
+{"name": "63", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "mport", "type": "int", "default": null}, {"name": "vport", "type": "int", "default": null}, {"name": "segment", "type": "str", "default": null}]},
+{"name": "64", "meta-type": "object", "members": [{"name": "image", "type": "98"}, {"name": "config", "type": "str", "default": null}, {"name": "align", "type": "int", "default": null}, {"name": "inject-error", "type": "[99]", "default": null}, {"name": "set-state", "type": "[100]", "default": null}]},
+{"name": "65", "meta-type": "object", "members": [{"name": "test", "type": "98"}, {"name": "raw", "type": "98"}]},
+{"name": "66", "meta-type": "object", "members": [{"name": "file", "type": "98"}]},
+{"name": "67", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "aio", "type": "101", "default": null}, {"name": "locking", "type": "102", "default": null}]},
+{"name": "68", "meta-type": "object", "members": [{"name": "filename", "type": "str"}]},
+{"name": "69", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "path", "type": "str"}, {"name": "server", "type": "[103]"}, {"name": "debug-level", "type": "int", "default": null}, {"name": "logfile", "type": "str", "default": null}]},
+{"name": "70", "meta-type": "object", "members": [{"name": "file", "type": "98"}, {"name": "key-secret", "type": "str", "default": null}]},
+{"name": "71", "meta-type": "object", "members": [{"name": "size", "type": "int", "default": null}, {"name": "latency-ns", "type": "int", "default": null}, {"name": "read-zeroes", "type": "bool", "default": null}]},
+{"name": "72", "meta-type": "object", "members": [{"name": "file", "type": "98"}, {"name": "backing", "type": "104", "default": null}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "pass-discard-request", "type": "bool", "default": null}, {"name": "pass-discard-snapshot", "type": "bool", "default": null}, {"name": "pass-discard-other", "type": "bool", "default": null}, {"name": "overlap-check", "type": "105", "default": null}, {"name": "cache-size", "type": "int", "default": null}, {"name": "l2-cache-size", "type": "int", "default": null}, {"name": "refcount-cache-size", "type": "int", "default": null}, {"name": "cache-clean-interval", "type": "int", "default": null}]},
+{"name": "73", "meta-type": "object", "members": [{"name": "file", "type": "98"}, {"name": "backing", "type": "104", "default": null}]},
+{"name": "74", "meta-type": "object", "members": [{"name": "blkverify", "type": "bool", "default": null}, {"name": "children", "type": "[98]"}, {"name": "vote-threshold", "type": "int"}, {"name": "rewrite-corrupted", "type": "bool", "default": null}, {"name": "read-pattern", "type": "106", "default": null}]},
+{"name": "75", "meta-type": "object", "members": [{"name": "file", "type": "98"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}]},
+{"name": "76", "meta-type": "object", "members": [{"name": "file", "type": "98"}, {"name": "mode", "type": "107"}, {"name": "top-id", "type": "str", "default": null}]},
+{"name": "77", "meta-type": "object", "members": [{"name": "throttle-group", "type": "str"}, {"name": "file", "type": "98"}]},
+{"name": "78", "meta-type": "object", "members": [{"name": "dir", "type": "str"}, {"name": "fat-type", "type": "int", "default": null}, {"name": "floppy", "type": "bool", "default": null}, {"name": "label", "type": "str", "default": null}, {"name": "rw", "type": "bool", "default": null}]},
+{"name": "79", "meta-type": "enum", "members": [{"name": "vhost-user-blk"}], "values": ["vhost-user-blk"]},
+{"name": "80", "meta-type": "alternate", "members": [{"type": "str"}, {"type": "[str]"}]},
+{"name": "81", "meta-type": "object", "members": [{"name": "addr", "type": "108"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}, {"name": "account-invalid", "type": "bool", "default": null}, {"name": "account-failed", "type": "bool", "default": null}, {"name": "stats-intervals", "type": "[int]", "default": null}]},
+{"name": "82", "meta-type": "enum", "members": [{"name": "safe"}, {"name": "hard"}], "values": ["safe", "hard"]},
+{"name": "83", "meta-type": "enum", "members": [{"name": "iothread"}, {"name": "throttle-group"}], "values": ["iothread", "throttle-group"]},
+{"name": "84", "meta-type": "object", "members": [{"name": "poll-max-ns", "type": "int", "default": null}, {"name": "poll-grow", "type": "int", "default": null}, {"name": "poll-shrink", "type": "int", "default": null}, {"name": "aio-max-batch", "type": "int", "default": null}]},
+{"name": "85", "meta-type": "object", "members": [{"name": "limits", "type": "109", "default": null}, {"name": "x-iops-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-size", "type": "int", "default": null, "features": ["unstable"]}]},
+{"name": "86", "meta-type": "enum", "members": [{"name": "read"}, {"name": "write"}], "values": ["read", "write"]},
+{"name": "87", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "report"}, {"name": "stop"}], "values": ["ignore", "report", "stop"]},
+{"name": "88", "meta-type": "enum", "members": [{"name": "commit"}, {"name": "stream"}, {"name": "mirror"}, {"name": "backup"}], "values": ["commit", "stream", "mirror", "backup"]},
+{"name": "89", "meta-type": "enum", "members": [{"name": "string"}, {"name": "number"}, {"name": "int"}, {"name": "boolean"}, {"name": "null"}, {"name": "object"}, {"name": "array"}, {"name": "value"}], "values": ["string", "number", "int", "boolean", "null", "object", "array", "value"]},
 {"name": "[90]", "meta-type": "array", "element-type": "90"},
-{"name": "90", "meta-type": "object", "members": [{"name": "type", "type": "str"}]},
-{"name": "91", "meta-type": "enum", "members": [{"name": "active"}, {"name": "disabled"}, {"name": "frozen"}], "values": ["active", "disabled", "frozen"]},
+{"name": "90", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "features", "type": "[str]", "default": null}]},
+{"name": "[91]", "meta-type": "array", "element-type": "91"},
+{"name": "91", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "type", "type": "str"}, {"name": "default", "type": "any", "default": null}, {"name": "features", "type": "[str]", "default": null}]},
 {"name": "[92]", "meta-type": "array", "element-type": "92"},
-{"name": "92", "meta-type": "object", "members": [{"name": "interval_length", "type": "int"}, {"name": "min_rd_latency_ns", "type": "int"}, {"name": "max_rd_latency_ns", "type": "int"}, {"name": "avg_rd_latency_ns", "type": "int"}, {"name": "min_wr_latency_ns", "type": "int"}, {"name": "max_wr_latency_ns", "type": "int"}, {"name": "avg_wr_latency_ns", "type": "int"}, {"name": "min_flush_latency_ns", "type": "int"}, {"name": "max_flush_latency_ns", "type": "int"}, {"name": "avg_flush_latency_ns", "type": "int"}, {"name": "avg_rd_queue_depth", "type": "number"}, {"name": "avg_wr_queue_depth", "type": "number"}]},
-{"name": "93", "meta-type": "object", "members": [{"name": "discard-nb-ok", "type": "int"}, {"name": "discard-nb-failed", "type": "int"}, {"name": "discard-bytes-ok", "type": "int"}]},
-{"name": "[94]", "meta-type": "array", "element-type": "94"},
-{"name": "94", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "name", "type": "str"}, {"name": "vm-state-size", "type": "int"}, {"name": "date-sec", "type": "int"}, {"name": "date-nsec", "type": "int"}, {"name": "vm-clock-sec", "type": "int"}, {"name": "vm-clock-nsec", "type": "int"}]},
-{"name": "95", "meta-type": "object", "members": [{"name": "type", "type": "108"}], "tag": "type", "variants": [{"case": "qcow2", "type": "109"}, {"case": "vmdk", "type": "110"}, {"case": "luks", "type": "111"}, {"case": "file", "type": "112"}]},
-{"name": "96", "meta-type": "alternate", "members": [{"type": "15"}, {"type": "str"}]},
-{"name": "[97]", "meta-type": "array", "element-type": "97"},
-{"name": "97", "meta-type": "object", "members": [{"name": "event", "type": "113"}, {"name": "state", "type": "int", "default": null}, {"name": "errno", "type": "int", "default": null}, {"name": "sector", "type": "int", "default": null}, {"name": "once", "type": "bool", "default": null}, {"name": "immediately", "type": "bool", "default": null}]},
+{"name": "92", "meta-type": "object", "members": [{"name": "case", "type": "str"}, {"name": "type", "type": "str"}]},
+{"name": "[93]", "meta-type": "array", "element-type": "93"},
+{"name": "93", "meta-type": "object", "members": [{"name": "type", "type": "str"}]},
+{"name": "94", "meta-type": "enum", "members": [{"name": "active"}, {"name": "disabled"}, {"name": "frozen"}], "values": ["active", "disabled", "frozen"]},
+{"name": "[95]", "meta-type": "array", "element-type": "95"},
+{"name": "95", "meta-type": "object", "members": [{"name": "interval_length", "type": "int"}, {"name": "min_rd_latency_ns", "type": "int"}, {"name": "max_rd_latency_ns", "type": "int"}, {"name": "avg_rd_latency_ns", "type": "int"}, {"name": "min_wr_latency_ns", "type": "int"}, {"name": "max_wr_latency_ns", "type": "int"}, {"name": "avg_wr_latency_ns", "type": "int"}, {"name": "min_flush_latency_ns", "type": "int"}, {"name": "max_flush_latency_ns", "type": "int"}, {"name": "avg_flush_latency_ns", "type": "int"}, {"name": "avg_rd_queue_depth", "type": "number"}, {"name": "avg_wr_queue_depth", "type": "number"}]},
+{"name": "96", "meta-type": "object", "members": [{"name": "discard-nb-ok", "type": "int"}, {"name": "discard-nb-failed", "type": "int"}, {"name": "discard-bytes-ok", "type": "int"}]},
+{"name": "[32]", "meta-type": "array", "element-type": "32"},
+{"name": "97", "meta-type": "object", "members": [{"name": "type", "type": "110"}], "tag": "type", "variants": [{"case": "qcow2", "type": "111"}, {"case": "vmdk", "type": "112"}, {"case": "luks", "type": "113"}, {"case": "file", "type": "114"}]},
+{"name": "98", "meta-type": "alternate", "members": [{"type": "15"}, {"type": "str"}]},
+{"name": "[99]", "meta-type": "array", "element-type": "99"},
+{"name": "99", "meta-type": "object", "members": [{"name": "event", "type": "115"}, {"name": "state", "type": "int", "default": null}, {"name": "errno", "type": "int", "default": null}, {"name": "sector", "type": "int", "default": null}, {"name": "once", "type": "bool", "default": null}, {"name": "immediately", "type": "bool", "default": null}]},
+{"name": "[100]", "meta-type": "array", "element-type": "100"},
+{"name": "100", "meta-type": "object", "members": [{"name": "event", "type": "115"}, {"name": "state", "type": "int", "default": null}, {"name": "new_state", "type": "int"}]},
+{"name": "101", "meta-type": "enum", "members": [{"name": "threads"}, {"name": "native"}, {"name": "io_uring"}], "values": ["threads", "native", "io_uring"]},
+{"name": "102", "meta-type": "enum", "members": [{"name": "auto"}, {"name": "on"}, {"name": "off"}], "values": ["auto", "on", "off"]},
+{"name": "[103]", "meta-type": "array", "element-type": "103"},
+{"name": "103", "meta-type": "object", "members": [{"name": "type", "type": "116"}], "tag": "type", "variants": [{"case": "unix", "type": "117"}, {"case": "tcp", "type": "118"}]},
+{"name": "104", "meta-type": "alternate", "members": [{"type": "15"}, {"type": "str"}, {"type": "null"}]},
+{"name": "105", "meta-type": "alternate", "members": [{"type": "119"}, {"type": "120"}]},
 {"name": "[98]", "meta-type": "array", "element-type": "98"},
-{"name": "98", "meta-type": "object", "members": [{"name": "event", "type": "113"}, {"name": "state", "type": "int", "default": null}, {"name": "new_state", "type": "int"}]},
-{"name": "99", "meta-type": "enum", "members": [{"name": "threads"}, {"name": "native"}, {"name": "io_uring"}], "values": ["threads", "native", "io_uring"]},
-{"name": "100", "meta-type": "enum", "members": [{"name": "auto"}, {"name": "on"}, {"name": "off"}], "values": ["auto", "on", "off"]},
-{"name": "[101]", "meta-type": "array", "element-type": "101"},
-{"name": "101", "meta-type": "object", "members": [{"name": "type", "type": "114"}], "tag": "type", "variants": [{"case": "unix", "type": "115"}, {"case": "tcp", "type": "116"}]},
-{"name": "102", "meta-type": "alternate", "members": [{"type": "15"}, {"type": "str"}, {"type": "null"}]},
-{"name": "103", "meta-type": "alternate", "members": [{"type": "117"}, {"type": "118"}]},
-{"name": "[96]", "meta-type": "array", "element-type": "96"},
-{"name": "104", "meta-type": "enum", "members": [{"name": "quorum"}, {"name": "fifo"}], "values": ["quorum", "fifo"]},
-{"name": "105", "meta-type": "enum", "members": [{"name": "primary"}, {"name": "secondary"}], "values": ["primary", "secondary"]},
-{"name": "106", "meta-type": "object", "members": [{"name": "type", "type": "119"}], "tag": "type", "variants": [{"case": "inet", "type": "116"}, {"case": "unix", "type": "115"}, {"case": "vsock", "type": "120"}, {"case": "fd", "type": "121"}]},
+{"name": "106", "meta-type": "enum", "members": [{"name": "quorum"}, {"name": "fifo"}], "values": ["quorum", "fifo"]},
+{"name": "107", "meta-type": "enum", "members": [{"name": "primary"}, {"name": "secondary"}], "values": ["primary", "secondary"]},
+{"name": "108", "meta-type": "object", "members": [{"name": "type", "type": "121"}], "tag": "type", "variants": [{"case": "inet", "type": "118"}, {"case": "unix", "type": "117"}, {"case": "vsock", "type": "122"}, {"case": "fd", "type": "123"}]},
 {"name": "[int]", "meta-type": "array", "element-type": "int"},
-{"name": "107", "meta-type": "object", "members": [{"name": "iops-total", "type": "int", "default": null}, {"name": "iops-total-max", "type": "int", "default": null}, {"name": "iops-total-max-length", "type": "int", "default": null}, {"name": "iops-read", "type": "int", "default": null}, {"name": "iops-read-max", "type": "int", "default": null}, {"name": "iops-read-max-length", "type": "int", "default": null}, {"name": "iops-write", "type": "int", "default": null}, {"name": "iops-write-max", "type": "int", "default": null}, {"name": "iops-write-max-length", "type": "int", "default": null}, {"name": "bps-total", "type": "int", "default": null}, {"name": "bps-total-max", "type": "int", "default": null}, {"name": "bps-total-max-length", "type": "int", "default": null}, {"name": "bps-read", "type": "int", "default": null}, {"name": "bps-read-max", "type": "int", "default": null}, {"name": "bps-read-max-length", "type": "int", "default": null}, {"name": "bps-write", "type": "int", "default": null}, {"name": "bps-write-max", "type": "int", "default": null}, {"name": "bps-write-max-length", "type": "int", "default": null}, {"name": "iops-size", "type": "int", "default": null}]},
+{"name": "109", "meta-type": "object", "members": [{"name": "iops-total", "type": "int", "default": null}, {"name": "iops-total-max", "type": "int", "default": null}, {"name": "iops-total-max-length", "type": "int", "default": null}, {"name": "iops-read", "type": "int", "default": null}, {"name": "iops-read-max", "type": "int", "default": null}, {"name": "iops-read-max-length", "type": "int", "default": null}, {"name": "iops-write", "type": "int", "default": null}, {"name": "iops-write-max", "type": "int", "default": null}, {"name": "iops-write-max-length", "type": "int", "default": null}, {"name": "bps-total", "type": "int", "default": null}, {"name": "bps-total-max", "type": "int", "default": null}, {"name": "bps-total-max-length", "type": "int", "default": null}, {"name": "bps-read", "type": "int", "default": null}, {"name": "bps-read-max", "type": "int", "default": null}, {"name": "bps-read-max-length", "type": "int", "default": null}, {"name": "bps-write", "type": "int", "default": null}, {"name": "bps-write-max", "type": "int", "default": null}, {"name": "bps-write-max-length", "type": "int", "default": null}, {"name": "iops-size", "type": "int", "default": null}]},
 {"name": "number", "meta-type": "builtin", "json-type": "number"},
-{"name": "108", "meta-type": "enum", "members": [{"name": "qcow2"}, {"name": "vmdk"}, {"name": "luks"}, {"name": "file"}], "values": ["qcow2", "vmdk", "luks", "file"]},
-{"name": "109", "meta-type": "object", "members": [{"name": "data", "type": "122"}]},
-{"name": "110", "meta-type": "object", "members": [{"name": "data", "type": "123"}]},
+{"name": "110", "meta-type": "enum", "members": [{"name": "qcow2"}, {"name": "vmdk"}, {"name": "luks"}, {"name": "file"}], "values": ["qcow2", "vmdk", "luks", "file"]},
 {"name": "111", "meta-type": "object", "members": [{"name": "data", "type": "124"}]},
 {"name": "112", "meta-type": "object", "members": [{"name": "data", "type": "125"}]},
-{"name": "113", "meta-type": "enum", "members": [{"name": "l1_update"}, {"name": "l1_grow_alloc_table"}, {"name": "l1_grow_write_table"}, {"name": "l1_grow_activate_table"}, {"name": "l2_load"}, {"name": "l2_update"}, {"name": "l2_update_compressed"}, {"name": "l2_alloc_cow_read"}, {"name": "l2_alloc_write"}, {"name": "read_aio"}, {"name": "read_backing_aio"}, {"name": "read_compressed"}, {"name": "write_aio"}, {"name": "write_compressed"}, {"name": "vmstate_load"}, {"name": "vmstate_save"}, {"name": "cow_read"}, {"name": "cow_write"}, {"name": "reftable_load"}, {"name": "reftable_grow"}, {"name": "reftable_update"}, {"name": "refblock_load"}, {"name": "refblock_update"}, {"name": "refblock_update_part"}, {"name": "refblock_alloc"}, {"name": "refblock_alloc_hookup"}, {"name": "refblock_alloc_write"}, {"name": "refblock_alloc_write_blocks"}, {"name": "refblock_alloc_write_table"}, {"name": "refblock_alloc_switch_table"}, {"name": "cluster_alloc"}, {"name": "cluster_alloc_bytes"}, {"name": "cluster_free"}, {"name": "flush_to_os"}, {"name": "flush_to_disk"}, {"name": "pwritev_rmw_head"}, {"name": "pwritev_rmw_after_head"}, {"name": "pwritev_rmw_tail"}, {"name": "pwritev_rmw_after_tail"}, {"name": "pwritev"}, {"name": "pwritev_zero"}, {"name": "pwritev_done"}, {"name": "empty_image_prepare"}], "values": ["l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare"]},
-{"name": "114", "meta-type": "enum", "members": [{"name": "unix"}, {"name": "tcp"}], "values": ["unix", "tcp"]},
-{"name": "115", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "tight", "type": "bool", "default": null}]},
-{"name": "116", "meta-type": "object", "members": [{"name": "host", "type": "str"}, {"name": "port", "type": "str"}, {"name": "numeric", "type": "bool", "default": null}, {"name": "to", "type": "int", "default": null}, {"name": "ipv4", "type": "bool", "default": null}, {"name": "ipv6", "type": "bool", "default": null}, {"name": "keep-alive", "type": "bool", "default": null}, {"name": "keep-alive-count", "type": "int", "default": null}, {"name": "keep-alive-idle", "type": "int", "default": null}, {"name": "keep-alive-interval", "type": "int", "default": null}, {"name": "mptcp", "type": "bool", "default": null}]},
+{"name": "113", "meta-type": "object", "members": [{"name": "data", "type": "126"}]},
+{"name": "114", "meta-type": "object", "members": [{"name": "data", "type": "127"}]},
+{"name": "115", "meta-type": "enum", "members": [{"name": "l1_update"}, {"name": "l1_grow_alloc_table"}, {"name": "l1_grow_write_table"}, {"name": "l1_grow_activate_table"}, {"name": "l2_load"}, {"name": "l2_update"}, {"name": "l2_update_compressed"}, {"name": "l2_alloc_cow_read"}, {"name": "l2_alloc_write"}, {"name": "read_aio"}, {"name": "read_backing_aio"}, {"name": "read_compressed"}, {"name": "write_aio"}, {"name": "write_compressed"}, {"name": "vmstate_load"}, {"name": "vmstate_save"}, {"name": "cow_read"}, {"name": "cow_write"}, {"name": "reftable_load"}, {"name": "reftable_grow"}, {"name": "reftable_update"}, {"name": "refblock_load"}, {"name": "refblock_update"}, {"name": "refblock_update_part"}, {"name": "refblock_alloc"}, {"name": "refblock_alloc_hookup"}, {"name": "refblock_alloc_write"}, {"name": "refblock_alloc_write_blocks"}, {"name": "refblock_alloc_write_table"}, {"name": "refblock_alloc_switch_table"}, {"name": "cluster_alloc"}, {"name": "cluster_alloc_bytes"}, {"name": "cluster_free"}, {"name": "flush_to_os"}, {"name": "flush_to_disk"}, {"name": "pwritev_rmw_head"}, {"name": "pwritev_rmw_after_head"}, {"name": "pwritev_rmw_tail"}, {"name": "pwritev_rmw_after_tail"}, {"name": "pwritev"}, {"name": "pwritev_zero"}, {"name": "pwritev_done"}, {"name": "empty_image_prepare"}], "values": ["l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare"]},
+{"name": "116", "meta-type": "enum", "members": [{"name": "unix"}, {"name": "tcp"}], "values": ["unix", "tcp"]},
+{"name": "117", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "tight", "type": "bool", "default": null}]},
+{"name": "118", "meta-type": "object", "members": [{"name": "host", "type": "str"}, {"name": "port", "type": "str"}, {"name": "numeric", "type": "bool", "default": null}, {"name": "to", "type": "int", "default": null}, {"name": "ipv4", "type": "bool", "default": null}, {"name": "ipv6", "type": "bool", "default": null}, {"name": "keep-alive", "type": "bool", "default": null}, {"name": "keep-alive-count", "type": "int", "default": null}, {"name": "keep-alive-idle", "type": "int", "default": null}, {"name": "keep-alive-interval", "type": "int", "default": null}, {"name": "mptcp", "type": "bool", "default": null}]},
 {"name": "null", "meta-type": "builtin", "json-type": "null"},
-{"name": "117", "meta-type": "object", "members": [{"name": "template", "type": "118", "default": null}, {"name": "main-header", "type": "bool", "default": null}, {"name": "active-l1", "type": "bool", "default": null}, {"name": "active-l2", "type": "bool", "default": null}, {"name": "refcount-table", "type": "bool", "default": null}, {"name": "refcount-block", "type": "bool", "default": null}, {"name": "snapshot-table", "type": "bool", "default": null}, {"name": "inactive-l1", "type": "bool", "default": null}, {"name": "inactive-l2", "type": "bool", "default": null}]},
-{"name": "118", "meta-type": "enum", "members": [{"name": "none"}, {"name": "constant"}, {"name": "cached"}, {"name": "all"}], "values": ["none", "constant", "cached", "all"]},
-{"name": "119", "meta-type": "enum", "members": [{"name": "inet"}, {"name": "unix"}, {"name": "vsock"}, {"name": "fd"}], "values": ["inet", "unix", "vsock", "fd"]},
-{"name": "120", "meta-type": "object", "members": [{"name": "cid", "type": "str"}, {"name": "port", "type": "str"}]},
-{"name": "121", "meta-type": "object", "members": [{"name": "str", "type": "str"}]},
-{"name": "122", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}]},
-{"name": "123", "meta-type": "object", "members": [{"name": "create-type", "type": "str"}, {"name": "cid", "type": "int"}, {"name": "parent-cid", "type": "int"}, {"name": "extents", "type": "[55]"}]},
-{"name": "124", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "126"}, {"name": "cipher-mode", "type": "127"}, {"name": "ivgen-alg", "type": "128"}, {"name": "ivgen-hash-alg", "type": "129", "default": null}, {"name": "hash-alg", "type": "129"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[130]"}]},
-{"name": "125", "meta-type": "object", "members": [{"name": "extent-size-hint", "type": "int", "default": null}]},
-{"name": "[55]", "meta-type": "array", "element-type": "55"},
-{"name": "126", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
-{"name": "127", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
-{"name": "128", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
-{"name": "129", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
-{"name": "[130]", "meta-type": "array", "element-type": "130"},
-{"name": "130", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
+{"name": "119", "meta-type": "object", "members": [{"name": "template", "type": "120", "default": null}, {"name": "main-header", "type": "bool", "default": null}, {"name": "active-l1", "type": "bool", "default": null}, {"name": "active-l2", "type": "bool", "default": null}, {"name": "refcount-table", "type": "bool", "default": null}, {"name": "refcount-block", "type": "bool", "default": null}, {"name": "snapshot-table", "type": "bool", "default": null}, {"name": "inactive-l1", "type": "bool", "default": null}, {"name": "inactive-l2", "type": "bool", "default": null}]},
+{"name": "120", "meta-type": "enum", "members": [{"name": "none"}, {"name": "constant"}, {"name": "cached"}, {"name": "all"}], "values": ["none", "constant", "cached", "all"]},
+{"name": "121", "meta-type": "enum", "members": [{"name": "inet"}, {"name": "unix"}, {"name": "vsock"}, {"name": "fd"}], "values": ["inet", "unix", "vsock", "fd"]},
+{"name": "122", "meta-type": "object", "members": [{"name": "cid", "type": "str"}, {"name": "port", "type": "str"}]},
+{"name": "123", "meta-type": "object", "members": [{"name": "str", "type": "str"}]},
+{"name": "124", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "extended-l2", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}, {"name": "compression-type", "type": "128"}]},
+{"name": "125", "meta-type": "object", "members": [{"name": "create-type", "type": "str"}, {"name": "cid", "type": "int"}, {"name": "parent-cid", "type": "int"}, {"name": "extents", "type": "[58]"}]},
+{"name": "126", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "129"}, {"name": "cipher-mode", "type": "130"}, {"name": "ivgen-alg", "type": "131"}, {"name": "ivgen-hash-alg", "type": "132", "default": null}, {"name": "hash-alg", "type": "132"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[133]"}]},
+{"name": "127", "meta-type": "object", "members": [{"name": "extent-size-hint", "type": "int", "default": null}]},
+{"name": "128", "meta-type": "enum", "members": [{"name": "zlib"}, {"name": "zstd"}], "values": ["zlib", "zstd"]},
+{"name": "[58]", "meta-type": "array", "element-type": "58"},
+{"name": "129", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
+{"name": "130", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
+{"name": "131", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
+{"name": "132", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
+{"name": "[133]", "meta-type": "array", "element-type": "133"},
+{"name": "133", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
 ]
 "#;

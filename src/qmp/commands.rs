@@ -9,10 +9,11 @@ use crate::error::QmpError;
 use crate::qapi::{
     self, BlockDeviceInfo, BlockExportDelArg, BlockExportDeletedData, BlockExportInfo,
     BlockExportOptions, BlockExportRemoveMode, BlockInfo, BlockResizeArg, BlockStats,
-    BlockdevDelArg, BlockdevOptions, ChardevInfo, CommandInfo, Event, ObjectDelArg, ObjectOptions,
+    BlockdevDelArg, BlockdevOptions, BlockdevSnapshotDeleteInternalSyncArg,
+    BlockdevSnapshotInternal, ChardevInfo, CommandInfo, Event, ObjectDelArg, ObjectOptions,
     ObjectPropertyInfo, ObjectTypeInfo, QMPCapability, QapiErrorClass, QmpCapabilitiesArg,
     QomGetArg, QomListArg, QomListPropertiesArg, QomListTypesArg, QomSetArg, QueryBlockstatsArg,
-    SchemaInfo, VersionInfo, VersionTriple, XBlockdevDelArg,
+    SchemaInfo, SnapshotInfo, VersionInfo, VersionTriple, XBlockdevDelArg,
 };
 use crate::qom;
 use serde_json::Value;
@@ -260,6 +261,26 @@ impl qapi::Commands for Cx<'_> {
             }
         }
         Ok(())
+    }
+
+    fn blockdev_snapshot_internal_sync(
+        &mut self,
+        arg: BlockdevSnapshotInternal,
+    ) -> Result<(), QmpError> {
+        crate::block::internal_snapshot::create(&self.daemon.graph, &arg.device, &arg.name)?;
+        Ok(())
+    }
+
+    fn blockdev_snapshot_delete_internal_sync(
+        &mut self,
+        arg: BlockdevSnapshotDeleteInternalSyncArg,
+    ) -> Result<SnapshotInfo, QmpError> {
+        Ok(crate::block::internal_snapshot::delete(
+            &self.daemon.graph,
+            &arg.device,
+            arg.id.as_deref(),
+            arg.name.as_deref(),
+        )?)
     }
 
     fn block_export_add(&mut self, arg: BlockExportOptions) -> Result<(), QmpError> {

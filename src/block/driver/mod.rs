@@ -16,7 +16,9 @@ pub mod throttle;
 use super::drain::Root;
 use super::error::BlockError;
 use super::perm::Perm;
-use crate::qapi::{BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevDriver};
+use crate::qapi::{
+    BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevDriver, SnapshotInfo,
+};
 
 /// What a driver is in the graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +128,12 @@ pub trait Driver: Send + Sync {
         let _ = info;
     }
 
+    /// The image's internal snapshots, for a driver that keeps them
+    /// (qcow2); None for the others.
+    fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
+        None
+    }
+
     /// Counters only this driver keeps (query-blockstats).
     fn stats_specific(&self) -> Option<crate::qapi::BlockStatsSpecific> {
         None
@@ -139,6 +147,21 @@ pub trait Driver: Send + Sync {
             self.io().flush()
         }
     }
+}
+
+/// Taking and deleting internal snapshots of an image. The caller has
+/// drained every user of the node: no request is in flight meanwhile.
+pub trait InternalSnapshots {
+    /// Takes a snapshot of the active image named `name`, with the next
+    /// free numeric id.
+    fn create(&self, name: &str) -> Result<(), BlockError>;
+
+    /// Deletes the snapshot with this id and/or name (the caller checked
+    /// that it exists); what it was.
+    fn delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo, BlockError>;
+
+    /// The snapshot that matches `id` and `name` (both when both given).
+    fn find(&self, id: Option<&str>, name: Option<&str>) -> Option<SnapshotInfo>;
 }
 
 /// QEMU's defaults: a filter passes its parents' needs through; a format

@@ -221,7 +221,9 @@ impl Graph {
         if relinked {
             self.refresh_lengths();
         }
-        for driver in removed {
+        // Parents before their children (children come first in the
+        // list): a format node may still write to its file as it closes.
+        for driver in removed.into_iter().rev() {
             if let Err(e) = driver.close() {
                 log::warn!("closing a removed node: {e}");
             }

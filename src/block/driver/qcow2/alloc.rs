@@ -12,8 +12,10 @@
 //! itself, and is written and flushed before the refcount table points at
 //! it.
 //!
-//! Freed clusters are not reused yet: overwriting a compressed or shared
-//! cluster leaves the old one counted (a leak).
+//! Refcounts of clusters already in use change through
+//! [`adjust_refcounts`] (copy-on-write of shared clusters, internal
+//! snapshots, overwritten or discarded compressed clusters). Freed
+//! clusters are not reused yet.
 
 use super::io::Qcow2Io;
 use super::words::put_table_words;
@@ -162,44 +164,149 @@ pub(super) async fn take_cluster(io: &Qcow2Io, a: &Allocator) -> Result<u64, i32
     }
 }
 
-/// Counts one reference less to the cluster at `host` (a cluster whose
-/// last reference was just dropped from the tables, and flushed so).
-pub(super) async fn release_cluster(io: &Qcow2Io, a: &Allocator, host: u64) -> Result<(), i32> {
+/// Counts one reference less to the cluster at `host` (a reference just
+/// dropped from the tables, and flushed so); the count left.
+pub(super) async fn release_cluster(io: &Qcow2Io, a: &Allocator, host: u64) -> Result<u64, i32> {
+    let counts = adjust_refcounts(io, a, &[(host, -1)]).await?;
+    Ok(counts.first().map_or(0, |&(_, c)| c))
+}
+
+/// Adds `delta` to the refcount of each cluster listed (a cluster may be
+/// listed more than once), writes every refcount block that changed once,
+/// and gives each cluster's new count. Nothing is flushed: the caller
+/// orders the flushes around the tables that the counts are for.
+pub(super) async fn adjust_refcounts(
+    io: &Qcow2Io,
+    a: &Allocator,
+    changes: &[(u64, i64)],
+) -> Result<Vec<(u64, u64)>, i32> {
+    let mut dirty = Vec::new();
+    let counts = stage_refcounts(io, a, changes, &mut dirty).await?;
+    write_refcount_blocks(io, a, &dirty).await?;
+    Ok(counts)
+}
+
+/// Writes the refcount blocks at these offsets as they are in memory.
+pub(super) async fn write_refcount_blocks(
+    io: &Qcow2Io,
+    a: &Allocator,
+    blocks: &[u64],
+) -> Result<(), i32> {
+    let cs = io.geo.cluster_size();
+    // Held while writing: two writers of one block must not land out of
+    // order.
+    let _reserving = a.meta_locks.lock(RESERVING, RESERVING + 1).await?;
+    for &block in blocks {
+        let mut buf = meta_buf(io, cs as usize)?;
+        match a.state().blocks.get(&block) {
+            Some(b) => buf.as_mut_slice().copy_from_slice(b),
+            None => return Err(-libc::EIO),
+        }
+        write_file(io, block, &mut buf).await?;
+    }
+    Ok(())
+}
+
+/// [`adjust_refcounts`] in memory only: the blocks it changed are added
+/// to `dirty`, for [`write_refcount_blocks`] later (a snapshot change
+/// computes everything first, so that what it writes is written close
+/// together).
+pub(super) async fn stage_refcounts(
+    io: &Qcow2Io,
+    a: &Allocator,
+    changes: &[(u64, i64)],
+    dirty: &mut Vec<u64>,
+) -> Result<Vec<(u64, u64)>, i32> {
     let cs = io.geo.cluster_size();
     let _reserving = a.meta_locks.lock(RESERVING, RESERVING + 1).await?;
-    let pos = io.geo.refcount_position(host);
-    let block = a
-        .state()
-        .reftable
-        .get(pos.table_index as usize)
-        .map_or(0, |e| e & REFTABLE_OFFSET_MASK);
-    if block == 0 {
-        return Err(io.corrupt(&format!("cluster {host} has no refcount block")));
+    let mut located = Vec::with_capacity(changes.len());
+    for &(host, delta) in changes {
+        let pos = io.geo.refcount_position(host);
+        let block = a
+            .state()
+            .reftable
+            .get(pos.table_index as usize)
+            .map_or(0, |e| e & REFTABLE_OFFSET_MASK);
+        if block == 0 {
+            return Err(io.corrupt(&format!("cluster {host} has no refcount block")));
+        }
+        if !a.state().blocks.contains_key(&block) {
+            let mut buf = meta_buf(io, cs as usize)?;
+            read_file(io, block, &mut buf).await?;
+            a.state()
+                .blocks
+                .entry(block)
+                .or_insert_with(|| buf.as_slice().to_vec());
+        }
+        located.push((host, delta, block, pos.block_index));
     }
-    if !a.state().blocks.contains_key(&block) {
-        let mut buf = meta_buf(io, cs as usize)?;
-        read_file(io, block, &mut buf).await?;
-        a.state()
-            .blocks
-            .entry(block)
-            .or_insert_with(|| buf.as_slice().to_vec());
-    }
-    let mut buf = meta_buf(io, cs as usize)?;
+    let mut counts = Vec::with_capacity(changes.len());
     {
         let mut st = a.state();
-        let Some(b) = st.blocks.get_mut(&block) else {
-            return Err(-libc::EIO);
-        };
-        let count = get_refcount(b, a.refcount_order, pos.block_index)
-            .map_err(|e| io.corrupt(&format!("refcount of {host}: {e}")))?;
-        if count == 0 {
-            return Err(io.corrupt(&format!("cluster {host} freed twice")));
+        for &(host, delta, block, index) in &located {
+            let Some(b) = st.blocks.get_mut(&block) else {
+                return Err(-libc::EIO);
+            };
+            let count = get_refcount(b, a.refcount_order, index)
+                .map_err(|e| io.corrupt(&format!("refcount of {host}: {e}")))?;
+            let Some(new) = count.checked_add_signed(delta) else {
+                return Err(io.corrupt(&format!(
+                    "refcount of {host} would go below 0 (it is {count})"
+                )));
+            };
+            if set_refcount(b, a.refcount_order, index, new).is_err() {
+                log::error!(
+                    "qcow2 node '{}': the refcount of {host} would overflow",
+                    io.name
+                );
+                return Err(-libc::EOVERFLOW);
+            }
+            counts.push((host, new));
+            if delta != 0 && !dirty.contains(&block) {
+                dirty.push(block);
+            }
         }
-        set_refcount(b, a.refcount_order, pos.block_index, count - 1)
-            .map_err(|e| io.corrupt(&format!("refcount of {host}: {e}")))?;
-        buf.as_mut_slice().copy_from_slice(b);
     }
-    write_file(io, block, &mut buf).await
+    Ok(counts)
+}
+
+/// Gives back the clusters reserved but not handed out (at close): their
+/// refcounts return to 0, so a clean close leaves no leak, even once the
+/// file grows past them.
+pub(super) async fn return_unused(io: &Qcow2Io, a: &Allocator) -> Result<(), i32> {
+    let unused: Vec<(u64, i64)> = a.state().free.drain(..).map(|c| (c, -1)).collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    adjust_refcounts(io, a, &unused).await?;
+    flush_file(io).await
+}
+
+/// `n` clusters in a row, each counted 1 on disk (for a table that must be
+/// contiguous). Clusters taken on the way that do not fit the run go back
+/// to the free list.
+pub(super) async fn take_run(io: &Qcow2Io, a: &Allocator, n: u64) -> Result<u64, i32> {
+    let cs = io.geo.cluster_size();
+    let mut run: Vec<u64> = Vec::new();
+    let mut spare: Vec<u64> = Vec::new();
+    while (run.len() as u64) < n {
+        let c = match take_cluster(io, a).await {
+            Ok(c) => c,
+            Err(e) => {
+                a.state().free.extend(run.into_iter().chain(spare));
+                return Err(e);
+            }
+        };
+        if run.last().is_some_and(|&l| l + cs != c) {
+            spare.append(&mut run);
+        }
+        run.push(c);
+    }
+    let mut st = a.state();
+    for c in spare.into_iter().rev() {
+        st.free.push_front(c);
+    }
+    Ok(run.first().copied().unwrap_or(0))
 }
 
 /// Reserves the next batch of clusters at the end of the file.

@@ -76,11 +76,22 @@ pub struct Qcow2Io {
     pub(super) discard_unmap: bool,
     /// `pass-discard-request`: freed clusters are discarded in the file.
     pub(super) pass_discard: bool,
+    /// `pass-discard-snapshot`: clusters a snapshot deletion frees are
+    /// discarded in the file.
+    pub(super) pass_discard_snapshot: bool,
+    /// The internal snapshots, as the image lists them now.
+    pub(super) snapshots: Mutex<super::snapshots::SnapTable>,
 }
 
 impl Qcow2Io {
     pub(super) fn cache(&self) -> std::sync::MutexGuard<'_, L2Cache> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn snapshots(&self) -> std::sync::MutexGuard<'_, super::snapshots::SnapTable> {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Maps guest offset `off` with what is cached.

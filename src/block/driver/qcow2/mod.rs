@@ -8,9 +8,11 @@
 //!
 //! Writes go in place to clusters the image owns, and allocate new
 //! clusters otherwise ([`write`], [`alloc`]), with metadata written
-//! through (no dirty cache to lose). Not yet: internal snapshots written
-//! to, images with extended L2 entries or lazy refcounts opened for
-//! writing, reuse of freed clusters, resizing.
+//! through (no dirty cache to lose). A cluster or L2 table shared with an
+//! internal snapshot (no COPIED flag) is copied before it is written;
+//! internal snapshots are taken and deleted by [`snapshots`]. Not yet:
+//! images with extended L2 entries opened for writing, reuse of freed
+//! clusters, shrinking.
 
 mod alloc;
 mod cache;
@@ -18,6 +20,8 @@ pub mod create;
 mod io;
 mod iov;
 mod resize;
+mod snapshot_api;
+mod snapshots;
 mod words;
 mod write;
 
@@ -27,7 +31,8 @@ use crate::block::edge::Child;
 use crate::block::error::BlockError;
 use crate::block::perm::Perm;
 use crate::block::qcow2::format::{
-    parse_snapshot_table, CryptMethod, FormatError, Geometry, Header, Snapshot, MAX_TABLE_LEN,
+    parse_snapshot_table, snapshot_table_len, CompressionType, CryptMethod, FormatError, Geometry,
+    Header, MAX_TABLE_LEN,
 };
 use crate::block::sync_io;
 use io::Qcow2Io;
@@ -117,6 +122,8 @@ pub struct Discard {
     pub unmap: bool,
     /// `pass-discard-request` (default: as `unmap`).
     pub pass_request: Option<bool>,
+    /// `pass-discard-snapshot` (default: on).
+    pub pass_snapshot: Option<bool>,
 }
 
 /// What the image header says about its backing file.
@@ -156,8 +163,6 @@ impl BackingInfo {
 pub struct Qcow2Driver {
     io: Arc<Qcow2Io>,
     header: Header,
-    /// The internal snapshots, as the image lists them at open.
-    snapshots: Vec<Snapshot>,
     read_only: bool,
     file_filename: String,
     backing_filename: Option<String>,
@@ -217,6 +222,7 @@ impl Qcow2Driver {
             ));
         }
         let tables = whole_disk.min(bound).max(2) as usize;
+        let table = read_snapshots(&file, &header, read_only)?;
         let alloc = if read_only {
             None
         } else {
@@ -243,12 +249,12 @@ impl Qcow2Driver {
             version: header.version,
             discard_unmap: discard.unmap,
             pass_discard: discard.pass_request.unwrap_or(discard.unmap),
+            pass_discard_snapshot: discard.pass_snapshot.unwrap_or(true),
+            snapshots: Mutex::new(table),
         });
-        let snapshots = read_snapshots(&io.file.node(), &header);
         Ok(Qcow2Driver {
             io,
             header,
-            snapshots,
             read_only,
             file_filename,
             backing_filename,
@@ -278,11 +284,6 @@ fn open_for_writing(
             "qcow2 images with extended L2 entries can only be opened read-only by vubd yet",
         ));
     }
-    if header.nb_snapshots > 0 {
-        return Err(BlockError::invalid(
-            "qcow2 images with internal snapshots can only be opened read-only by vubd yet",
-        ));
-    }
     let bytes = u64::from(header.refcount_table_clusters) * geo.cluster_size();
     if bytes > MAX_L1_BYTES {
         return Err(BlockError::invalid("Refcount table too large"));
@@ -303,30 +304,46 @@ fn open_for_writing(
     ))
 }
 
-/// The image's snapshot table; empty (with a warning) when it cannot be
-/// read, which only costs the listing.
-fn read_snapshots(file: &Root, h: &Header) -> Vec<Snapshot> {
+/// The image's snapshot table. One that cannot be read costs only the
+/// listing on a read-only node (a warning); a writable node refuses to
+/// open, as it would otherwise write a table without those snapshots.
+fn read_snapshots(
+    file: &Root,
+    h: &Header,
+    read_only: bool,
+) -> Result<snapshots::SnapTable, BlockError> {
     if h.nb_snapshots == 0 {
-        return Vec::new();
+        return Ok(snapshots::SnapTable::default());
     }
+    let fail = |what: String| {
+        if read_only {
+            log::warn!("{what}");
+            Ok(snapshots::SnapTable::default())
+        } else {
+            Err(BlockError::invalid(what))
+        }
+    };
     let mut len = 64 << 10;
     loop {
         let mut buf = vec![0u8; len];
         if let Err(e) = sync_io::read_at(&**file, h.snapshots_offset, &mut buf) {
-            log::warn!("reading the snapshot table: {e}");
-            return Vec::new();
+            return fail(format!("reading the snapshot table: {e}"));
         }
         match parse_snapshot_table(&buf, h.nb_snapshots) {
-            Ok(v) => return v,
+            Ok(list) => {
+                let len = snapshot_table_len(&list) as u64;
+                return Ok(snapshots::SnapTable {
+                    list,
+                    offset: h.snapshots_offset,
+                    len,
+                });
+            }
             Err(FormatError::Truncated { needed, .. })
                 if needed > len && needed <= MAX_TABLE_LEN =>
             {
                 len = needed;
             }
-            Err(e) => {
-                log::warn!("the snapshot table: {e}");
-                return Vec::new();
-            }
+            Err(e) => return fail(format!("the snapshot table: {e}")),
         }
     }
 }
@@ -371,6 +388,34 @@ impl Driver for Qcow2Driver {
         }
     }
 
+    fn internal_snapshots(&self) -> Option<&dyn super::InternalSnapshots> {
+        Some(self)
+    }
+
+    fn close(&self) -> Result<(), BlockError> {
+        if self.read_only || self.io.alloc.is_none() {
+            return Ok(());
+        }
+        let io = self.io.clone();
+        let r = sync_io::run_task(async move {
+            let Some(a) = io.alloc.as_ref() else {
+                return 0;
+            };
+            match alloc::return_unused(&io, a).await {
+                Ok(()) => 0,
+                Err(e) => e,
+            }
+        })?;
+        if r < 0 {
+            log::warn!(
+                "qcow2 node '{}': giving back unused clusters: {}",
+                self.io.name,
+                std::io::Error::from_raw_os_error(-r)
+            );
+        }
+        crate::block::io::BlockIo::flush(&*self.io)
+    }
+
     fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
         let h = &self.header;
         info.cluster_size = Some(h.cluster_size() as i64);
@@ -382,28 +427,22 @@ impl Driver for Qcow2Driver {
         if let Some(full) = &self.backing_filename {
             info.full_backing_filename = Some(full.clone());
         }
-        if !self.snapshots.is_empty() {
-            info.snapshots = Some(
-                self.snapshots
-                    .iter()
-                    .map(|sn| crate::qapi::SnapshotInfo {
-                        id: String::from_utf8_lossy(&sn.id).into_owned(),
-                        name: String::from_utf8_lossy(&sn.name).into_owned(),
-                        vm_state_size: i64::try_from(sn.vm_state_size()).unwrap_or(i64::MAX),
-                        date_sec: i64::from(sn.date_sec),
-                        date_nsec: i64::from(sn.date_nsec),
-                        vm_clock_sec: (sn.vm_clock_nsec / 1_000_000_000) as i64,
-                        vm_clock_nsec: (sn.vm_clock_nsec % 1_000_000_000) as i64,
-                    })
-                    .collect(),
-            );
+        let table = self.io.snapshots();
+        if !table.list.is_empty() {
+            info.snapshots = Some(table.list.iter().map(snapshots::info).collect());
         }
+        drop(table);
         info.format_specific = Some(crate::qapi::ImageInfoSpecific::Qcow2(
             crate::qapi::ImageInfoSpecificQCow2 {
                 compat: if h.version == 2 { "0.10" } else { "1.1" }.to_string(),
                 lazy_refcounts: (h.version >= 3).then(|| h.has_lazy_refcounts()),
                 corrupt: (h.version >= 3).then(|| h.is_corrupt()),
+                extended_l2: (h.version >= 3).then(|| h.has_extended_l2()),
                 refcount_bits: i64::from(h.refcount_bits()),
+                compression_type: match h.compression_type {
+                    CompressionType::Zlib => crate::qapi::Qcow2CompressionType::Zlib,
+                    CompressionType::Zstd => crate::qapi::Qcow2CompressionType::Zstd,
+                },
             },
         ));
     }

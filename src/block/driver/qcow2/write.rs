@@ -13,7 +13,8 @@
 //! allocations of different clusters run at once.
 
 use super::alloc::{
-    flush_file, meta_buf, read_file, release_cluster, take_cluster, write_file, Allocator,
+    adjust_refcounts, flush_file, meta_buf, read_file, release_cluster, take_cluster, write_file,
+    Allocator,
 };
 use super::io::{load_table, Lookup, Map, Qcow2Io};
 use super::iov;
@@ -143,14 +144,46 @@ async fn write_piece(
     let raw = entry
         .encode(&io.geo)
         .map_err(|e| io.corrupt(&format!("new L2 entry: {e}")))?;
-    set_l2_entry(io, a, l2, off, raw).await
+    set_l2_entry(io, a, l2, off, raw).await?;
+    drop_shared(io, a, map).await
+}
+
+/// After an L2 entry stopped pointing at a cluster shared with a snapshot
+/// (`old`, the entry's previous mapping): the entry is made stable first,
+/// then the cluster counts one reference less. A crash in between leaves
+/// the reference counted: a leak.
+async fn drop_shared(io: &Qcow2Io, a: &Allocator, old: Map) -> Result<(), i32> {
+    let held = held_clusters(io, old);
+    if held.is_empty() {
+        return Ok(());
+    }
+    flush_file(io).await?;
+    let less: Vec<(u64, i64)> = held.into_iter().map(|c| (c, -1)).collect();
+    adjust_refcounts(io, a, &less).await?;
+    Ok(())
+}
+
+/// The host clusters a mapping holds a reference to: its cluster, or each
+/// cluster its compressed data touches.
+fn held_clusters(io: &Qcow2Io, map: Map) -> Vec<u64> {
+    let cs = io.geo.cluster_size();
+    match map {
+        Map::Shared(h) | Map::Data(h) => vec![h - io.geo.offset_in_cluster(h)],
+        Map::Compressed(c) => {
+            let first = c.host_offset / cs * cs;
+            let last = (c.host_offset + c.compressed_len() - 1) / cs * cs;
+            (0..=(last - first) / cs).map(|i| first + i * cs).collect()
+        }
+        Map::Zero | Map::Unallocated => Vec::new(),
+    }
 }
 
 /// Makes a whole cluster read as zeroes through its L2 entry.
 async fn zero_cluster(io: &Qcow2Io, a: &Allocator, off: u64) -> Result<(), i32> {
     let cs = io.geo.cluster_size();
     let _cluster = a.guest_locks.lock(off, off + cs).await?;
-    if let (Map::Zero, _) = resolve(io, off).await? {
+    let (map, _) = resolve(io, off).await?;
+    if map == Map::Zero {
         return Ok(());
     }
     let l2 = ensure_l2(io, a, off).await?;
@@ -160,7 +193,10 @@ async fn zero_cluster(io: &Qcow2Io, a: &Allocator, off: u64) -> Result<(), i32> 
     }
     .encode(&io.geo)
     .map_err(|e| io.corrupt(&format!("new L2 entry: {e}")))?;
-    set_l2_entry(io, a, l2, off, raw).await
+    set_l2_entry(io, a, l2, off, raw).await?;
+    // The cluster the entry held (this image's own or shared with a
+    // snapshot) counts one reference less.
+    drop_shared(io, a, map).await
 }
 
 /// Writes `part` to the file at `host` (a cluster of this image's own).
@@ -249,21 +285,29 @@ async fn ensure_l2(io: &Qcow2Io, a: &Allocator, off: u64) -> Result<u64, i32> {
         L1Entry::decode(raw, &io.geo).map_err(|e| io.corrupt(&format!("L1 entry {idx}: {e}")))
     };
     let e = decode(slot.load(Ordering::Acquire))?;
-    if e.l2_offset != 0 {
-        return shared_check(io, e);
+    if e.l2_offset != 0 && e.copied {
+        return Ok(e.l2_offset);
     }
     let at = a.l1_table_offset + idx as u64 * 8;
     let unit = at / a.unit * a.unit;
     let _l1 = a.meta_locks.lock(unit, unit + a.unit).await?;
     let e = decode(slot.load(Ordering::Acquire))?;
-    if e.l2_offset != 0 {
-        return shared_check(io, e);
+    if e.l2_offset != 0 && e.copied {
+        return Ok(e.l2_offset);
     }
+    // A new table: empty, or a copy of the one shared with a snapshot
+    // (its entries stay as they are: every cluster they name is shared
+    // too, and the copy takes over the active image's reference to it).
+    let shared = e.l2_offset;
     let cs = io.geo.cluster_size();
     let table = take_cluster(io, a).await?;
-    let mut zeroes = meta_buf(io, cs as usize)?;
-    zeroes.as_mut_slice().fill(0);
-    write_file(io, table, &mut zeroes).await?;
+    let mut content = meta_buf(io, cs as usize)?;
+    if shared == 0 {
+        content.as_mut_slice().fill(0);
+    } else {
+        read_file(io, shared, &mut content).await?;
+    }
+    write_file(io, table, &mut content).await?;
     flush_file(io).await?;
     let raw = L1Entry {
         l2_offset: table,
@@ -288,25 +332,19 @@ async fn ensure_l2(io: &Qcow2Io, a: &Allocator, off: u64) -> Result<u64, i32> {
         buf.as_mut_slice()[..keep].copy_from_slice(&old.as_slice()[..keep]);
     }
     write_file(io, unit, &mut buf).await?;
-    let words: super::cache::Words = (0..io.geo.l2_entries())
-        .map(|_| AtomicU64::new(0))
+    let words: super::cache::Words = super::words::be_words(content.as_slice())
+        .map(AtomicU64::new)
         .collect();
     io.cache().insert(table, words);
     slot.store(raw, Ordering::Release);
     io.meta_writes.fetch_add(1, Ordering::AcqRel);
-    Ok(table)
-}
-
-fn shared_check(io: &Qcow2Io, e: L1Entry) -> Result<u64, i32> {
-    if e.copied {
-        Ok(e.l2_offset)
-    } else {
-        log::error!(
-            "qcow2 node '{}': writing to an L2 table shared with an internal snapshot is not supported yet",
-            io.name
-        );
-        Err(-libc::EIO)
+    if shared != 0 {
+        // The snapshot keeps the old table; the active image's reference
+        // to it goes once the L1 entry no longer points there on disk.
+        flush_file(io).await?;
+        release_cluster(io, a, shared).await?;
     }
+    Ok(table)
 }
 
 /// Points the L2 entry of guest offset `off` (in the table at `l2`) at
@@ -340,9 +378,9 @@ async fn set_l2_entry(io: &Qcow2Io, a: &Allocator, l2: u64, off: u64, raw: u64) 
 
 /// Discards the whole clusters of the request: each reads as zeroes (or
 /// from the backing node, where there is none to hide) and the cluster it
-/// held, when only this image used it, is freed and, with
-/// `pass-discard-request`, discarded in the file too. Parts of clusters
-/// are left alone, as QEMU does.
+/// held counts one reference less; one that nothing holds any more is
+/// freed and, with `pass-discard-request`, discarded in the file too.
+/// Parts of clusters are left alone, as QEMU does.
 pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
     let Some(a) = io.alloc.as_ref() else {
         return -libc::EROFS;
@@ -354,7 +392,7 @@ pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
     let mut at = first;
     while at < end {
         match discard_cluster(&io, a, at).await {
-            Ok(Some(host)) => freed.push(host),
+            Ok(Some(map)) => freed.extend(held_clusters(&io, map)),
             Ok(None) => {}
             Err(e) => return e,
         }
@@ -369,8 +407,11 @@ pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
         return e;
     }
     for host in freed {
-        if let Err(e) = release_cluster(&io, a, host).await {
-            return e;
+        match release_cluster(&io, a, host).await {
+            // A snapshot (or other compressed data) still holds it.
+            Ok(left) if left > 0 => continue,
+            Ok(_) => {}
+            Err(e) => return e,
         }
         if io.pass_discard {
             let r = task::submit(
@@ -389,8 +430,9 @@ pub(super) async fn discard_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
     0
 }
 
-/// Unmaps one cluster; the host cluster to free, if there is one.
-async fn discard_cluster(io: &Qcow2Io, a: &Allocator, at: u64) -> Result<Option<u64>, i32> {
+/// Unmaps one cluster; the mapping it had (whose clusters then count one
+/// reference less), if it had one.
+async fn discard_cluster(io: &Qcow2Io, a: &Allocator, at: u64) -> Result<Option<Map>, i32> {
     let cs = io.geo.cluster_size();
     let _cluster = a.guest_locks.lock(at, at + cs).await?;
     let (map, _) = resolve(io, at).await?;
@@ -411,8 +453,5 @@ async fn discard_cluster(io: &Qcow2Io, a: &Allocator, at: u64) -> Result<Option<
         .map_err(|e| io.corrupt(&format!("new L2 entry: {e}")))?;
     let l2 = ensure_l2(io, a, at).await?;
     set_l2_entry(io, a, l2, at, raw).await?;
-    Ok(match map {
-        Map::Data(host) => Some(host),
-        _ => None,
-    })
+    Ok(Some(map))
 }

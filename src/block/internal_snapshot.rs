@@ -1,0 +1,80 @@
+//! blockdev-snapshot-internal-sync and blockdev-snapshot-delete-internal-sync:
+//! internal snapshots of a node's image (qcow2), taken and deleted while
+//! its users are drained. The checks and their messages are QEMU's.
+
+use super::error::BlockError;
+use super::graph::Graph;
+use crate::qapi::SnapshotInfo;
+
+/// The node a `device` argument names: an export's id, or a node name.
+fn node_of(g: &Graph, device: &str) -> Result<String, BlockError> {
+    g.device_node(device)
+        .or_else(|| g.node(device).map(|n| n.name.as_str()))
+        .map(str::to_string)
+        .ok_or_else(|| BlockError::NoSuchDeviceOrNode {
+            device: device.to_string(),
+            node: device.to_string(),
+        })
+}
+
+/// Takes the internal snapshot `name` of `device`'s image.
+pub fn create(g: &Graph, device: &str, name: &str) -> Result<(), BlockError> {
+    let node = node_of(g, device)?;
+    let n = g
+        .node(&node)
+        .ok_or_else(|| BlockError::NoSuchNode(node.clone()))?;
+    if n.driver.is_read_only() {
+        return Err(BlockError::invalid(format!(
+            "Device '{device}' is read only"
+        )));
+    }
+    let Some(snaps) = n.driver.internal_snapshots() else {
+        return Err(BlockError::invalid(format!(
+            "Block format '{}' used by device '{device}' does not support internal snapshots",
+            n.driver.name()
+        )));
+    };
+    if name.is_empty() {
+        return Err(BlockError::invalid("Name is empty"));
+    }
+    if snaps.find(None, Some(name)).is_some() {
+        return Err(BlockError::invalid(format!(
+            "Snapshot with name '{name}' already exists on device '{device}'"
+        )));
+    }
+    g.with_users_drained(&node, || snaps.create(name))
+}
+
+/// Deletes the internal snapshot of `device` with this id and/or name.
+pub fn delete(
+    g: &Graph,
+    device: &str,
+    id: Option<&str>,
+    name: Option<&str>,
+) -> Result<SnapshotInfo, BlockError> {
+    let node = node_of(g, device)?;
+    let n = g
+        .node(&node)
+        .ok_or_else(|| BlockError::NoSuchNode(node.clone()))?;
+    if id.is_none() && name.is_none() {
+        return Err(BlockError::invalid("Name or id must be provided"));
+    }
+    let Some(snaps) = n.driver.internal_snapshots() else {
+        return Err(BlockError::invalid(
+            "Failed to get a snapshot list: Operation not supported",
+        ));
+    };
+    if snaps.find(id, name).is_none() {
+        return Err(BlockError::invalid(format!(
+            "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
+            id.unwrap_or("null"),
+            name.unwrap_or("null")
+        )));
+    }
+    if n.driver.is_read_only() {
+        return Err(BlockError::invalid(format!(
+            "Device '{device}' is read only"
+        )));
+    }
+    g.with_users_drained(&node, || snaps.delete(id, name))
+}
