@@ -90,6 +90,8 @@ pub struct Graph {
     /// Edges a draft re-pointed (parent, role): their data-plane links
     /// follow when the change is committed.
     relinks: Vec<(String, ChildRole)>,
+    /// Where nodes opened into the graph report corruption.
+    notices: Option<crate::block::notice::Sink>,
 }
 
 /// One parent's claim on a node, for the permission check.
@@ -107,6 +109,25 @@ impl Graph {
 
     pub fn uses(&self) -> &[Use] {
         &self.uses
+    }
+
+    /// Gives the graph a sink for the notices of the nodes opened from
+    /// now on.
+    pub fn set_notices(&mut self, sink: crate::block::notice::Sink) {
+        self.notices = Some(sink);
+    }
+
+    /// The sink a node opened now reports to.
+    pub fn notices(&self) -> Option<crate::block::notice::Sink> {
+        self.notices.clone()
+    }
+
+    /// The block device (export) whose root is `node`, if there is one.
+    pub fn device_of(&self, node: &str) -> Option<&str> {
+        self.uses
+            .iter()
+            .find(|u| u.kind == UserKind::BlockDevice && u.node == node)
+            .map(|u| u.name.as_str())
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {

@@ -12,6 +12,7 @@ pub mod graph;
 #[cfg(test)]
 mod graph_tests;
 pub mod io;
+pub mod notice;
 pub mod open;
 pub mod perm;
 pub mod probe;

@@ -181,6 +181,8 @@ fn open_node(
                         unmap: flags.discard == BlockdevDiscardOptions::Unmap,
                         pass_request: q.pass_discard_request,
                     },
+                    overlap_checks: qcow2::guard::checks_from(q.overlap_check.as_ref()),
+                    notices: graph.notices(),
                 },
             )?)
         }

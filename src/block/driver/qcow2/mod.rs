@@ -15,6 +15,7 @@
 mod alloc;
 mod cache;
 pub mod create;
+pub mod guard;
 mod io;
 mod iov;
 mod resize;
@@ -31,7 +32,7 @@ use crate::block::qcow2::format::{
 };
 use crate::block::sync_io;
 use io::Qcow2Io;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// QEMU's default upper bound for the L2 cache on Linux: 32 MiB.
@@ -40,11 +41,15 @@ const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 const MAX_L1_BYTES: u64 = 32 << 20;
 
 /// The node options the driver takes at open.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct OpenOptions {
     pub cache: CacheOptions,
     pub read_only: bool,
     pub discard: Discard,
+    /// The structures `overlap-check` protects ([`guard::checks_from`]).
+    pub overlap_checks: u16,
+    /// Where corruption found in the image is reported.
+    pub notices: Option<crate::block::notice::Sink>,
 }
 
 /// The cache options of the seed (QEMU's names in comments).
@@ -177,6 +182,8 @@ impl Qcow2Driver {
             cache: opts_cache,
             read_only,
             discard,
+            overlap_checks,
+            notices,
         } = opts;
         if header.crypt_method != CryptMethod::None {
             return Err(BlockError::invalid(
@@ -226,6 +233,14 @@ impl Qcow2Driver {
             Some((root, filename)) => (Child::new(ChildRole::Backing, root), Some(filename)),
             None => (Child::absent(ChildRole::Backing), None),
         };
+        let snapshots = read_snapshots(&file, &header);
+        let map = if read_only {
+            guard::MetaMap::default()
+        } else {
+            let words: Vec<u64> = l1.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+            guard::build_map(&file, &header, &geo, &words, &snapshots, overlap_checks)
+        };
+        let guard = guard::Guard::new(name, overlap_checks, &geo, map, !read_only, notices);
         let io = Arc::new_cyclic(|me| Qcow2Io {
             me: me.clone(),
             file: Child::new(ChildRole::File, file),
@@ -243,8 +258,8 @@ impl Qcow2Driver {
             version: header.version,
             discard_unmap: discard.unmap,
             pass_discard: discard.pass_request.unwrap_or(discard.unmap),
+            guard,
         });
-        let snapshots = read_snapshots(&io.file.node(), &header);
         Ok(Qcow2Driver {
             io,
             header,
@@ -399,7 +414,7 @@ impl Driver for Qcow2Driver {
             crate::qapi::ImageInfoSpecificQCow2 {
                 compat: if h.version == 2 { "0.10" } else { "1.1" }.to_string(),
                 lazy_refcounts: (h.version >= 3).then(|| h.has_lazy_refcounts()),
-                corrupt: (h.version >= 3).then(|| h.is_corrupt()),
+                corrupt: (h.version >= 3).then(|| h.is_corrupt() || self.io.guard.is_broken()),
                 refcount_bits: i64::from(h.refcount_bits()),
             },
         ));

@@ -1,0 +1,134 @@
+//! Guarding qcow2 metadata: overlap checks refusing a write that would
+//! land on the image's tables (image marked corrupt, BLOCK_IMAGE_CORRUPTED
+//! sent, the node read-only from then on), `change-backing-file`.
+
+mod common;
+
+use common::blk::Blk;
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// `qemu-img info` of an image, as JSON.
+fn info(img: &Path) -> Value {
+    let out = tool("qemu-img", &["info", "-U", "--output=json", path(img)]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Points the first L2 entry of `img` at its own L1 table (QEMU's
+/// iotest 060 case); returns the L1 table's offset.
+fn l2_entry_into_l1(img: &Path) -> u64 {
+    let mut bytes = std::fs::read(img).unwrap();
+    let l1 = be64(&bytes, 40);
+    let l2 = (be64(&bytes, l1 as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert_ne!(l2, 0, "cluster 0 must be allocated");
+    bytes[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | l1).to_be_bytes());
+    std::fs::write(img, &bytes).unwrap();
+    l1
+}
+
+#[test]
+fn a_write_onto_the_l1_table_marks_the_image_corrupt_and_reads_go_on() {
+    // Arrange: a damaged image and a healthy one, each exported.
+    let dir = TempDir::new("guard");
+    let bad = dir.path().join("bad.qcow2");
+    let good = dir.path().join("good.qcow2");
+    for img in [&bad, &good] {
+        tool(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", path(img), "64M"],
+        );
+        tool(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x11 0 64k", path(img)],
+        );
+    }
+    let l1 = l2_entry_into_l1(&bad);
+    let (s0, s1) = (dir.path().join("s0.sock"), dir.path().join("s1.sock"));
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&format!("driver=file,node-name=f0,filename={}", path(&bad)))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=q0,file=f0")
+        .arg("--blockdev")
+        .arg(&format!(
+            "driver=file,node-name=f1,filename={}",
+            path(&good)
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=q1,file=f1")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=q0,writable=on,addr.type=unix,addr.path={}",
+            path(&s0)
+        ))
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e1,node-name=q1,writable=on,addr.type=unix,addr.path={}",
+            path(&s1)
+        ))
+        .monitor()
+        .start();
+    let mut qmp = d.qmp();
+    let mut b0 = Blk::connect(&s0);
+    let mut b1 = Blk::connect(&s1);
+    let before = b0.read(0, 4096);
+
+    // Act
+    let refused = b0.write(0, &[0x22; 4096]);
+    let event = qmp.wait_event("BLOCK_IMAGE_CORRUPTED", Duration::from_secs(10));
+    let later = b0.write(1 << 20, &[0x33; 4096]);
+
+    // Assert: refused, reported once, marked; reads and the other export
+    // go on.
+    assert_eq!(refused, -libc::EIO);
+    let event = event.expect("BLOCK_IMAGE_CORRUPTED");
+    assert_eq!(
+        event["data"],
+        json!({"device": "e0", "node-name": "q0",
+               "msg": "Preventing invalid write on metadata (overlaps with active L1 table)",
+               "offset": l1, "size": 4096, "fatal": true})
+    );
+    assert_eq!(later, -libc::EIO);
+    assert_eq!(b0.read(0, 4096), before);
+    assert_eq!(b1.write(0, &[0x44; 4096]), 0);
+    assert_eq!(b1.read(0, 4096), vec![0x44; 4096]);
+    let nodes = assert_return(&qmp.execute("query-named-block-nodes", json!({}))).clone();
+    let q0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "q0")
+        .unwrap();
+    assert_eq!(q0["image"]["format-specific"]["data"]["corrupt"], true);
+    assert_eq!(info(&bad)["format-specific"]["data"]["corrupt"], true);
+    assert_eq!(info(&good)["format-specific"]["data"]["corrupt"], false);
+    assert!(qmp
+        .events()
+        .iter()
+        .all(|e| e["event"] != "BLOCK_IMAGE_CORRUPTED"));
+}
