@@ -132,3 +132,177 @@ fn a_write_onto_the_l1_table_marks_the_image_corrupt_and_reads_go_on() {
         .iter()
         .all(|e| e["event"] != "BLOCK_IMAGE_CORRUPTED"));
 }
+
+fn error_desc(reply: &Value) -> &str {
+    reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"))
+}
+
+#[test]
+fn change_backing_file_rewrites_the_header_of_an_image_in_the_chain() {
+    // Arrange: base <- mid (read-only node on a writable file) <- top,
+    // exported; an unrelated image; a read-only file node.
+    let dir = TempDir::new("cbf");
+    let p = |n: &str| dir.path().join(n);
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", path(&p("base.qcow2")), "16M"],
+    );
+    for (img, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
+        tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                backing,
+                "-F",
+                "qcow2",
+                path(&p(img)),
+            ],
+        );
+    }
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path(&p("other.qcow2")),
+            "16M",
+        ],
+    );
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            path(&p("ro.qcow2")),
+        ],
+    );
+    let sock = p("e.sock");
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&format!(
+            "driver=file,node-name=fb,filename={}",
+            path(&p("base.qcow2"))
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=qb,file=fb,read-only=on")
+        .arg("--blockdev")
+        .arg(&format!(
+            "driver=file,node-name=fm,filename={}",
+            path(&p("mid.qcow2"))
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=qm,file=fm,backing=qb,read-only=on")
+        .arg("--blockdev")
+        .arg(&format!(
+            "driver=file,node-name=ft,filename={}",
+            path(&p("top.qcow2"))
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=qt,file=ft,backing=qm")
+        .arg("--blockdev")
+        .arg(&format!(
+            "driver=file,node-name=fo,filename={}",
+            path(&p("other.qcow2"))
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=qo,file=fo")
+        .arg("--blockdev")
+        .arg(&format!(
+            "driver=file,node-name=fr,filename={},read-only=on",
+            path(&p("ro.qcow2"))
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=qr,file=fr,read-only=on")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=qt,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let mut qmp = d.qmp();
+    let mut cbf = |device: &str, image: &str, name: &str| {
+        qmp.execute(
+            "change-backing-file",
+            json!({"device": device, "image-node-name": image, "backing-file": name}),
+        )
+    };
+
+    // Act / Assert: QEMU's checks, in QEMU's order and words.
+    for (device, image, name, desc) in [
+        (
+            "nope",
+            "qm",
+            "x",
+            "Cannot find device='nope' nor node-name='nope'",
+        ),
+        (
+            "qt",
+            "nope",
+            "x",
+            "Cannot find device='' nor node-name='nope'",
+        ),
+        (
+            "qt",
+            "qb",
+            "x",
+            "not allowing backing file change on an image without a backing file",
+        ),
+        ("qm", "qt", "x", "Need a root block node"),
+        (
+            "qo",
+            "qm",
+            "x",
+            "'qo' and image file are not in the same chain",
+        ),
+        ("qr", "qr", "x", "Block node is read-only"),
+    ] {
+        assert_eq!(
+            error_desc(&cbf(device, image, name)),
+            desc,
+            "{device} {image}"
+        );
+    }
+    let long = "x".repeat(1100);
+    assert_eq!(
+        error_desc(&cbf("qt", "qt", &long)),
+        format!("Could not change backing file to '{long}': Invalid argument")
+    );
+    assert_return(&cbf("e0", "qm", "newmid.qcow2"));
+    assert_return(&cbf("qt", "qt", "mid.qcow2"));
+
+    // The header and the queries follow.
+    let mid = info(&p("mid.qcow2"));
+    assert_eq!(mid["backing-filename"], "newmid.qcow2");
+    assert_eq!(mid["backing-filename-format"], "qcow2");
+    let nodes = assert_return(&qmp.execute("query-named-block-nodes", json!({}))).clone();
+    let qm = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "qm")
+        .unwrap();
+    assert_eq!(qm["image"]["backing-filename"], "newmid.qcow2");
+    assert_eq!(qm["backing_file"], "newmid.qcow2");
+    assert_eq!(info(&p("top.qcow2"))["backing-filename"], "mid.qcow2");
+    // Named back, the image is whole for QEMU.
+    assert_return(&qmp.execute(
+        "change-backing-file",
+        json!({"device": "qt", "image-node-name": "qm", "backing-file": "base.qcow2"}),
+    ));
+    tool("qemu-img", &["check", "-q", "-U", path(&p("mid.qcow2"))]);
+}

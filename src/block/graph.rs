@@ -300,6 +300,11 @@ impl Graph {
     }
 
     /// Whether anything (a node or a user) holds `name`.
+    /// Whether no node has `name` as a child (users do not count).
+    pub fn is_root(&self, name: &str) -> bool {
+        self.parents_of(name) == 0
+    }
+
     pub fn has_parents(&self, name: &str) -> bool {
         self.parents_of(name) > 0 || self.uses.iter().any(|u| u.node == name)
     }

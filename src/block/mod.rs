@@ -2,6 +2,7 @@
 //! the way changes reach the data plane.
 
 pub mod backend;
+pub mod backing_file;
 pub mod detect_zeroes;
 pub mod drain;
 pub mod driver;

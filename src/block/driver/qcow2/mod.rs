@@ -13,6 +13,7 @@
 //! writing, reuse of freed clusters, resizing.
 
 mod alloc;
+mod backing_name;
 mod cache;
 pub mod create;
 pub mod guard;
@@ -33,7 +34,7 @@ use crate::block::qcow2::format::{
 use crate::block::sync_io;
 use io::Qcow2Io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// QEMU's default upper bound for the L2 cache on Linux: 32 MiB.
 const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
@@ -160,13 +161,18 @@ impl BackingInfo {
 
 pub struct Qcow2Driver {
     io: Arc<Qcow2Io>,
-    header: Header,
+    /// The header as read at open, or as change-backing-file rewrote it.
+    header: Mutex<Header>,
     /// The internal snapshots, as the image lists them at open.
     snapshots: Vec<Snapshot>,
     read_only: bool,
     file_filename: String,
-    backing_filename: Option<String>,
+    backing_filename: Mutex<Option<String>>,
 }
+
+/// Writes a new header cluster at the start of the image's file and
+/// flushes it; an errno on failure.
+pub type HeaderWriter<'a> = &'a mut dyn FnMut(&[u8]) -> Result<(), i32>;
 
 impl Qcow2Driver {
     /// Opens the image on `file`, with `backing` as its backing node.
@@ -262,11 +268,11 @@ impl Qcow2Driver {
         });
         Ok(Qcow2Driver {
             io,
-            header,
+            header: Mutex::new(header),
             snapshots,
             read_only,
             file_filename,
-            backing_filename,
+            backing_filename: Mutex::new(backing_filename),
         })
     }
 }
@@ -383,15 +389,28 @@ impl Driver for Qcow2Driver {
         }
     }
 
+    fn change_backing_file(
+        &self,
+        name: &str,
+        format: &str,
+        write: HeaderWriter<'_>,
+    ) -> Result<(), i32> {
+        self.rewrite_backing(name, format, write)
+    }
+
     fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
-        let h = &self.header;
+        let h = &*self.header.lock().unwrap_or_else(PoisonError::into_inner);
         info.cluster_size = Some(h.cluster_size() as i64);
         info.dirty_flag = Some(h.is_dirty());
         if let Some(b) = BackingInfo::from_header(h) {
             info.backing_filename = Some(b.name);
             info.backing_filename_format = b.format;
         }
-        if let Some(full) = &self.backing_filename {
+        if let Some(full) = &*self
+            .backing_filename
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
             info.full_backing_filename = Some(full.clone());
         }
         if !self.snapshots.is_empty() {
