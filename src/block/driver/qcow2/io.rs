@@ -211,6 +211,15 @@ impl Qcow2Io {
     }
 }
 
+impl super::cleaner::Clean for Qcow2Io {
+    fn clean(&self) {
+        let n = self.cache().clean_unused();
+        if n > 0 {
+            log::debug!("qcow2 node '{}': {n} idle L2 tables dropped", self.name);
+        }
+    }
+}
+
 /// Reads the L2 table at `offset` into the cache.
 pub(super) async fn load_table(io: &Qcow2Io, offset: u64) -> Result<(), i32> {
     let before = io.meta_writes.load(Ordering::Acquire);

@@ -15,6 +15,7 @@
 mod alloc;
 mod backing_name;
 mod cache;
+mod cleaner;
 pub mod create;
 pub mod guard;
 mod io;
@@ -266,6 +267,11 @@ impl Qcow2Driver {
             pass_discard: discard.pass_request.unwrap_or(discard.unmap),
             guard,
         });
+        let interval = opts_cache
+            .cache_clean_interval
+            .map_or(cleaner::DEFAULT_INTERVAL_SECS, |i| i as u64);
+        let weak: std::sync::Weak<dyn cleaner::Clean> = Arc::downgrade(&io) as _;
+        cleaner::register(weak, interval);
         Ok(Qcow2Driver {
             io,
             header: Mutex::new(header),
