@@ -1,6 +1,7 @@
 //! Guarding qcow2 metadata: overlap checks refusing a write that would
 //! land on the image's tables (image marked corrupt, BLOCK_IMAGE_CORRUPTED
-//! sent, the node read-only from then on), `change-backing-file`.
+//! sent, the node read-only from then on), `change-backing-file`, dirty
+//! lazy-refcounts images repaired at open.
 
 mod common;
 
@@ -305,4 +306,73 @@ fn change_backing_file_rewrites_the_header_of_an_image_in_the_chain() {
         json!({"device": "qt", "image-node-name": "qm", "backing-file": "base.qcow2"}),
     ));
     tool("qemu-img", &["check", "-q", "-U", path(&p("mid.qcow2"))]);
+}
+
+#[test]
+fn a_dirty_lazy_refcounts_image_is_repaired_when_opened_for_writing() {
+    // Arrange: QEMU writes with lazy refcounts and dies before the
+    // refcounts reach the image.
+    let dir = TempDir::new("lazy");
+    let img = dir.path().join("lazy.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            path(&img),
+            "64M",
+        ],
+    );
+    let out = Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x5a 0 64k",
+            "-c",
+            "write -P 0x5b 1M 64k",
+            "-c",
+            "abort",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(info(&img)["dirty-flag"], true);
+    let sock = dir.path().join("e.sock");
+
+    // Act: open it writable, write more, quit.
+    let mut d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&format!("driver=file,node-name=f0,filename={}", path(&img)))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=q0,file=f0")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=q0,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let mut blk = Blk::connect(&sock);
+    assert_eq!(blk.write(2 << 20, &[0x5c; 4096]), 0);
+    let first = blk.read(0, 4096);
+    let second = blk.read(1 << 20, 4096);
+    drop(blk);
+    let mut qmp = d.qmp();
+    assert_return(&qmp.execute("quit", json!({})));
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some());
+
+    // Assert: QEMU's data is there and the image is clean for QEMU.
+    assert_eq!(first, vec![0x5a; 4096]);
+    assert_eq!(second, vec![0x5b; 4096]);
+    assert_eq!(info(&img)["dirty-flag"], false);
+    tool("qemu-img", &["check", "-q", path(&img)]);
+    let read = tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x5c 2M 4k", path(&img)],
+    );
+    assert!(!read.contains("Pattern verification failed"), "{read}");
 }

@@ -8,9 +8,11 @@
 //!
 //! Writes go in place to clusters the image owns, and allocate new
 //! clusters otherwise ([`write`], [`alloc`]), with metadata written
-//! through (no dirty cache to lose). Not yet: internal snapshots written
-//! to, images with extended L2 entries or lazy refcounts opened for
-//! writing, reuse of freed clusters, resizing.
+//! through (no dirty cache to lose). A dirty image (lazy refcounts) is
+//! repaired before it is written (`repair.rs`); every write to the file is
+//! checked against the metadata first ([`guard`]). Not yet: internal
+//! snapshots written to, images with extended L2 entries opened for
+//! writing, reuse of freed clusters, shrinking.
 
 mod alloc;
 mod backing_name;
@@ -20,6 +22,7 @@ pub mod create;
 pub mod guard;
 mod io;
 mod iov;
+mod repair;
 mod resize;
 mod words;
 mod write;
@@ -66,7 +69,8 @@ pub struct CacheOptions {
     /// `cache-clean-interval`, in seconds.
     pub cache_clean_interval: Option<i64>,
     /// `lazy-refcounts` (vubd always keeps refcounts current, which is
-    /// what an image with lazy refcounts also accepts).
+    /// what an image with lazy refcounts also accepts; a dirty one is
+    /// repaired at a writable open, see `repair.rs`).
     pub lazy_refcounts: Option<bool>,
 }
 
@@ -231,6 +235,10 @@ impl Qcow2Driver {
             ));
         }
         let tables = whole_disk.min(bound).max(2) as usize;
+        let mut header = header;
+        if !read_only && header.is_dirty() && !header.is_corrupt() && !header.has_extended_l2() {
+            repair::repair_dirty(&file, &mut header, &geo)?;
+        }
         let alloc = if read_only {
             None
         } else {
