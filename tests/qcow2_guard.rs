@@ -134,6 +134,52 @@ fn a_write_onto_the_l1_table_marks_the_image_corrupt_and_reads_go_on() {
         .all(|e| e["event"] != "BLOCK_IMAGE_CORRUPTED"));
 }
 
+#[test]
+fn damage_met_while_reading_is_reported_and_fatal_on_a_writable_node() {
+    // Arrange: the L1 entry points at an unaligned L2 table (QEMU's
+    // iotest 060 case); one writable node and one read-only node on it.
+    let dir = TempDir::new("unaligned");
+    let img = dir.path().join("u.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", path(&img), "64M"],
+    );
+    tool("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", path(&img)]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let l1 = be64(&bytes, 40) as usize;
+    bytes[l1..l1 + 8].copy_from_slice(&0x2a2a_2a00u64.to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let sock = dir.path().join("e.sock");
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&format!("driver=file,node-name=f0,filename={}", path(&img)))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=q0,file=f0")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=q0,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let mut qmp = d.qmp();
+    let mut blk = Blk::connect(&sock);
+
+    // Act
+    let read = blk.try_read(0, 4096);
+    let event = qmp.wait_event("BLOCK_IMAGE_CORRUPTED", Duration::from_secs(10));
+
+    // Assert
+    assert_eq!(read, Err(-libc::EIO));
+    assert_eq!(
+        event.expect("BLOCK_IMAGE_CORRUPTED")["data"],
+        json!({"device": "e0", "node-name": "q0",
+               "msg": "L2 table offset 0x2a2a2a00 unaligned (L1 index: 0)", "fatal": true})
+    );
+    assert_eq!(blk.write(1 << 20, &[1; 4096]), -libc::EIO);
+    assert_eq!(info(&img)["format-specific"]["data"]["corrupt"], true);
+}
+
 fn error_desc(reply: &Value) -> &str {
     reply["error"]["desc"]
         .as_str()

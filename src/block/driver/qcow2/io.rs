@@ -101,8 +101,9 @@ impl Qcow2Io {
             Ok(e) => e,
             Err(FormatError::TableEntryUnaligned(o)) => {
                 return Lookup::Bad(format!(
-                    "L2 table offset {o:#x} unaligned (L1 index: {:#x})",
-                    pos.l1_index
+                    "L2 table offset {} unaligned (L1 index: {})",
+                    c_hex(o),
+                    c_hex(pos.l1_index)
                 ))
             }
             Err(e) => return Lookup::Bad(format!("L1 entry {}: {e}", pos.l1_index)),
@@ -147,8 +148,10 @@ impl Qcow2Io {
             Ok(L2Entry::Unallocated) => Lookup::Found(Map::Unallocated, to_cluster_end),
             Ok(L2Entry::Compressed(c)) => Lookup::Found(Map::Compressed(c), to_cluster_end),
             Err(FormatError::ClusterOffsetUnaligned(o)) => Lookup::Bad(format!(
-                "Cluster allocation offset {o:#x} unaligned (L2 offset: {:#x}, L2 index: {:#x})",
-                l1.l2_offset, pos.l2_index
+                "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                c_hex(o),
+                c_hex(l1.l2_offset),
+                c_hex(pos.l2_index)
             )),
             Err(e) => Lookup::Bad(format!("L2 entry at {off}: {e}")),
         }
@@ -217,6 +220,16 @@ impl super::cleaner::Clean for Qcow2Io {
         if n > 0 {
             log::debug!("qcow2 node '{}': {n} idle L2 tables dropped", self.name);
         }
+    }
+}
+
+/// A number in hex as C's `%#x` writes it (QEMU's messages): zero has no
+/// prefix.
+fn c_hex(v: u64) -> String {
+    if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
     }
 }
 
