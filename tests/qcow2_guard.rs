@@ -354,12 +354,10 @@ fn change_backing_file_rewrites_the_header_of_an_image_in_the_chain() {
     tool("qemu-img", &["check", "-q", "-U", path(&p("mid.qcow2"))]);
 }
 
-#[test]
-fn a_dirty_lazy_refcounts_image_is_repaired_when_opened_for_writing() {
-    // Arrange: QEMU writes with lazy refcounts and dies before the
-    // refcounts reach the image.
-    let dir = TempDir::new("lazy");
-    let img = dir.path().join("lazy.qcow2");
+/// An image QEMU wrote with lazy refcounts and died before the refcounts
+/// reached it.
+fn dirty_image(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("lazy.qcow2");
     tool(
         "qemu-img",
         &[
@@ -387,12 +385,16 @@ fn a_dirty_lazy_refcounts_image_is_repaired_when_opened_for_writing() {
         .unwrap();
     assert!(!out.status.success());
     assert_eq!(info(&img)["dirty-flag"], true);
-    let sock = dir.path().join("e.sock");
+    img
+}
 
-    // Act: open it writable, write more, quit.
+/// Opens `img` writable in vubd, writes 4 KiB of 0x5c at 2 MiB and quits;
+/// what was read at 0 and 1 MiB.
+fn write_with_vubd(dir: &Path, img: &Path) -> (Vec<u8>, Vec<u8>) {
+    let sock = dir.join("e.sock");
     let mut d = Daemon::vubd(&[])
         .arg("--blockdev")
-        .arg(&format!("driver=file,node-name=f0,filename={}", path(&img)))
+        .arg(&format!("driver=file,node-name=f0,filename={}", path(img)))
         .arg("--blockdev")
         .arg("driver=qcow2,node-name=q0,file=f0")
         .arg("--export")
@@ -404,21 +406,49 @@ fn a_dirty_lazy_refcounts_image_is_repaired_when_opened_for_writing() {
         .start();
     let mut blk = Blk::connect(&sock);
     assert_eq!(blk.write(2 << 20, &[0x5c; 4096]), 0);
-    let first = blk.read(0, 4096);
-    let second = blk.read(1 << 20, 4096);
+    let read = (blk.read(0, 4096), blk.read(1 << 20, 4096));
     drop(blk);
     let mut qmp = d.qmp();
     assert_return(&qmp.execute("quit", json!({})));
     assert!(d.wait_exit(Duration::from_secs(10)).is_some());
+    read
+}
 
-    // Assert: QEMU's data is there and the image is clean for QEMU.
-    assert_eq!(first, vec![0x5a; 4096]);
-    assert_eq!(second, vec![0x5b; 4096]);
-    assert_eq!(info(&img)["dirty-flag"], false);
-    tool("qemu-img", &["check", "-q", path(&img)]);
-    let read = tool(
+#[track_caller]
+fn assert_whole_for_qemu(img: &Path, read: (Vec<u8>, Vec<u8>)) {
+    assert_eq!(read.0, vec![0x5a; 4096]);
+    assert_eq!(read.1, vec![0x5b; 4096]);
+    assert_eq!(info(img)["dirty-flag"], false);
+    tool("qemu-img", &["check", "-q", path(img)]);
+    let out = tool(
         "qemu-io",
-        &["-f", "qcow2", "-c", "read -P 0x5c 2M 4k", path(&img)],
+        &["-f", "qcow2", "-c", "read -P 0x5c 2M 4k", path(img)],
     );
-    assert!(!read.contains("Pattern verification failed"), "{read}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+#[test]
+fn a_dirty_lazy_refcounts_image_is_repaired_when_opened_for_writing() {
+    // Arrange
+    let dir = TempDir::new("lazy");
+    let img = dirty_image(dir.path());
+    // Act
+    let read = write_with_vubd(dir.path(), &img);
+    // Assert: QEMU's data is there and the image is clean for QEMU.
+    assert_whole_for_qemu(&img, read);
+}
+
+#[test]
+fn a_dirty_image_missing_a_refcount_block_gets_a_new_one() {
+    // Arrange: the refcount table's only entry lost as well.
+    let dir = TempDir::new("lazy-block");
+    let img = dirty_image(dir.path());
+    let mut bytes = std::fs::read(&img).unwrap();
+    let reftable = be64(&bytes, 48) as usize;
+    bytes[reftable..reftable + 8].fill(0);
+    std::fs::write(&img, &bytes).unwrap();
+    // Act
+    let read = write_with_vubd(dir.path(), &img);
+    // Assert
+    assert_whole_for_qemu(&img, read);
 }

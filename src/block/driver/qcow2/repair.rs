@@ -7,11 +7,13 @@
 //! where they disagree, the file is flushed, and only then is the dirty
 //! bit cleared.
 //!
-//! The repair works in place: a cluster that needs a count where the
-//! refcount table has no block, or a count wider than the refcount width,
-//! leaves the image as it was and the open fails (QEMU would rebuild the
-//! refcount structures elsewhere in the file; `qemu-img check -r all`
-//! does). Images with persistent bitmaps are not repaired yet.
+//! The repair works in place: counts in a range the refcount table has no
+//! block for get a new block at the end of the file (written and flushed
+//! before the table entry). A table too short for the file, or a count
+//! wider than the refcount width, fails the open and leaves the image as
+//! it was (QEMU would rebuild the refcount structures elsewhere in the
+//! file; `qemu-img check -r all` does). Images with persistent bitmaps
+//! are not repaired yet.
 
 use crate::block::drain::Root;
 use crate::block::error::BlockError;
@@ -102,7 +104,7 @@ pub fn repair_dirty(file: &Root, header: &mut Header, geo: &Geometry) -> Result<
             count_l1(file, geo, &mut counts, *l1_table_offset, *l1_size)?;
         }
     }
-    let fixed = write_counts(file, header, geo, &reftable, &counts)?;
+    let fixed = write_counts(file, header, geo, &reftable, &mut counts)?;
     // The counts are stable before the header stops saying they may not be.
     file.flush()?;
     clear_dirty(file, header)?;
@@ -151,14 +153,53 @@ fn count_l1(
     Ok(())
 }
 
-/// Rewrites the refcount blocks that disagree with `counts`; how many.
+/// Places a new refcount block at the end of the file for every range
+/// that has counts but no block (each new block counting itself); the
+/// table entries that changed.
+fn add_missing_blocks(
+    geo: &Geometry,
+    reftable: &mut [u64],
+    counts: &mut Counts,
+) -> Result<Vec<usize>, BlockError> {
+    let cs = geo.cluster_size();
+    let per_block = geo.refcount_block_entries() as usize;
+    let mut added = Vec::new();
+    loop {
+        let missing = counts
+            .counts
+            .chunks(per_block)
+            .enumerate()
+            .find(|(t, chunk)| {
+                reftable
+                    .get(*t)
+                    .is_none_or(|e| e & REFTABLE_OFFSET_MASK == 0)
+                    && chunk.iter().any(|&n| n != 0)
+            })
+            .map(|(t, _)| t);
+        let Some(t) = missing else {
+            return Ok(added);
+        };
+        let Some(slot) = reftable.get_mut(t) else {
+            return Err(failed("the refcount table would have to grow"));
+        };
+        *slot = counts.counts.len() as u64 * cs;
+        counts.counts.push(1);
+        added.push(t);
+    }
+}
+
+/// Rewrites the refcount blocks that disagree with `counts` (adding the
+/// missing ones, then the table entries that point at them); how many.
 fn write_counts(
     file: &Root,
     header: &Header,
     geo: &Geometry,
     reftable: &[u64],
-    counts: &Counts,
+    counts: &mut Counts,
 ) -> Result<usize, BlockError> {
+    let mut reftable = reftable.to_vec();
+    let added = add_missing_blocks(geo, &mut reftable, counts)?;
+    let reftable = &reftable;
     let cs = geo.cluster_size();
     let per_block = geo.refcount_block_entries();
     let order = header.refcount_order;
@@ -202,6 +243,15 @@ fn write_counts(
             sync_io::write_at(&**file, block, &buf)?;
             fixed += 1;
         }
+    }
+    if !added.is_empty() {
+        // The new blocks are stable before the table points at them.
+        file.flush()?;
+        let mut raw = vec![0u8; reftable.len() * 8];
+        for (chunk, e) in raw.chunks_exact_mut(8).zip(reftable) {
+            chunk.copy_from_slice(&e.to_be_bytes());
+        }
+        sync_io::write_at(&**file, header.refcount_table_offset, &raw)?;
     }
     Ok(fixed)
 }
