@@ -23,6 +23,9 @@ use crate::block::qcow2::format::{
 };
 use crate::block::sync_io;
 
+/// The most clusters a repair counts (512 MiB of counts in memory).
+const MAX_CLUSTERS: u64 = 1 << 27;
+
 /// The byte of the header's incompatible features holding the dirty bit.
 const DIRTY_BYTE: usize = 79;
 
@@ -33,7 +36,7 @@ fn failed(why: impl std::fmt::Display) -> BlockError {
 /// The reference counts the image's metadata implies, per host cluster.
 struct Counts {
     cluster_bits: u32,
-    counts: Vec<u64>,
+    counts: Vec<u32>,
 }
 
 impl Counts {
@@ -49,7 +52,7 @@ impl Counts {
                 .counts
                 .get_mut(c as usize)
                 .ok_or_else(|| failed(format!("offset {off:#x} is past the end of the file")))?;
-            *slot += 1;
+            *slot = slot.saturating_add(1);
         }
         Ok(())
     }
@@ -65,9 +68,13 @@ pub fn repair_dirty(file: &Root, header: &mut Header, geo: &Geometry) -> Result<
     }
     let cs = geo.cluster_size();
     let file_len = file.length()?;
+    let clusters = file_len.div_ceil(cs);
+    if clusters > MAX_CLUSTERS {
+        return Err(failed("the image is too large to be repaired by vubd"));
+    }
     let mut counts = Counts {
         cluster_bits: cs.trailing_zeros(),
-        counts: vec![0; file_len.div_ceil(cs) as usize],
+        counts: vec![0; clusters as usize],
     };
     counts.add(0, cs)?;
     let reftable_bytes = u64::from(header.refcount_table_clusters) * cs;
@@ -230,7 +237,7 @@ fn write_counts(
         sync_io::read_at(&**file, block, &mut buf)?;
         let mut changed = false;
         for i in 0..per_block {
-            let want = wanted.get(i as usize).copied().unwrap_or(0);
+            let want = u64::from(wanted.get(i as usize).copied().unwrap_or(0));
             if want > max {
                 return Err(failed("a refcount exceeds the image's refcount width"));
             }
