@@ -116,6 +116,19 @@ impl MetaMap {
         }
     }
 
+    /// Records that `kind` no longer occupies clusters
+    /// `[first, first + count)` (a structure freed).
+    pub fn remove(&mut self, first: u64, count: u64, kind: u16) {
+        for c in first..first.saturating_add(count) {
+            if let Ok(i) = self.clusters.binary_search_by_key(&c, |e| e.0) {
+                self.clusters[i].1 &= !kind;
+                if self.clusters[i].1 == 0 {
+                    self.clusters.remove(i);
+                }
+            }
+        }
+    }
+
     /// The structures in clusters `[first, last]`, each cluster's apart.
     fn each(&self, first: u64, last: u64) -> impl Iterator<Item = u16> + '_ {
         let start = self.clusters.partition_point(|e| e.0 < first);
@@ -272,6 +285,16 @@ impl Guard {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .add(first, last - first + 1, kind);
+    }
+
+    /// Forgets a structure freed at `[host, host + len)` (its clusters
+    /// may hold data next).
+    pub fn forget(&self, host: u64, len: u64, kind: u16) {
+        let (first, last) = self.clusters(host, len);
+        self.map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(first, last - first + 1, kind);
     }
 
     /// Fatal corruption was found: the node refuses writes.
@@ -490,6 +513,9 @@ mod tests {
         assert_eq!(m.meta_hit(3, 3, CONSTANT), 0);
         assert_ne!(m.meta_hit(0, 1, CACHED), 0);
         assert_eq!(m.clusters_held(), 4);
+        m.remove(3, 2, ACTIVE_L2);
+        assert_eq!(m.meta_hit(3, 3, CACHED), 0);
+        assert_eq!(m.clusters_held(), 3);
     }
 
     /// What the check costs a write on the direct path; run with
