@@ -180,6 +180,63 @@ fn damage_met_while_reading_is_reported_and_fatal_on_a_writable_node() {
     assert_eq!(info(&img)["format-specific"]["data"]["corrupt"], true);
 }
 
+#[test]
+fn damage_met_by_a_read_only_node_is_reported_once_and_not_fatal() {
+    // Arrange: as above, the node read-only.
+    let dir = TempDir::new("unaligned-ro");
+    let img = dir.path().join("u.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", path(&img), "64M"],
+    );
+    tool("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", path(&img)]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let l1 = be64(&bytes, 40) as usize;
+    bytes[l1..l1 + 8].copy_from_slice(&0x2a2a_2a00u64.to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let sock = dir.path().join("e.sock");
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&format!(
+            "driver=file,node-name=f0,filename={},read-only=on",
+            path(&img)
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=q0,file=f0,read-only=on")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let mut qmp = d.qmp();
+    let mut blk = Blk::connect_with(
+        &sock,
+        common::blk::BlkOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    );
+
+    // Act
+    let first = blk.try_read(0, 4096);
+    let second = blk.try_read(4096, 4096);
+    let event = qmp.wait_event("BLOCK_IMAGE_CORRUPTED", Duration::from_secs(10));
+
+    // Assert: EIO both times, one event, the image left unmarked.
+    assert_eq!((first, second), (Err(-libc::EIO), Err(-libc::EIO)));
+    assert_eq!(
+        event.expect("BLOCK_IMAGE_CORRUPTED")["data"],
+        json!({"device": "e0", "node-name": "q0",
+               "msg": "L2 table offset 0x2a2a2a00 unaligned (L1 index: 0)", "fatal": false})
+    );
+    assert!(qmp
+        .wait_event("BLOCK_IMAGE_CORRUPTED", Duration::from_millis(200))
+        .is_none());
+    assert_eq!(info(&img)["format-specific"]["data"]["corrupt"], false);
+}
+
 fn error_desc(reply: &Value) -> &str {
     reply["error"]["desc"]
         .as_str()
