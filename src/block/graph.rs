@@ -98,6 +98,8 @@ pub struct Graph {
     /// Changes committed so far: a pending change commits only onto the
     /// graph it was made from.
     commits: u64,
+    /// Where nodes opened into the graph report corruption.
+    notices: Option<crate::block::notice::Sink>,
 }
 
 /// One parent's claim on a node, for the permission check.
@@ -115,6 +117,25 @@ impl Graph {
 
     pub fn uses(&self) -> &[Use] {
         &self.uses
+    }
+
+    /// Gives the graph a sink for the notices of the nodes opened from
+    /// now on.
+    pub fn set_notices(&mut self, sink: crate::block::notice::Sink) {
+        self.notices = Some(sink);
+    }
+
+    /// The sink a node opened now reports to.
+    pub fn notices(&self) -> Option<crate::block::notice::Sink> {
+        self.notices.clone()
+    }
+
+    /// The block device (export) whose root is `node`, if there is one.
+    pub fn device_of(&self, node: &str) -> Option<&str> {
+        self.uses
+            .iter()
+            .find(|u| u.kind == UserKind::BlockDevice && u.node == node)
+            .map(|u| u.name.as_str())
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {
@@ -222,6 +243,11 @@ impl Graph {
     }
 
     /// Whether anything (a node or a user) holds `name`.
+    /// Whether no node has `name` as a child (users do not count).
+    pub fn is_root(&self, name: &str) -> bool {
+        self.parents_of(name) == 0
+    }
+
     pub fn has_parents(&self, name: &str) -> bool {
         self.parents_of(name) > 0 || self.uses.iter().any(|u| u.node == name)
     }

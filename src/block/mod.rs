@@ -2,6 +2,7 @@
 //! the way changes reach the data plane.
 
 pub mod backend;
+pub mod backing_file;
 pub mod detect_zeroes;
 pub mod drain;
 pub mod driver;
@@ -14,6 +15,7 @@ mod graph_tests;
 pub mod internal_snapshot;
 pub mod io;
 pub mod json_name;
+pub mod notice;
 pub mod open;
 pub mod perm;
 pub mod probe;

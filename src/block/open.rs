@@ -186,6 +186,8 @@ fn open_node(
                         pass_request: q.pass_discard_request,
                         pass_snapshot: q.pass_discard_snapshot,
                     },
+                    overlap_checks: qcow2::guard::checks_from(q.overlap_check.as_ref()),
+                    notices: graph.notices(),
                 },
             )?)
         }

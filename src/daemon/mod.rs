@@ -39,6 +39,8 @@ pub enum ControlMsg {
     SessionClosed(u64),
     /// SIGTERM, SIGINT or SIGHUP arrived.
     Signal(i32),
+    /// An I/O thread found an image damaged.
+    Corruption(crate::block::notice::Corruption),
 }
 
 /// A startup step that failed, named by the option it carried out as the
@@ -114,8 +116,14 @@ impl Default for Daemon {
 impl Daemon {
     pub fn new() -> Self {
         let (tx, rx) = mpsc::channel();
+        let mut graph = Graph::default();
+        let notices = tx.clone();
+        graph.set_notices(Arc::new(move |c| {
+            // The control thread may be gone at exit; nothing to tell then.
+            let _ = notices.send(ControlMsg::Corruption(c));
+        }));
         Daemon {
-            graph: Graph::default(),
+            graph,
             events: EventHub::default(),
             exports: Exports::default(),
             iothreads: IoThreads::default(),
@@ -333,6 +341,26 @@ impl Daemon {
         self.change_graph(|g| g.remove_node(name))?;
         log::info!("node '{name}' deleted");
         Ok(())
+    }
+
+    /// Sends `BLOCK_IMAGE_CORRUPTED`, naming the export whose root the
+    /// node is as the device (an empty string otherwise).
+    pub(super) fn image_corrupted(&mut self, c: crate::block::notice::Corruption) {
+        let device = self.graph.device_of(&c.node).unwrap_or("").to_string();
+        let (offset, size) = match c.access {
+            Some((o, s)) => (i64::try_from(o).ok(), i64::try_from(s).ok()),
+            None => (None, None),
+        };
+        self.events.emit(&qapi::Event::BlockImageCorrupted(
+            qapi::BlockImageCorruptedData {
+                device,
+                node_name: Some(c.node),
+                msg: c.msg,
+                offset,
+                size,
+                fatal: c.fatal,
+            },
+        ));
     }
 
     /// Stops serving and releases everything: monitor sockets are removed,

@@ -134,6 +134,16 @@ impl qapi::Commands for Cx<'_> {
         Ok(())
     }
 
+    fn change_backing_file(&mut self, arg: qapi::ChangeBackingFileArg) -> Result<(), QmpError> {
+        crate::block::backing_file::change_backing_file(
+            &self.daemon.graph,
+            &arg.device,
+            &arg.image_node_name,
+            &arg.backing_file,
+        )?;
+        Ok(())
+    }
+
     fn blockdev_del(&mut self, arg: BlockdevDelArg) -> Result<(), QmpError> {
         self.daemon.delete_node(&arg.node_name)
     }

@@ -123,6 +123,19 @@ pub trait Driver: Send + Sync {
     /// Second phase: return to the committed permissions.
     fn abort_perm(&self) {}
 
+    /// Records a new backing file name (and format) in the image's
+    /// header, written through `write` (change-backing-file); an errno
+    /// when the driver cannot.
+    fn change_backing_file(
+        &self,
+        name: &str,
+        format: &str,
+        write: qcow2::HeaderWriter<'_>,
+    ) -> Result<(), i32> {
+        let _ = (name, format, write);
+        Err(-libc::ENOTSUP)
+    }
+
     /// Adds what only this driver knows to the node's ImageInfo.
     fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
         let _ = info;

@@ -103,6 +103,7 @@ pub(super) fn meta_buf(io: &Qcow2Io, len: usize) -> Result<AlignedBuf, i32> {
 /// Writes `buf` to the file at `offset` and waits for it.
 pub(super) async fn write_file(io: &Qcow2Io, offset: u64, buf: &mut AlignedBuf) -> Result<(), i32> {
     let len = buf.len();
+    io.guard.check_meta(offset, len as u64)?;
     let iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: len,
@@ -424,6 +425,7 @@ fn plan(io: &Qcow2Io, a: &Allocator, want: usize) -> Pass {
     }
     for &(t, b) in &new_blocks {
         st.reftable[t] = b;
+        io.guard.register(b, cs, super::guard::REFCOUNT_BLOCK);
         st.blocks.insert(b, vec![0u8; cs as usize]);
     }
     for (block, index) in changes {

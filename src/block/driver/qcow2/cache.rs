@@ -18,6 +18,8 @@ pub struct L2Cache {
     tables: HashMap<u64, Entry>,
     capacity: usize,
     clock: u64,
+    /// The clock at the last cleaning pass (`cache-clean-interval`).
+    cleaned_at: u64,
 }
 
 struct Entry {
@@ -32,6 +34,7 @@ impl L2Cache {
             tables: HashMap::new(),
             capacity: capacity.max(2),
             clock: 0,
+            cleaned_at: 0,
         }
     }
 
@@ -84,6 +87,18 @@ impl L2Cache {
         );
     }
 
+    /// Drops the tables not used since the last pass (QEMU's
+    /// `cache-clean-interval`), except those a request holds right now;
+    /// returns how many went.
+    pub fn clean_unused(&mut self) -> usize {
+        let before = self.tables.len();
+        let mark = self.cleaned_at;
+        self.tables
+            .retain(|_, e| e.used > mark || Arc::strong_count(&e.words) > 1);
+        self.cleaned_at = self.clock;
+        before - self.tables.len()
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.tables.len()
@@ -110,5 +125,26 @@ mod tests {
         assert_eq!(c.pair(1, 0), Some((10, 11)));
         assert_eq!(c.word(3, 0), Some(30));
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn a_cleaning_pass_drops_the_tables_unused_since_the_last_one() {
+        // Arrange: two tables read since the cache was made.
+        let mut c = L2Cache::new(4);
+        c.insert(1, words(&[10]));
+        c.insert(2, words(&[20]));
+        // Act / Assert: both count as used for the first pass; then only
+        // the one used in between survives the next, and none the third.
+        assert_eq!(c.clean_unused(), 0);
+        assert_eq!(c.word(1, 0), Some(10));
+        assert_eq!(c.clean_unused(), 1);
+        assert_eq!(c.word(2, 0), None);
+        let held = c.table(1);
+        assert_eq!(c.clean_unused(), 0);
+        assert_eq!(c.clean_unused(), 0);
+        drop(held);
+        assert_eq!(c.clean_unused(), 1);
+        assert_eq!(c.word(1, 0), None);
+        assert_eq!(c.len(), 0);
     }
 }

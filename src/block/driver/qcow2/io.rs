@@ -13,8 +13,8 @@ use crate::block::edge::Child;
 use crate::block::error::BlockError;
 use crate::block::io::{BlockIo, IoKind, IoRequest};
 use crate::block::qcow2::format::{
-    decompress, CompressedCluster, CompressionType, ExtendedL2Entry, Geometry, L1Entry, L2Entry,
-    Subcluster,
+    decompress, CompressedCluster, CompressionType, ExtendedL2Entry, FormatError, Geometry,
+    L1Entry, L2Entry, Subcluster,
 };
 use crate::io::task;
 use crate::io::IoContext;
@@ -81,6 +81,8 @@ pub struct Qcow2Io {
     pub(super) pass_discard_snapshot: bool,
     /// The internal snapshots, as the image lists them now.
     pub(super) snapshots: Mutex<super::snapshots::SnapTable>,
+    /// Overlap checks and what happens when damage is found.
+    pub(super) guard: super::guard::Guard,
 }
 
 impl Qcow2Io {
@@ -108,6 +110,13 @@ impl Qcow2Io {
         };
         let l1 = match L1Entry::decode(raw, geo) {
             Ok(e) => e,
+            Err(FormatError::TableEntryUnaligned(o)) => {
+                return Lookup::Bad(format!(
+                    "L2 table offset {} unaligned (L1 index: {})",
+                    c_hex(o),
+                    c_hex(pos.l1_index)
+                ))
+            }
             Err(e) => return Lookup::Bad(format!("L1 entry {}: {e}", pos.l1_index)),
         };
         if l1.l2_offset == 0 {
@@ -149,6 +158,12 @@ impl Qcow2Io {
             Ok(L2Entry::Zero { .. }) => Lookup::Found(Map::Zero, to_cluster_end),
             Ok(L2Entry::Unallocated) => Lookup::Found(Map::Unallocated, to_cluster_end),
             Ok(L2Entry::Compressed(c)) => Lookup::Found(Map::Compressed(c), to_cluster_end),
+            Err(FormatError::ClusterOffsetUnaligned(o)) => Lookup::Bad(format!(
+                "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                c_hex(o),
+                c_hex(l1.l2_offset),
+                c_hex(pos.l2_index)
+            )),
             Err(e) => Lookup::Bad(format!("L2 entry at {off}: {e}")),
         }
     }
@@ -193,7 +208,9 @@ impl Qcow2Io {
     /// whose table is cached; false when it needs a task.
     fn write_direct(&self, ctx: &mut IoContext, req: &IoRequest) -> bool {
         match self.lookup(req.offset()) {
-            Lookup::Found(Map::Data(host), len) if req.len() <= len => {
+            Lookup::Found(Map::Data(host), len)
+                if req.len() <= len && self.guard.data_clear(host, req.len()) =>
+            {
                 self.file.get().submit(ctx, &req.at(host));
                 true
             }
@@ -201,9 +218,29 @@ impl Qcow2Io {
         }
     }
 
+    /// Reports damage found in the image (fatal on a writable node).
     pub(super) fn corrupt(&self, what: &str) -> i32 {
-        log::error!("qcow2 node '{}': {what}", self.name);
+        self.guard.signal(true, what, None);
         -libc::EIO
+    }
+}
+
+impl super::cleaner::Clean for Qcow2Io {
+    fn clean(&self) {
+        let n = self.cache().clean_unused();
+        if n > 0 {
+            log::debug!("qcow2 node '{}': {n} idle L2 tables dropped", self.name);
+        }
+    }
+}
+
+/// A number in hex as C's `%#x` writes it (QEMU's messages): zero has no
+/// prefix.
+fn c_hex(v: u64) -> String {
+    if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
     }
 }
 
@@ -342,7 +379,10 @@ async fn read_task(io: Arc<Qcow2Io>, req: IoRequest) -> i32 {
 impl Qcow2Io {
     fn spawn_write(&self, ctx: &mut IoContext, req: &IoRequest) {
         match self.me.upgrade() {
-            Some(me) => ctx.spawn(req.tag(), super::write::write_task(me, *req)),
+            Some(me) => ctx.spawn(
+                req.tag(),
+                super::guard::marking(me.clone(), super::write::write_task(me, *req)),
+            ),
             None => ctx.complete_now(req.tag(), -libc::EIO),
         }
     }
@@ -389,13 +429,17 @@ impl BlockIo for Qcow2Io {
                     ctx.complete_now(req.tag(), 0);
                 } else if !self.read_direct(ctx, req) {
                     match self.me.upgrade() {
-                        Some(me) => ctx.spawn(req.tag(), read_task(me, *req)),
+                        Some(me) => ctx.spawn(
+                            req.tag(),
+                            super::guard::marking(me.clone(), read_task(me, *req)),
+                        ),
                         None => ctx.complete_now(req.tag(), -libc::EIO),
                     }
                 }
             }
             IoKind::Flush => self.file.get().submit(ctx, req),
             _ if self.alloc.is_none() => ctx.complete_now(req.tag(), -libc::EROFS),
+            _ if self.guard.is_broken() => ctx.complete_now(req.tag(), -libc::EIO),
             IoKind::Write => {
                 if req.is_empty() {
                     ctx.complete_now(req.tag(), 0);
@@ -406,7 +450,10 @@ impl BlockIo for Qcow2Io {
             IoKind::WriteZeroes { .. } => self.spawn_write(ctx, req),
             IoKind::Discard if !self.discard_unmap => ctx.complete_now(req.tag(), 0),
             IoKind::Discard => match self.me.upgrade() {
-                Some(me) => ctx.spawn(req.tag(), super::write::discard_task(me, *req)),
+                Some(me) => ctx.spawn(
+                    req.tag(),
+                    super::guard::marking(me.clone(), super::write::discard_task(me, *req)),
+                ),
                 None => ctx.complete_now(req.tag(), -libc::EIO),
             },
         }

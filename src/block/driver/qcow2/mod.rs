@@ -10,15 +10,21 @@
 //! clusters otherwise ([`write`], [`alloc`]), with metadata written
 //! through (no dirty cache to lose). A cluster or L2 table shared with an
 //! internal snapshot (no COPIED flag) is copied before it is written;
-//! internal snapshots are taken and deleted by [`snapshots`]. Not yet:
-//! images with extended L2 entries opened for writing, reuse of freed
-//! clusters, shrinking.
+//! internal snapshots are taken and deleted by [`snapshots`]. A dirty
+//! image (lazy refcounts) is repaired before it is written (`repair.rs`);
+//! every write to the file is checked against the metadata first
+//! ([`guard`]). Not yet: images with extended L2 entries opened for
+//! writing, reuse of freed clusters, shrinking.
 
 mod alloc;
+mod backing_name;
 mod cache;
+mod cleaner;
 pub mod create;
+pub mod guard;
 mod io;
 mod iov;
+mod repair;
 mod resize;
 mod snapshot_api;
 mod snapshots;
@@ -36,8 +42,8 @@ use crate::block::qcow2::format::{
 };
 use crate::block::sync_io;
 use io::Qcow2Io;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// QEMU's default upper bound for the L2 cache on Linux: 32 MiB.
 const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
@@ -45,11 +51,15 @@ const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 const MAX_L1_BYTES: u64 = 32 << 20;
 
 /// The node options the driver takes at open.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct OpenOptions {
     pub cache: CacheOptions,
     pub read_only: bool,
     pub discard: Discard,
+    /// The structures `overlap-check` protects ([`guard::checks_from`]).
+    pub overlap_checks: u16,
+    /// Where corruption found in the image is reported.
+    pub notices: Option<crate::block::notice::Sink>,
 }
 
 /// The cache options of the seed (QEMU's names in comments).
@@ -64,7 +74,8 @@ pub struct CacheOptions {
     /// `cache-clean-interval`, in seconds.
     pub cache_clean_interval: Option<i64>,
     /// `lazy-refcounts` (vubd always keeps refcounts current, which is
-    /// what an image with lazy refcounts also accepts).
+    /// what an image with lazy refcounts also accepts; a dirty one is
+    /// repaired at a writable open, see `repair.rs`).
     pub lazy_refcounts: Option<bool>,
 }
 
@@ -162,11 +173,16 @@ impl BackingInfo {
 
 pub struct Qcow2Driver {
     io: Arc<Qcow2Io>,
-    header: Header,
+    /// The header as read at open, or as change-backing-file rewrote it.
+    header: Mutex<Header>,
     read_only: bool,
     file_filename: String,
-    backing_filename: Option<String>,
+    backing_filename: Mutex<Option<String>>,
 }
+
+/// Writes a new header cluster at the start of the image's file and
+/// flushes it; an errno on failure.
+pub type HeaderWriter<'a> = &'a mut dyn FnMut(&[u8]) -> Result<(), i32>;
 
 impl Qcow2Driver {
     /// Opens the image on `file`, with `backing` as its backing node.
@@ -182,6 +198,8 @@ impl Qcow2Driver {
             cache: opts_cache,
             read_only,
             discard,
+            overlap_checks,
+            notices,
         } = opts;
         if header.crypt_method != CryptMethod::None {
             return Err(BlockError::invalid(
@@ -222,6 +240,10 @@ impl Qcow2Driver {
             ));
         }
         let tables = whole_disk.min(bound).max(2) as usize;
+        let mut header = header;
+        if !read_only && header.is_dirty() && !header.is_corrupt() && !header.has_extended_l2() {
+            repair::repair_dirty(&file, &mut header, &geo)?;
+        }
         let table = read_snapshots(&file, &header, read_only)?;
         let alloc = if read_only {
             None
@@ -232,6 +254,13 @@ impl Qcow2Driver {
             Some((root, filename)) => (Child::new(ChildRole::Backing, root), Some(filename)),
             None => (Child::absent(ChildRole::Backing), None),
         };
+        let map = if read_only {
+            guard::MetaMap::default()
+        } else {
+            let words: Vec<u64> = l1.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+            guard::build_map(&file, &header, &geo, &words, &table.list, overlap_checks)
+        };
+        let guard = guard::Guard::new(name, overlap_checks, &geo, map, !read_only, notices);
         let io = Arc::new_cyclic(|me| Qcow2Io {
             me: me.clone(),
             file: Child::new(ChildRole::File, file),
@@ -251,13 +280,19 @@ impl Qcow2Driver {
             pass_discard: discard.pass_request.unwrap_or(discard.unmap),
             pass_discard_snapshot: discard.pass_snapshot.unwrap_or(true),
             snapshots: Mutex::new(table),
+            guard,
         });
+        let interval = opts_cache
+            .cache_clean_interval
+            .map_or(cleaner::DEFAULT_INTERVAL_SECS, |i| i as u64);
+        let weak: std::sync::Weak<dyn cleaner::Clean> = Arc::downgrade(&io) as _;
+        cleaner::register(weak, interval);
         Ok(Qcow2Driver {
             io,
-            header,
+            header: Mutex::new(header),
             read_only,
             file_filename,
-            backing_filename,
+            backing_filename: Mutex::new(backing_filename),
         })
     }
 }
@@ -416,15 +451,28 @@ impl Driver for Qcow2Driver {
         crate::block::io::BlockIo::flush(&*self.io)
     }
 
+    fn change_backing_file(
+        &self,
+        name: &str,
+        format: &str,
+        write: HeaderWriter<'_>,
+    ) -> Result<(), i32> {
+        self.rewrite_backing(name, format, write)
+    }
+
     fn describe_image(&self, info: &mut crate::qapi::ImageInfo) {
-        let h = &self.header;
+        let h = &*self.header.lock().unwrap_or_else(PoisonError::into_inner);
         info.cluster_size = Some(h.cluster_size() as i64);
         info.dirty_flag = Some(h.is_dirty());
         if let Some(b) = BackingInfo::from_header(h) {
             info.backing_filename = Some(b.name);
             info.backing_filename_format = b.format;
         }
-        if let Some(full) = &self.backing_filename {
+        if let Some(full) = &*self
+            .backing_filename
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
             info.full_backing_filename = Some(full.clone());
         }
         let table = self.io.snapshots();
@@ -436,7 +484,7 @@ impl Driver for Qcow2Driver {
             crate::qapi::ImageInfoSpecificQCow2 {
                 compat: if h.version == 2 { "0.10" } else { "1.1" }.to_string(),
                 lazy_refcounts: (h.version >= 3).then(|| h.has_lazy_refcounts()),
-                corrupt: (h.version >= 3).then(|| h.is_corrupt()),
+                corrupt: (h.version >= 3).then(|| h.is_corrupt() || self.io.guard.is_broken()),
                 extended_l2: (h.version >= 3).then(|| h.has_extended_l2()),
                 refcount_bits: i64::from(h.refcount_bits()),
                 compression_type: match h.compression_type {

@@ -129,6 +129,7 @@ async fn write_piece(
             iov_len: tail as usize,
         });
     }
+    io.guard.check_data(host, cs)?;
     // SAFETY: the iovecs point at `head_buf`, `tail_buf` and the request's
     // buffers, all alive until the awaited write completes.
     let whole =
@@ -207,6 +208,7 @@ async fn write_at(
     len: u64,
     part: &[libc::iovec],
 ) -> Result<(), i32> {
+    io.guard.check_data(host, len)?;
     // SAFETY: `part` points into buffers alive until the awaited write
     // completes (the request's, or the caller's zeroes).
     let w =
@@ -301,6 +303,7 @@ async fn ensure_l2(io: &Qcow2Io, a: &Allocator, off: u64) -> Result<u64, i32> {
     let shared = e.l2_offset;
     let cs = io.geo.cluster_size();
     let table = take_cluster(io, a).await?;
+    io.guard.register(table, cs, super::guard::ACTIVE_L2);
     let mut content = meta_buf(io, cs as usize)?;
     if shared == 0 {
         content.as_mut_slice().fill(0);

@@ -1,0 +1,24 @@
+//! Notices the data plane sends up to the control plane, which turns them
+//! into QMP events: for now, corruption found in an image.
+//!
+//! A driver gets the sink when its node is opened (from the graph, which
+//! the daemon gives one); a graph without a sink (unit tests) drops them.
+
+use std::sync::Arc;
+
+/// Corruption found in an image (QEMU's `BLOCK_IMAGE_CORRUPTED`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption {
+    /// The node whose image is damaged.
+    pub node: String,
+    /// What was found, for humans.
+    pub msg: String,
+    /// The host offset and length of the access that found it, if an
+    /// access did.
+    pub access: Option<(u64, u64)>,
+    /// The image is marked corrupt and refuses writes from now on.
+    pub fatal: bool,
+}
+
+/// Where notices go; called from any thread, it must not block.
+pub type Sink = Arc<dyn Fn(Corruption) + Send + Sync>;
