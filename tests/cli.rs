@@ -998,15 +998,19 @@ fn object_iothread_with_a_negative_polling_property_is_refused() {
 }
 
 #[test]
-fn object_throttle_group_is_refused_naming_the_type() {
+fn object_throttle_group_with_a_bad_limit_is_refused_as_qsd_does() {
     let dir = TempDir::new("vubd-cli");
     let run = run_to_exit(
         dir.path(),
-        &["--object", "throttle-group,id=t0,x-bps-total=1000000"],
+        &["--object", "throttle-group,id=t0,x-bps-total=-5"],
     );
     let line = run.assert_failed();
-    assert!(line.contains("--object"), "{line:?}");
-    assert!(line.contains("throttle-group"), "{line:?}");
+    assert!(
+        line.ends_with(
+            "--object throttle-group,id=t0,x-bps-total=-5: Property values cannot be negative"
+        ),
+        "{line:?}"
+    );
 }
 
 // --- the serve short form -----------------------------------------------
