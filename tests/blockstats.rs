@@ -1,6 +1,7 @@
 //! query-blockstats against the I/O a libblkio client did: operations
 //! and bytes per kind, failed requests (injected with blkdebug), the
-//! accounting options, and timed statistics over an interval.
+//! accounting options, and timed statistics over an interval; the write
+//! threshold and its event.
 
 mod common;
 
@@ -101,4 +102,67 @@ fn a_zero_interval_is_refused() {
                "stats-intervals": [0]}),
     );
     assert!(error_desc(&r).contains("Invalid interval length: 0"), "{r}");
+}
+
+#[test]
+fn write_threshold_fires_once_for_the_write_that_crossed_it() {
+    let dir = TempDir::new("threshold");
+    let img = dir.path().join("t.img");
+    qemu_img_create(&img, "raw", 4 << 20);
+    let sock = dir.path().join("t.sock");
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&format!("driver=file,node-name=f,filename={}", path(&img)))
+        .arg("--blockdev")
+        .arg("driver=raw,node-name=r,file=f")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=r,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let mut blk = Blk::connect(&sock);
+    let mut qmp = d.qmp();
+    // On the protocol node under the format node, as for thin storage.
+    assert_return(&qmp.execute(
+        "block-set-write-threshold",
+        json!({"node-name": "f", "write-threshold": 1 << 20}),
+    ));
+    let node = |qmp: &mut Qmp, name: &str| {
+        assert_return(&qmp.execute("query-named-block-nodes", json!({})))
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(node(&mut qmp, "f")["write_threshold"], 1 << 20);
+    assert_eq!(blk.write(0, &[1u8; 4096]), 0);
+    assert_eq!(blk.write((1 << 20) - 4096, &[1u8; 4096]), 0);
+    assert_eq!(blk.write((1 << 20) - 4096, &[2u8; 12288]), 0);
+    assert_eq!(blk.write(2 << 20, &[3u8; 4096]), 0);
+    let ev = qmp
+        .wait_event("BLOCK_WRITE_THRESHOLD", std::time::Duration::from_secs(5))
+        .expect("BLOCK_WRITE_THRESHOLD");
+    assert_eq!(
+        ev["data"],
+        json!({"node-name": "f", "amount-exceeded": 8192, "write-threshold": 1 << 20})
+    );
+    assert!(qmp
+        .wait_event(
+            "BLOCK_WRITE_THRESHOLD",
+            std::time::Duration::from_millis(300)
+        )
+        .is_none());
+    assert_eq!(node(&mut qmp, "f")["write_threshold"], 0);
+    assert_error(
+        &qmp.execute(
+            "block-set-write-threshold",
+            json!({"node-name": "nope", "write-threshold": 1}),
+        ),
+        "GenericError",
+        "Device 'nope' not found",
+    );
 }

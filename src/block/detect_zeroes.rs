@@ -1,25 +1,11 @@
 //! detect-zeroes: a write whose data is all zeroes becomes a write-zeroes
 //! request (deallocating with `unmap`), so zeroed blocks cost no space.
-//! It wraps the data face of a node that has the option set.
+//! The node's face ([`super::face`]) applies it.
 
-use super::drain::Root;
-use super::error::BlockError;
-use super::io::{BlockIo, IoKind, IoRequest};
-use crate::io::IoContext;
-
-pub struct DetectZeroes {
-    inner: Root,
-    unmap: bool,
-}
-
-impl DetectZeroes {
-    pub fn new(inner: Root, unmap: bool) -> Self {
-        DetectZeroes { inner, unmap }
-    }
-}
+use super::io::IoRequest;
 
 /// Whether every byte the request's buffers hold is zero.
-fn all_zero(req: &IoRequest) -> bool {
+pub fn all_zero(req: &IoRequest) -> bool {
     let (iov, n) = req.iov();
     (0..n as usize).all(|i| {
         // SAFETY: IoRequest's contract: `n` valid iovecs describing
@@ -36,53 +22,4 @@ fn all_zero(req: &IoRequest) -> bool {
             && words.iter().all(|&w| w == 0)
             && tail.iter().all(|&b| b == 0)
     })
-}
-
-impl BlockIo for DetectZeroes {
-    fn length(&self) -> Result<u64, BlockError> {
-        self.inner.length()
-    }
-
-    fn allocated_size(&self) -> Option<u64> {
-        self.inner.allocated_size()
-    }
-
-    fn mem_alignment(&self) -> usize {
-        self.inner.mem_alignment()
-    }
-
-    fn preferred_alignment(&self) -> u32 {
-        self.inner.preferred_alignment()
-    }
-
-    fn refresh_length(&self) {
-        self.inner.refresh_length()
-    }
-
-    fn truncate(&self, size: u64) -> Result<(), BlockError> {
-        self.inner.truncate(size)
-    }
-
-    fn flush(&self) -> Result<(), BlockError> {
-        self.inner.flush()
-    }
-
-    fn debug_event(&self, event: crate::qapi::BlkdebugEvent) {
-        self.inner.debug_event(event);
-    }
-
-    fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
-        if req.kind() == IoKind::Write && !req.is_empty() && all_zero(req) {
-            // Completes with 0: for a write that means done as a whole
-            // (see BlockIo::submit).
-            let zeroes = IoRequest::without_data(
-                IoKind::WriteZeroes { unmap: self.unmap },
-                req.offset(),
-                req.len(),
-                req.tag(),
-            );
-            return self.inner.submit(ctx, &zeroes);
-        }
-        self.inner.submit(ctx, req)
-    }
 }

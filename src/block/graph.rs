@@ -41,7 +41,8 @@ pub struct Node {
     pub io: super::drain::Root,
     pub flags: NodeFlags,
     pub children: Vec<Edge>,
-    pub write_threshold: u64,
+    /// The node's write threshold, which its face checks.
+    pub threshold: Arc<super::face::WriteThreshold>,
 }
 
 /// Who holds a node from outside the graph.

@@ -8,6 +8,7 @@ pub mod drain;
 pub mod driver;
 pub mod edge;
 pub mod error;
+pub mod face;
 pub mod file_lock;
 pub mod graph;
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! Notices the data plane sends up to the control plane, which turns them
-//! into QMP events: for now, corruption found in an image.
+//! into QMP events: corruption found in an image, a write past a node's
+//! write threshold.
 //!
-//! A driver gets the sink when its node is opened (from the graph, which
-//! the daemon gives one); a graph without a sink (unit tests) drops them.
+//! A driver or node face gets the sink when its node is opened (from the
+//! graph, which the daemon gives one); a graph without a sink (unit
+//! tests) drops them.
 
 use std::sync::Arc;
 
@@ -20,5 +22,21 @@ pub struct Corruption {
     pub fatal: bool,
 }
 
+/// A write reached past a node's write threshold, which is now disarmed
+/// (QEMU's `BLOCK_WRITE_THRESHOLD`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThresholdCrossed {
+    pub node: String,
+    /// How far past the threshold the write ended, in bytes.
+    pub amount_exceeded: u64,
+    pub threshold: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Corruption(Corruption),
+    WriteThreshold(ThresholdCrossed),
+}
+
 /// Where notices go; called from any thread, it must not block.
-pub type Sink = Arc<dyn Fn(Corruption) + Send + Sync>;
+pub type Sink = Arc<dyn Fn(Notice) + Send + Sync>;

@@ -10,6 +10,7 @@ use super::driver::raw::RawDriver;
 use super::driver::throttle::ThrottleDriver;
 use super::driver::{is_built, ChildRole, Driver, NodeFlags};
 use super::error::BlockError;
+use super::face::{NodeFace, WriteThreshold};
 use super::graph::{Edge, Graph, Node};
 use super::json_name;
 use crate::qapi::{
@@ -278,13 +279,13 @@ fn open_node(
         ..flags
     };
     log::info!("opened node '{name}' ({})", driver.name());
-    let io: crate::block::drain::Root = match flags.detect_zeroes {
-        BlockdevDetectZeroesOptions::Off => driver.io(),
-        mode => Arc::new(crate::block::detect_zeroes::DetectZeroes::new(
-            driver.io(),
-            mode == BlockdevDetectZeroesOptions::Unmap,
-        )),
+    let zeroes = match flags.detect_zeroes {
+        BlockdevDetectZeroesOptions::Off => None,
+        mode => Some(mode == BlockdevDetectZeroesOptions::Unmap),
     };
+    let threshold = WriteThreshold::new(&name, graph.notices());
+    let io: crate::block::drain::Root =
+        Arc::new(NodeFace::new(driver.io(), zeroes, threshold.clone()));
     graph.insert(Node {
         name: name.clone(),
         monitor_owned,
@@ -292,7 +293,7 @@ fn open_node(
         driver,
         flags,
         children,
-        write_threshold: 0,
+        threshold,
     });
     Ok(name)
 }

@@ -56,7 +56,7 @@ pub fn device_info(graph: &Graph, node: &Node) -> BlockDeviceInfo {
             direct: node.flags.cache_direct,
             no_flush: node.flags.cache_no_flush,
         },
-        write_threshold: to_i64(node.write_threshold),
+        write_threshold: to_i64(node.threshold.get()),
         active: true,
         bps: 0,
         bps_rd: 0,

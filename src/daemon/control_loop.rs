@@ -113,7 +113,7 @@ impl Daemon {
                 log::info!("monitor session {id} closed");
             }
             ControlMsg::Signal(sig) => self.request_quit(&format!("signal {sig}")),
-            ControlMsg::Corruption(c) => self.image_corrupted(c),
+            ControlMsg::Notice(n) => self.notice(n),
         }
     }
 

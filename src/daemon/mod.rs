@@ -39,8 +39,9 @@ pub enum ControlMsg {
     SessionClosed(u64),
     /// SIGTERM, SIGINT or SIGHUP arrived.
     Signal(i32),
-    /// An I/O thread found an image damaged.
-    Corruption(crate::block::notice::Corruption),
+    /// An I/O thread found an image damaged, or saw a write cross a
+    /// node's write threshold.
+    Notice(crate::block::notice::Notice),
 }
 
 /// A startup step that failed, named by the option it carried out as the
@@ -120,7 +121,7 @@ impl Daemon {
         let notices = tx.clone();
         graph.set_notices(Arc::new(move |c| {
             // The control thread may be gone at exit; nothing to tell then.
-            let _ = notices.send(ControlMsg::Corruption(c));
+            let _ = notices.send(ControlMsg::Notice(c));
         }));
         Daemon {
             graph,
@@ -343,9 +344,32 @@ impl Daemon {
         Ok(())
     }
 
+    /// Turns a notice of the data plane into its event.
+    pub(super) fn notice(&mut self, n: crate::block::notice::Notice) {
+        use crate::block::notice::Notice;
+        match n {
+            Notice::Corruption(c) => self.image_corrupted(c),
+            Notice::WriteThreshold(t) => {
+                log::info!(
+                    "node '{}': a write went {} bytes past its write threshold {}",
+                    t.node,
+                    t.amount_exceeded,
+                    t.threshold
+                );
+                self.events.emit(&qapi::Event::BlockWriteThreshold(
+                    qapi::BlockWriteThresholdData {
+                        node_name: t.node,
+                        amount_exceeded: t.amount_exceeded,
+                        write_threshold: t.threshold,
+                    },
+                ));
+            }
+        }
+    }
+
     /// Sends `BLOCK_IMAGE_CORRUPTED`, naming the export whose root the
     /// node is as the device (an empty string otherwise).
-    pub(super) fn image_corrupted(&mut self, c: crate::block::notice::Corruption) {
+    fn image_corrupted(&mut self, c: crate::block::notice::Corruption) {
         let device = self.graph.device_of(&c.node).unwrap_or("").to_string();
         let (offset, size) = match c.access {
             Some((o, s)) => (i64::try_from(o).ok(), i64::try_from(s).ok()),

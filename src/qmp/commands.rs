@@ -193,6 +193,23 @@ impl qapi::Commands for Cx<'_> {
             .collect())
     }
 
+    fn block_set_write_threshold(
+        &mut self,
+        arg: qapi::BlockSetWriteThresholdArg,
+    ) -> Result<(), QmpError> {
+        let node =
+            self.daemon.graph.node(&arg.node_name).ok_or_else(|| {
+                QmpError::generic(format!("Device '{}' not found", arg.node_name))
+            })?;
+        node.threshold.set(arg.write_threshold);
+        log::info!(
+            "node '{}': write threshold {}",
+            arg.node_name,
+            arg.write_threshold
+        );
+        Ok(())
+    }
+
     fn block_set_io_throttle(&mut self, arg: qapi::BlockIOThrottle) -> Result<(), QmpError> {
         let d = &mut *self.daemon;
         crate::export::throttle::set_io_throttle(&mut d.exports, &mut d.graph, &arg)

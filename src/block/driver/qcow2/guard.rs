@@ -20,7 +20,7 @@
 use super::io::Qcow2Io;
 use crate::block::drain::Root;
 use crate::block::io::{IoKind, IoRequest};
-use crate::block::notice::{Corruption, Sink};
+use crate::block::notice::{Corruption, Notice, Sink};
 use crate::block::qcow2::format::{
     incompatible, Geometry, Header, Snapshot, OFFSET_MASK, REFTABLE_OFFSET_MASK,
 };
@@ -327,12 +327,12 @@ impl Guard {
             );
         }
         if let Some(sink) = &self.sink {
-            sink(Corruption {
+            sink(Notice::Corruption(Corruption {
                 node: self.node.clone(),
                 msg: msg.to_string(),
                 access,
                 fatal,
-            });
+            }));
         }
     }
 
