@@ -129,9 +129,11 @@ impl Quiesced {
 
     /// Installs a new root; I/O threads pick it up on their next request.
     /// Only once the drain is complete (nothing in flight); the graph
-    /// checks that before it publishes.
+    /// checks that before it publishes. The count may read 1 for a moment
+    /// even then: a thread trying to start a request counts it before it
+    /// sees the slot quiesced, and takes it back without touching the
+    /// root, so it is not asserted here.
     pub fn publish(&self, root: Option<Root>) {
-        debug_assert_eq!(self.in_flight(), 0, "publishing into an undrained slot");
         let mut shared = self.slot.lock();
         shared.root = root;
         self.slot.generation.fetch_add(1, Ordering::SeqCst);
