@@ -166,3 +166,40 @@ fn write_threshold_fires_once_for_the_write_that_crossed_it() {
         "Device 'nope' not found",
     );
 }
+
+/// Blocks the file takes on disk, in 512-byte units.
+fn disk_blocks(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks()
+}
+
+#[test]
+fn discard_reaches_the_file_only_through_nodes_that_allow_it() {
+    for (raw_opt, punched) in [("", false), (",discard=unmap", true)] {
+        let dir = TempDir::new("discard-chain");
+        let img = dir.path().join("d.img");
+        std::fs::write(&img, vec![7u8; 2 << 20]).unwrap();
+        let sock = dir.path().join("d.sock");
+        let d = Daemon::vubd(&[])
+            .arg("--blockdev")
+            .arg(&format!(
+                "driver=file,node-name=f,filename={},discard=unmap",
+                path(&img)
+            ))
+            .arg("--blockdev")
+            .arg(&format!("driver=raw,node-name=r,file=f{raw_opt}"))
+            .arg("--export")
+            .arg(&format!(
+                "type=vhost-user-blk,id=e0,node-name=r,writable=on,addr.type=unix,addr.path={}",
+                path(&sock)
+            ))
+            .start();
+        let mut blk = Blk::connect(&sock);
+        let before = disk_blocks(&img);
+        assert_eq!(blk.discard(0, 1 << 20), 0);
+        assert_eq!(blk.flush(), 0);
+        let after = disk_blocks(&img);
+        assert_eq!(after < before, punched, "raw{raw_opt}: {before} -> {after}");
+        drop(d);
+    }
+}

@@ -1,9 +1,18 @@
 //! A node's face: what its parents and users send requests to. It wraps
 //! the driver's data face with what QEMU's generic block layer does for
-//! every node whatever its driver: detect-zeroes, and the write threshold
-//! (`block-set-write-threshold`), which sends one BLOCK_WRITE_THRESHOLD
-//! for the first write or write-zeroes that ends past it and disarms.
-//! With neither set it costs one relaxed load per request.
+//! every node whatever its driver:
+//!
+//! * `discard=ignore` (the default): discards end here, successfully,
+//!   and write-zeroes may not deallocate;
+//! * detect-zeroes;
+//! * the write threshold (`block-set-write-threshold`), which sends one
+//!   BLOCK_WRITE_THRESHOLD for the first write or write-zeroes that ends
+//!   past it and disarms.
+//!
+//! Each node decides for itself, as in QEMU: a discard reaches the file
+//! only if every node on its way has `discard=unmap` (children inherit
+//! the option from a parent that defines them inline). With nothing set a
+//! face costs one relaxed load per write.
 
 use super::detect_zeroes::all_zero;
 use super::drain::Root;
@@ -69,14 +78,22 @@ pub struct NodeFace {
     inner: Root,
     /// detect-zeroes: None (off), or whether zeroes are unmapped.
     zeroes: Option<bool>,
+    /// discard=unmap: discards pass and write-zeroes may deallocate.
+    unmap: bool,
     threshold: Arc<WriteThreshold>,
 }
 
 impl NodeFace {
-    pub fn new(inner: Root, zeroes: Option<bool>, threshold: Arc<WriteThreshold>) -> Self {
+    pub fn new(
+        inner: Root,
+        zeroes: Option<bool>,
+        unmap: bool,
+        threshold: Arc<WriteThreshold>,
+    ) -> Self {
         NodeFace {
             inner,
             zeroes,
+            unmap,
             threshold,
         }
     }
@@ -117,6 +134,15 @@ impl BlockIo for NodeFace {
 
     #[inline]
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        match req.kind() {
+            IoKind::Discard if !self.unmap => return ctx.complete_now(req.tag(), 0),
+            IoKind::WriteZeroes { unmap: true } if !self.unmap => {
+                self.threshold.check(req.offset().saturating_add(req.len()));
+                let keep = req.with_kind(IoKind::WriteZeroes { unmap: false });
+                return self.inner.submit(ctx, &keep);
+            }
+            _ => {}
+        }
         if matches!(req.kind(), IoKind::Write | IoKind::WriteZeroes { .. }) {
             self.threshold.check(req.offset().saturating_add(req.len()));
             if let Some(unmap) = self.zeroes {

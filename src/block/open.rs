@@ -284,8 +284,12 @@ fn open_node(
         mode => Some(mode == BlockdevDetectZeroesOptions::Unmap),
     };
     let threshold = WriteThreshold::new(&name, graph.notices());
-    let io: crate::block::drain::Root =
-        Arc::new(NodeFace::new(driver.io(), zeroes, threshold.clone()));
+    let io: crate::block::drain::Root = Arc::new(NodeFace::new(
+        driver.io(),
+        zeroes,
+        flags.discard == BlockdevDiscardOptions::Unmap,
+        threshold.clone(),
+    ));
     graph.insert(Node {
         name: name.clone(),
         monitor_owned,
