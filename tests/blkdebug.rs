@@ -66,7 +66,7 @@ fn once_rule_from_a_config_file_fails_one_write() {
     let conf = dir.path().join("rules.conf");
     std::fs::write(
         &conf,
-        "[inject-error]\nevent = \"pwritev\"\nerrno = \"28\"\nonce = \"on\"\n",
+        "[inject-error]\nevent = \"pwritev\"\nerrno = \"5\"\nonce = \"on\"\n",
     )
     .unwrap();
     let (_d, mut blk) = serve(dir.path(), json!({"config": path(&conf)}));

@@ -1,6 +1,6 @@
 //! Notices the data plane sends up to the control plane, which turns them
 //! into QMP events: corruption found in an image, a write past a node's
-//! write threshold.
+//! write threshold, a device's failed request and its stop.
 //!
 //! A driver or node face gets the sink when its node is opened (from the
 //! graph, which the daemon gives one); a graph without a sink (unit
@@ -32,10 +32,26 @@ pub struct ThresholdCrossed {
     pub threshold: u64,
 }
 
+/// A device's request failed (QEMU's `BLOCK_IO_ERROR`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoErrorNotice {
+    /// The export id.
+    pub device: String,
+    /// A read (else a write, flush, discard or write-zeroes).
+    pub read: bool,
+    pub action: crate::qapi::BlockErrorAction,
+    pub nospace: bool,
+    /// The error, in words.
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     Corruption(Corruption),
     WriteThreshold(ThresholdCrossed),
+    IoError(IoErrorNotice),
+    /// An export (by id) stopped on an error.
+    Stopped(String),
 }
 
 /// Where notices go; called from any thread, it must not block.

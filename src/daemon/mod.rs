@@ -106,6 +106,9 @@ pub struct Daemon {
     agenda: Agenda<Box<Request>>,
     /// How long a command's change may wait for its drain.
     drain_timeout: Duration,
+    /// Some export stopped on an I/O error since the last `cont` (the
+    /// run state is io-error; STOP was sent).
+    pub stopped_on_error: bool,
 }
 
 impl Default for Daemon {
@@ -139,6 +142,7 @@ impl Daemon {
             waiting: None,
             agenda: Agenda::default(),
             drain_timeout: DRAIN_TIMEOUT,
+            stopped_on_error: false,
         }
     }
 
@@ -349,6 +353,34 @@ impl Daemon {
         use crate::block::notice::Notice;
         match n {
             Notice::Corruption(c) => self.image_corrupted(c),
+            Notice::IoError(e) => {
+                let node = self
+                    .exports
+                    .iter()
+                    .find(|x| x.id == e.device)
+                    .map(|x| x.node.clone())
+                    .unwrap_or_default();
+                self.events
+                    .emit(&qapi::Event::BlockIoError(qapi::BlockIoErrorData {
+                        device: e.device,
+                        node_name: node,
+                        operation: if e.read {
+                            qapi::IoOperationType::Read
+                        } else {
+                            qapi::IoOperationType::Write
+                        },
+                        action: e.action,
+                        nospace: Some(e.nospace),
+                        reason: e.reason,
+                    }));
+            }
+            Notice::Stopped(device) => {
+                log::warn!("export '{device}' stopped on an I/O error; cont resumes it");
+                if !self.stopped_on_error {
+                    self.stopped_on_error = true;
+                    self.events.emit(&qapi::Event::Stop);
+                }
+            }
             Notice::WriteThreshold(t) => {
                 log::info!(
                     "node '{}': a write went {} bytes past its write threshold {}",

@@ -136,6 +136,7 @@ impl Exports {
             log::debug!("export '{}' on {path} not started: {e}", opts.id);
             QmpError::generic(e.to_string())
         })?;
+        server.device().backend.set_notices(graph.notices());
         log::info!(
             "export '{}' of node '{}' serving on {path}",
             opts.id,

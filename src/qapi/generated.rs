@@ -6638,6 +6638,10 @@ pub struct BlockExportOptionsVhostUserBlk {
     pub account_failed: Option<bool>,
     /// lengths in seconds of the intervals query-blockstats reports timed statistics over (default: none); vubd extension, as -drive's stats-intervals
     pub stats_intervals: Option<Vec<u32>>,
+    /// what a failed read does (default: report); vubd extension, as a guest device's rerror
+    pub rerror: Option<BlockdevOnError>,
+    /// what a failed write, flush, discard or write-zeroes does (default: enospc); vubd extension, as a guest device's werror
+    pub werror: Option<BlockdevOnError>,
 }
 
 impl BlockExportOptionsVhostUserBlk {
@@ -6652,7 +6656,9 @@ impl BlockExportOptionsVhostUserBlk {
         let account_invalid = obj.opt("account-invalid", <bool as rt::FromQapi>::from_qapi)?;
         let account_failed = obj.opt("account-failed", <bool as rt::FromQapi>::from_qapi)?;
         let stats_intervals = obj.opt("stats-intervals", |v, at| rt::list(v, at, <u32 as rt::FromQapi>::from_qapi))?;
-        Ok(Self { addr, logical_block_size, num_queues, serial, queue_size, poll_us, account_invalid, account_failed, stats_intervals })
+        let rerror = obj.opt("rerror", <BlockdevOnError as rt::FromQapi>::from_qapi)?;
+        let werror = obj.opt("werror", <BlockdevOnError as rt::FromQapi>::from_qapi)?;
+        Ok(Self { addr, logical_block_size, num_queues, serial, queue_size, poll_us, account_invalid, account_failed, stats_intervals, rerror, werror })
     }
 
     /// Writes the members into a map being serialized.
@@ -6666,6 +6672,8 @@ impl BlockExportOptionsVhostUserBlk {
         if let Some(v) = &self.account_invalid { map.serialize_entry("account-invalid", v)?; }
         if let Some(v) = &self.account_failed { map.serialize_entry("account-failed", v)?; }
         if let Some(v) = &self.stats_intervals { map.serialize_entry("stats-intervals", v)?; }
+        if let Some(v) = &self.rerror { map.serialize_entry("rerror", v)?; }
+        if let Some(v) = &self.werror { map.serialize_entry("werror", v)?; }
         Ok(())
     }
 }
@@ -7269,6 +7277,136 @@ impl Serialize for BlockdevSnapshotInternal {
     }
 }
 rt::deserialize_via_qapi!(BlockdevSnapshotInternal);
+
+/// The state vubd's exports run in, as QEMU names a VM's run states.
+/// vubd is in @running, or in @io-error while an export that met an
+/// error its policy says to stop on holds its guest's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RunState {
+    /// not used by vubd
+    Debug,
+    /// not used by vubd
+    Inmigrate,
+    /// not used by vubd
+    InternalError,
+    /// an export stopped on an I/O error; `cont` resumes it
+    IoError,
+    /// not used by vubd
+    Paused,
+    /// not used by vubd
+    Postmigrate,
+    /// not used by vubd
+    Prelaunch,
+    /// not used by vubd
+    FinishMigrate,
+    /// not used by vubd
+    RestoreVm,
+    /// every export serves requests
+    Running,
+    /// not used by vubd
+    SaveVm,
+    /// not used by vubd
+    Shutdown,
+    /// not used by vubd
+    Suspended,
+    /// not used by vubd
+    Watchdog,
+    /// not used by vubd
+    GuestPanicked,
+    /// not used by vubd
+    Colo,
+}
+
+impl RunState {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Debug, Self::Inmigrate, Self::InternalError, Self::IoError, Self::Paused, Self::Postmigrate, Self::Prelaunch, Self::FinishMigrate, Self::RestoreVm, Self::Running, Self::SaveVm, Self::Shutdown, Self::Suspended, Self::Watchdog, Self::GuestPanicked, Self::Colo];
+    /// Every value's wire name, in schema order.
+    pub const NAMES: &'static [&'static str] = &["debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate", "prelaunch", "finish-migrate", "restore-vm", "running", "save-vm", "shutdown", "suspended", "watchdog", "guest-panicked", "colo"];
+
+    /// The name of the value on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Inmigrate => "inmigrate",
+            Self::InternalError => "internal-error",
+            Self::IoError => "io-error",
+            Self::Paused => "paused",
+            Self::Postmigrate => "postmigrate",
+            Self::Prelaunch => "prelaunch",
+            Self::FinishMigrate => "finish-migrate",
+            Self::RestoreVm => "restore-vm",
+            Self::Running => "running",
+            Self::SaveVm => "save-vm",
+            Self::Shutdown => "shutdown",
+            Self::Suspended => "suspended",
+            Self::Watchdog => "watchdog",
+            Self::GuestPanicked => "guest-panicked",
+            Self::Colo => "colo",
+        }
+    }
+}
+
+impl rt::FromQapi for RunState {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        rt::one_of(v, at, Self::NAMES).map(|i| Self::ALL[i])
+    }
+}
+
+impl Serialize for RunState {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+rt::deserialize_via_qapi!(RunState);
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What query-status answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusInfo {
+    /// whether every export serves requests
+    pub running: bool,
+    /// the run state
+    pub status: RunState,
+}
+
+impl StatusInfo {
+    /// Reads the members from an object, leaving the rest to the caller.
+    pub fn read_members(obj: &mut rt::Obj<'_>) -> Result<Self, rt::InputError> {
+        let running = obj.req("running", <bool as rt::FromQapi>::from_qapi)?;
+        let status = obj.req("status", <RunState as rt::FromQapi>::from_qapi)?;
+        Ok(Self { running, status })
+    }
+
+    /// Writes the members into a map being serialized.
+    pub fn serialize_members<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("running", &self.running)?;
+        map.serialize_entry("status", &self.status)?;
+        Ok(())
+    }
+}
+
+impl rt::FromQapi for StatusInfo {
+    fn from_qapi(v: &Value, at: &rt::At<'_>) -> Result<Self, rt::InputError> {
+        let mut obj = rt::Obj::new(v, at)?;
+        let out = Self::read_members(&mut obj)?;
+        obj.finish()?;
+        Ok(out)
+    }
+}
+
+impl Serialize for StatusInfo {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        self.serialize_members(&mut map)?;
+        map.end()
+    }
+}
+rt::deserialize_via_qapi!(StatusInfo);
 
 /// Arguments of the `qmp_capabilities` command.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -9252,6 +9390,11 @@ pub enum Event {
     /// again.
     /// Since: 5.2
     BlockExportDeleted(BlockExportDeletedData),
+    /// An export stopped on an I/O error (its error policy said so); sent
+    /// when vubd leaves the running state.
+    Stop,
+    /// `cont` resumed the stopped exports.
+    Resume,
 }
 
 impl Event {
@@ -9267,6 +9410,8 @@ impl Event {
             Self::BlockJobReady(_) => "BLOCK_JOB_READY",
             Self::BlockWriteThreshold(_) => "BLOCK_WRITE_THRESHOLD",
             Self::BlockExportDeleted(_) => "BLOCK_EXPORT_DELETED",
+            Self::Stop => "STOP",
+            Self::Resume => "RESUME",
         }
     }
 
@@ -9282,15 +9427,17 @@ impl Event {
             Self::BlockJobReady(d) => rt::to_value(d).map(Some),
             Self::BlockWriteThreshold(d) => rt::to_value(d).map(Some),
             Self::BlockExportDeleted(d) => rt::to_value(d).map(Some),
+            Self::Stop => Ok(None),
+            Self::Resume => Ok(None),
         }
     }
 }
 
 /// Every command the schema defines, in schema order.
-pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "query-chardev", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync"];
+pub const ALL_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "query-chardev", "query-block", "query-blockstats", "query-block-jobs", "block_passwd", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "change-backing-file", "block-commit", "drive-backup", "blockdev-backup", "query-named-block-nodes", "drive-mirror", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "blockdev-mirror", "block_set_io_throttle", "block-stream", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete", "blockdev-add", "x-blockdev-del", "blockdev-del", "blockdev-open-tray", "blockdev-close-tray", "x-blockdev-remove-medium", "blockdev-remove-medium", "x-blockdev-insert-medium", "blockdev-insert-medium", "blockdev-change-medium", "block-set-write-threshold", "x-blockdev-change", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync", "query-status", "cont"];
 
 /// The commands vubd implements (the schema's `vubd-implemented-commands` pragma).
-pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "block_set_io_throttle", "block-set-write-threshold", "blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync", "change-backing-file", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "query-chardev"];
+pub const IMPLEMENTED_COMMANDS: &[&str] = &["qmp_capabilities", "query-version", "query-commands", "quit", "query-qmp-schema", "blockdev-add", "blockdev-del", "x-blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats", "block_resize", "blockdev-snapshot-sync", "blockdev-snapshot", "block_set_io_throttle", "block-set-write-threshold", "blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync", "change-backing-file", "query-status", "cont", "block-export-add", "block-export-del", "query-block-exports", "object-add", "object-del", "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "query-chardev"];
 
 /// The implemented commands the schema lets run out of band (`allow-oob`).
 pub const OOB_COMMANDS: &[&str] = &["query-version", "query-commands", "query-qmp-schema"];
@@ -9402,6 +9549,16 @@ pub trait Commands {
     /// Since: 2.1
     fn change_backing_file(&mut self, arg: ChangeBackingFileArg) -> Result<(), Self::Error>;
 
+    /// Whether vubd's exports run, or some stopped on an I/O error.
+    ///
+    /// Returns: the run state
+    fn query_status(&mut self) -> Result<StatusInfo, Self::Error>;
+
+    /// Resumes the exports an I/O error stopped: their held requests are
+    /// retried in order and their io-status reset.  Succeeds when nothing is
+    /// stopped.
+    fn cont(&mut self) -> Result<(), Self::Error>;
+
     /// Create and start a block export.
     /// Since: 5.2
     fn block_export_add(&mut self, arg: BlockExportOptions) -> Result<(), Self::Error>;
@@ -9480,6 +9637,8 @@ pub fn dispatch<C: Commands + ?Sized>(c: &mut C, name: &str, args: &Value) -> Op
         "blockdev-snapshot-internal-sync" => <BlockdevSnapshotInternal as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_snapshot_internal_sync(a)).map(|()| Value::Object(Default::default())),
         "blockdev-snapshot-delete-internal-sync" => <BlockdevSnapshotDeleteInternalSyncArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.blockdev_snapshot_delete_internal_sync(a)).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
         "change-backing-file" => <ChangeBackingFileArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.change_backing_file(a)).map(|()| Value::Object(Default::default())),
+        "query-status" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_status()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
+        "cont" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.cont()).map(|()| Value::Object(Default::default())),
         "block-export-add" => <BlockExportOptions as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_export_add(a)).map(|()| Value::Object(Default::default())),
         "block-export-del" => <BlockExportDelArg as rt::FromQapi>::from_qapi(args, &at).map_err(C::Error::from).and_then(|a| c.block_export_del(a)).map(|()| Value::Object(Default::default())),
         "query-block-exports" => rt::no_args(args, &at).map_err(C::Error::from).and_then(|()| c.query_block_exports()).and_then(|r| rt::to_value(&r).map_err(C::Error::from)),
@@ -9529,46 +9688,50 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "qom-list-properties", "meta-type": "command", "arg-type": "31", "ret-type": "[26]"},
 {"name": "blockdev-snapshot-internal-sync", "meta-type": "command", "arg-type": "32", "ret-type": "1"},
 {"name": "blockdev-snapshot-delete-internal-sync", "meta-type": "command", "arg-type": "33", "ret-type": "34"},
-{"name": "DEVICE_TRAY_MOVED", "meta-type": "event", "arg-type": "35"},
-{"name": "BLOCK_IMAGE_CORRUPTED", "meta-type": "event", "arg-type": "36"},
-{"name": "BLOCK_IO_ERROR", "meta-type": "event", "arg-type": "37"},
-{"name": "BLOCK_JOB_COMPLETED", "meta-type": "event", "arg-type": "38"},
-{"name": "BLOCK_JOB_CANCELLED", "meta-type": "event", "arg-type": "39"},
-{"name": "BLOCK_JOB_ERROR", "meta-type": "event", "arg-type": "40"},
-{"name": "BLOCK_JOB_READY", "meta-type": "event", "arg-type": "41"},
-{"name": "BLOCK_WRITE_THRESHOLD", "meta-type": "event", "arg-type": "42"},
-{"name": "BLOCK_EXPORT_DELETED", "meta-type": "event", "arg-type": "43"},
-{"name": "0", "meta-type": "object", "members": [{"name": "enable", "type": "[44]", "default": null}]},
+{"name": "query-status", "meta-type": "command", "arg-type": "1", "ret-type": "35"},
+{"name": "cont", "meta-type": "command", "arg-type": "1", "ret-type": "1"},
+{"name": "DEVICE_TRAY_MOVED", "meta-type": "event", "arg-type": "36"},
+{"name": "BLOCK_IMAGE_CORRUPTED", "meta-type": "event", "arg-type": "37"},
+{"name": "BLOCK_IO_ERROR", "meta-type": "event", "arg-type": "38"},
+{"name": "BLOCK_JOB_COMPLETED", "meta-type": "event", "arg-type": "39"},
+{"name": "BLOCK_JOB_CANCELLED", "meta-type": "event", "arg-type": "40"},
+{"name": "BLOCK_JOB_ERROR", "meta-type": "event", "arg-type": "41"},
+{"name": "BLOCK_JOB_READY", "meta-type": "event", "arg-type": "42"},
+{"name": "BLOCK_WRITE_THRESHOLD", "meta-type": "event", "arg-type": "43"},
+{"name": "BLOCK_EXPORT_DELETED", "meta-type": "event", "arg-type": "44"},
+{"name": "STOP", "meta-type": "event", "arg-type": "1"},
+{"name": "RESUME", "meta-type": "event", "arg-type": "1"},
+{"name": "0", "meta-type": "object", "members": [{"name": "enable", "type": "[45]", "default": null}]},
 {"name": "1", "meta-type": "object", "members": []},
-{"name": "2", "meta-type": "object", "members": [{"name": "qemu", "type": "45"}, {"name": "package", "type": "str"}]},
+{"name": "2", "meta-type": "object", "members": [{"name": "qemu", "type": "46"}, {"name": "package", "type": "str"}]},
 {"name": "[3]", "meta-type": "array", "element-type": "3"},
 {"name": "3", "meta-type": "object", "members": [{"name": "name", "type": "str"}]},
 {"name": "[4]", "meta-type": "array", "element-type": "4"},
-{"name": "4", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "meta-type", "type": "46"}, {"name": "features", "type": "[str]", "default": null}], "tag": "meta-type", "variants": [{"case": "builtin", "type": "47"}, {"case": "enum", "type": "48"}, {"case": "array", "type": "49"}, {"case": "object", "type": "50"}, {"case": "alternate", "type": "51"}, {"case": "command", "type": "52"}, {"case": "event", "type": "53"}]},
+{"name": "4", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "meta-type", "type": "47"}, {"name": "features", "type": "[str]", "default": null}], "tag": "meta-type", "variants": [{"case": "builtin", "type": "48"}, {"case": "enum", "type": "49"}, {"case": "array", "type": "50"}, {"case": "object", "type": "51"}, {"case": "alternate", "type": "52"}, {"case": "command", "type": "53"}, {"case": "event", "type": "54"}]},
 {"name": "[5]", "meta-type": "array", "element-type": "5"},
 {"name": "5", "meta-type": "object", "members": [{"name": "label", "type": "str"}, {"name": "filename", "type": "str"}, {"name": "frontend-open", "type": "bool"}]},
 {"name": "[6]", "meta-type": "array", "element-type": "6"},
-{"name": "6", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "type", "type": "str"}, {"name": "removable", "type": "bool"}, {"name": "locked", "type": "bool"}, {"name": "inserted", "type": "14", "default": null}, {"name": "tray_open", "type": "bool", "default": null}, {"name": "io-status", "type": "54", "default": null}, {"name": "dirty-bitmaps", "type": "[55]", "default": null}]},
+{"name": "6", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "type", "type": "str"}, {"name": "removable", "type": "bool"}, {"name": "locked", "type": "bool"}, {"name": "inserted", "type": "14", "default": null}, {"name": "tray_open", "type": "bool", "default": null}, {"name": "io-status", "type": "55", "default": null}, {"name": "dirty-bitmaps", "type": "[56]", "default": null}]},
 {"name": "7", "meta-type": "object", "members": [{"name": "query-nodes", "type": "bool", "default": null}]},
 {"name": "[8]", "meta-type": "array", "element-type": "8"},
-{"name": "8", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "stats", "type": "56"}, {"name": "parent", "type": "8", "default": null}, {"name": "backing", "type": "8", "default": null}, {"name": "driver-specific", "type": "57", "default": null}]},
+{"name": "8", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "stats", "type": "57"}, {"name": "parent", "type": "8", "default": null}, {"name": "backing", "type": "8", "default": null}, {"name": "driver-specific", "type": "58", "default": null}]},
 {"name": "9", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "size", "type": "int"}]},
-{"name": "10", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "snapshot-file", "type": "str"}, {"name": "snapshot-node-name", "type": "str", "default": null}, {"name": "format", "type": "str", "default": null}, {"name": "mode", "type": "58", "default": null}]},
+{"name": "10", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "node-name", "type": "str", "default": null}, {"name": "snapshot-file", "type": "str"}, {"name": "snapshot-node-name", "type": "str", "default": null}, {"name": "format", "type": "str", "default": null}, {"name": "mode", "type": "59", "default": null}]},
 {"name": "11", "meta-type": "object", "members": [{"name": "node", "type": "str"}, {"name": "overlay", "type": "str"}]},
 {"name": "12", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "image-node-name", "type": "str"}, {"name": "backing-file", "type": "str"}]},
 {"name": "13", "meta-type": "object", "members": [{"name": "flat", "type": "bool", "default": null}]},
 {"name": "[14]", "meta-type": "array", "element-type": "14"},
-{"name": "14", "meta-type": "object", "members": [{"name": "file", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "ro", "type": "bool"}, {"name": "drv", "type": "str"}, {"name": "backing_file", "type": "str", "default": null}, {"name": "backing_file_depth", "type": "int"}, {"name": "encrypted", "type": "bool"}, {"name": "encryption_key_missing", "type": "bool"}, {"name": "detect_zeroes", "type": "59"}, {"name": "bps", "type": "int"}, {"name": "bps_rd", "type": "int"}, {"name": "bps_wr", "type": "int"}, {"name": "iops", "type": "int"}, {"name": "iops_rd", "type": "int"}, {"name": "iops_wr", "type": "int"}, {"name": "image", "type": "60"}, {"name": "bps_max", "type": "int", "default": null}, {"name": "bps_rd_max", "type": "int", "default": null}, {"name": "bps_wr_max", "type": "int", "default": null}, {"name": "iops_max", "type": "int", "default": null}, {"name": "iops_rd_max", "type": "int", "default": null}, {"name": "iops_wr_max", "type": "int", "default": null}, {"name": "bps_max_length", "type": "int", "default": null}, {"name": "bps_rd_max_length", "type": "int", "default": null}, {"name": "bps_wr_max_length", "type": "int", "default": null}, {"name": "iops_max_length", "type": "int", "default": null}, {"name": "iops_rd_max_length", "type": "int", "default": null}, {"name": "iops_wr_max_length", "type": "int", "default": null}, {"name": "iops_size", "type": "int", "default": null}, {"name": "group", "type": "str", "default": null}, {"name": "cache", "type": "61"}, {"name": "write_threshold", "type": "int"}, {"name": "active", "type": "bool"}]},
+{"name": "14", "meta-type": "object", "members": [{"name": "file", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "ro", "type": "bool"}, {"name": "drv", "type": "str"}, {"name": "backing_file", "type": "str", "default": null}, {"name": "backing_file_depth", "type": "int"}, {"name": "encrypted", "type": "bool"}, {"name": "encryption_key_missing", "type": "bool"}, {"name": "detect_zeroes", "type": "60"}, {"name": "bps", "type": "int"}, {"name": "bps_rd", "type": "int"}, {"name": "bps_wr", "type": "int"}, {"name": "iops", "type": "int"}, {"name": "iops_rd", "type": "int"}, {"name": "iops_wr", "type": "int"}, {"name": "image", "type": "61"}, {"name": "bps_max", "type": "int", "default": null}, {"name": "bps_rd_max", "type": "int", "default": null}, {"name": "bps_wr_max", "type": "int", "default": null}, {"name": "iops_max", "type": "int", "default": null}, {"name": "iops_rd_max", "type": "int", "default": null}, {"name": "iops_wr_max", "type": "int", "default": null}, {"name": "bps_max_length", "type": "int", "default": null}, {"name": "bps_rd_max_length", "type": "int", "default": null}, {"name": "bps_wr_max_length", "type": "int", "default": null}, {"name": "iops_max_length", "type": "int", "default": null}, {"name": "iops_rd_max_length", "type": "int", "default": null}, {"name": "iops_wr_max_length", "type": "int", "default": null}, {"name": "iops_size", "type": "int", "default": null}, {"name": "group", "type": "str", "default": null}, {"name": "cache", "type": "62"}, {"name": "write_threshold", "type": "int"}, {"name": "active", "type": "bool"}]},
 {"name": "15", "meta-type": "object", "members": [{"name": "device", "type": "str", "default": null}, {"name": "id", "type": "str", "default": null}, {"name": "bps", "type": "int"}, {"name": "bps_rd", "type": "int"}, {"name": "bps_wr", "type": "int"}, {"name": "iops", "type": "int"}, {"name": "iops_rd", "type": "int"}, {"name": "iops_wr", "type": "int"}, {"name": "bps_max", "type": "int", "default": null}, {"name": "bps_rd_max", "type": "int", "default": null}, {"name": "bps_wr_max", "type": "int", "default": null}, {"name": "iops_max", "type": "int", "default": null}, {"name": "iops_rd_max", "type": "int", "default": null}, {"name": "iops_wr_max", "type": "int", "default": null}, {"name": "bps_max_length", "type": "int", "default": null}, {"name": "bps_rd_max_length", "type": "int", "default": null}, {"name": "bps_wr_max_length", "type": "int", "default": null}, {"name": "iops_max_length", "type": "int", "default": null}, {"name": "iops_rd_max_length", "type": "int", "default": null}, {"name": "iops_wr_max_length", "type": "int", "default": null}, {"name": "iops_size", "type": "int", "default": null}, {"name": "group", "type": "str", "default": null}]},
-{"name": "16", "meta-type": "object", "members": [{"name": "driver", "type": "62"}, {"name": "node-name", "type": "str", "default": null}, {"name": "discard", "type": "63", "default": null}, {"name": "cache", "type": "64", "default": null}, {"name": "read-only", "type": "bool", "default": null}, {"name": "detect-zeroes", "type": "59", "default": null}, {"name": "force-share", "type": "bool", "default": null}, {"name": "auto-read-only", "type": "bool", "default": null}], "tag": "driver", "variants": [{"case": "archipelago", "type": "65"}, {"case": "blkdebug", "type": "66"}, {"case": "blkverify", "type": "67"}, {"case": "bochs", "type": "68"}, {"case": "cloop", "type": "68"}, {"case": "dmg", "type": "68"}, {"case": "file", "type": "69"}, {"case": "ftp", "type": "70"}, {"case": "ftps", "type": "70"}, {"case": "gluster", "type": "71"}, {"case": "host_cdrom", "type": "69"}, {"case": "host_device", "type": "69"}, {"case": "http", "type": "70"}, {"case": "https", "type": "70"}, {"case": "luks", "type": "72"}, {"case": "null-aio", "type": "73"}, {"case": "null-co", "type": "73"}, {"case": "parallels", "type": "68"}, {"case": "qcow2", "type": "74"}, {"case": "qcow", "type": "75"}, {"case": "qed", "type": "75"}, {"case": "quorum", "type": "76"}, {"case": "raw", "type": "77"}, {"case": "replication", "type": "78"}, {"case": "tftp", "type": "70"}, {"case": "throttle", "type": "79"}, {"case": "vdi", "type": "68"}, {"case": "vhdx", "type": "68"}, {"case": "vmdk", "type": "75"}, {"case": "vpc", "type": "68"}, {"case": "vvfat", "type": "80"}]},
+{"name": "16", "meta-type": "object", "members": [{"name": "driver", "type": "63"}, {"name": "node-name", "type": "str", "default": null}, {"name": "discard", "type": "64", "default": null}, {"name": "cache", "type": "65", "default": null}, {"name": "read-only", "type": "bool", "default": null}, {"name": "detect-zeroes", "type": "60", "default": null}, {"name": "force-share", "type": "bool", "default": null}, {"name": "auto-read-only", "type": "bool", "default": null}], "tag": "driver", "variants": [{"case": "archipelago", "type": "66"}, {"case": "blkdebug", "type": "67"}, {"case": "blkverify", "type": "68"}, {"case": "bochs", "type": "69"}, {"case": "cloop", "type": "69"}, {"case": "dmg", "type": "69"}, {"case": "file", "type": "70"}, {"case": "ftp", "type": "71"}, {"case": "ftps", "type": "71"}, {"case": "gluster", "type": "72"}, {"case": "host_cdrom", "type": "70"}, {"case": "host_device", "type": "70"}, {"case": "http", "type": "71"}, {"case": "https", "type": "71"}, {"case": "luks", "type": "73"}, {"case": "null-aio", "type": "74"}, {"case": "null-co", "type": "74"}, {"case": "parallels", "type": "69"}, {"case": "qcow2", "type": "75"}, {"case": "qcow", "type": "76"}, {"case": "qed", "type": "76"}, {"case": "quorum", "type": "77"}, {"case": "raw", "type": "78"}, {"case": "replication", "type": "79"}, {"case": "tftp", "type": "71"}, {"case": "throttle", "type": "80"}, {"case": "vdi", "type": "69"}, {"case": "vhdx", "type": "69"}, {"case": "vmdk", "type": "76"}, {"case": "vpc", "type": "69"}, {"case": "vvfat", "type": "81"}]},
 {"name": "17", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}]},
 {"name": "18", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}]},
 {"name": "19", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}, {"name": "write-threshold", "type": "int"}]},
-{"name": "20", "meta-type": "object", "members": [{"name": "type", "type": "81"}, {"name": "id", "type": "str"}, {"name": "fixed-iothread", "type": "bool", "default": null}, {"name": "iothread", "type": "82", "default": null}, {"name": "node-name", "type": "str"}, {"name": "writable", "type": "bool", "default": null}, {"name": "writethrough", "type": "bool", "default": null}, {"name": "allow-inactive", "type": "bool", "default": null}], "tag": "type", "variants": [{"case": "vhost-user-blk", "type": "83"}]},
-{"name": "21", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "mode", "type": "84", "default": null}]},
+{"name": "20", "meta-type": "object", "members": [{"name": "type", "type": "82"}, {"name": "id", "type": "str"}, {"name": "fixed-iothread", "type": "bool", "default": null}, {"name": "iothread", "type": "83", "default": null}, {"name": "node-name", "type": "str"}, {"name": "writable", "type": "bool", "default": null}, {"name": "writethrough", "type": "bool", "default": null}, {"name": "allow-inactive", "type": "bool", "default": null}], "tag": "type", "variants": [{"case": "vhost-user-blk", "type": "84"}]},
+{"name": "21", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "mode", "type": "85", "default": null}]},
 {"name": "[22]", "meta-type": "array", "element-type": "22"},
-{"name": "22", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "type", "type": "81"}, {"name": "node-name", "type": "str"}, {"name": "shutting-down", "type": "bool"}]},
-{"name": "23", "meta-type": "object", "members": [{"name": "qom-type", "type": "85"}, {"name": "id", "type": "str"}], "tag": "qom-type", "variants": [{"case": "iothread", "type": "86"}, {"case": "throttle-group", "type": "87"}]},
+{"name": "22", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "type", "type": "82"}, {"name": "node-name", "type": "str"}, {"name": "shutting-down", "type": "bool"}]},
+{"name": "23", "meta-type": "object", "members": [{"name": "qom-type", "type": "86"}, {"name": "id", "type": "str"}], "tag": "qom-type", "variants": [{"case": "iothread", "type": "87"}, {"case": "throttle-group", "type": "88"}]},
 {"name": "24", "meta-type": "object", "members": [{"name": "id", "type": "str"}]},
 {"name": "25", "meta-type": "object", "members": [{"name": "path", "type": "str"}]},
 {"name": "[26]", "meta-type": "array", "element-type": "26"},
@@ -9583,127 +9746,130 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
 {"name": "32", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "name", "type": "str"}]},
 {"name": "33", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "id", "type": "str", "default": null}, {"name": "name", "type": "str", "default": null}]},
 {"name": "34", "meta-type": "object", "members": [{"name": "id", "type": "str"}, {"name": "name", "type": "str"}, {"name": "vm-state-size", "type": "int"}, {"name": "date-sec", "type": "int"}, {"name": "date-nsec", "type": "int"}, {"name": "vm-clock-sec", "type": "int"}, {"name": "vm-clock-nsec", "type": "int"}]},
-{"name": "35", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "id", "type": "str"}, {"name": "tray-open", "type": "bool"}]},
-{"name": "36", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "msg", "type": "str"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}, {"name": "fatal", "type": "bool"}]},
-{"name": "37", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str"}, {"name": "operation", "type": "88"}, {"name": "action", "type": "89"}, {"name": "nospace", "type": "bool", "default": null}, {"name": "reason", "type": "str"}]},
-{"name": "38", "meta-type": "object", "members": [{"name": "type", "type": "90"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}, {"name": "error", "type": "str", "default": null}]},
-{"name": "39", "meta-type": "object", "members": [{"name": "type", "type": "90"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
-{"name": "40", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "operation", "type": "88"}, {"name": "action", "type": "89"}]},
-{"name": "41", "meta-type": "object", "members": [{"name": "type", "type": "90"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
-{"name": "42", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}, {"name": "amount-exceeded", "type": "int"}, {"name": "write-threshold", "type": "int"}]},
-{"name": "43", "meta-type": "object", "members": [{"name": "id", "type": "str"}]},
-{"name": "[44]", "meta-type": "array", "element-type": "44"},
-{"name": "44", "meta-type": "enum", "members": [{"name": "oob"}], "values": ["oob"]},
-{"name": "45", "meta-type": "object", "members": [{"name": "major", "type": "int"}, {"name": "minor", "type": "int"}, {"name": "micro", "type": "int"}]},
+{"name": "35", "meta-type": "object", "members": [{"name": "running", "type": "bool"}, {"name": "status", "type": "89"}]},
+{"name": "36", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "id", "type": "str"}, {"name": "tray-open", "type": "bool"}]},
+{"name": "37", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str", "default": null}, {"name": "msg", "type": "str"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}, {"name": "fatal", "type": "bool"}]},
+{"name": "38", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "node-name", "type": "str"}, {"name": "operation", "type": "90"}, {"name": "action", "type": "91"}, {"name": "nospace", "type": "bool", "default": null}, {"name": "reason", "type": "str"}]},
+{"name": "39", "meta-type": "object", "members": [{"name": "type", "type": "92"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}, {"name": "error", "type": "str", "default": null}]},
+{"name": "40", "meta-type": "object", "members": [{"name": "type", "type": "92"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
+{"name": "41", "meta-type": "object", "members": [{"name": "device", "type": "str"}, {"name": "operation", "type": "90"}, {"name": "action", "type": "91"}]},
+{"name": "42", "meta-type": "object", "members": [{"name": "type", "type": "92"}, {"name": "device", "type": "str"}, {"name": "len", "type": "int"}, {"name": "offset", "type": "int"}, {"name": "speed", "type": "int"}]},
+{"name": "43", "meta-type": "object", "members": [{"name": "node-name", "type": "str"}, {"name": "amount-exceeded", "type": "int"}, {"name": "write-threshold", "type": "int"}]},
+{"name": "44", "meta-type": "object", "members": [{"name": "id", "type": "str"}]},
+{"name": "[45]", "meta-type": "array", "element-type": "45"},
+{"name": "45", "meta-type": "enum", "members": [{"name": "oob"}], "values": ["oob"]},
+{"name": "46", "meta-type": "object", "members": [{"name": "major", "type": "int"}, {"name": "minor", "type": "int"}, {"name": "micro", "type": "int"}]},
 {"name": "str", "meta-type": "builtin", "json-type": "string"},
-{"name": "46", "meta-type": "enum", "members": [{"name": "builtin"}, {"name": "enum"}, {"name": "array"}, {"name": "object"}, {"name": "alternate"}, {"name": "command"}, {"name": "event"}], "values": ["builtin", "enum", "array", "object", "alternate", "command", "event"]},
+{"name": "47", "meta-type": "enum", "members": [{"name": "builtin"}, {"name": "enum"}, {"name": "array"}, {"name": "object"}, {"name": "alternate"}, {"name": "command"}, {"name": "event"}], "values": ["builtin", "enum", "array", "object", "alternate", "command", "event"]},
 {"name": "[str]", "meta-type": "array", "element-type": "str"},
-{"name": "47", "meta-type": "object", "members": [{"name": "json-type", "type": "91"}]},
-{"name": "48", "meta-type": "object", "members": [{"name": "members", "type": "[92]"}, {"name": "values", "type": "[str]", "features": ["deprecated"]}]},
-{"name": "49", "meta-type": "object", "members": [{"name": "element-type", "type": "str"}]},
-{"name": "50", "meta-type": "object", "members": [{"name": "members", "type": "[93]"}, {"name": "tag", "type": "str", "default": null}, {"name": "variants", "type": "[94]", "default": null}]},
-{"name": "51", "meta-type": "object", "members": [{"name": "members", "type": "[95]"}]},
-{"name": "52", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}, {"name": "ret-type", "type": "str"}, {"name": "allow-oob", "type": "bool", "default": null}]},
-{"name": "53", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}]},
+{"name": "48", "meta-type": "object", "members": [{"name": "json-type", "type": "93"}]},
+{"name": "49", "meta-type": "object", "members": [{"name": "members", "type": "[94]"}, {"name": "values", "type": "[str]", "features": ["deprecated"]}]},
+{"name": "50", "meta-type": "object", "members": [{"name": "element-type", "type": "str"}]},
+{"name": "51", "meta-type": "object", "members": [{"name": "members", "type": "[95]"}, {"name": "tag", "type": "str", "default": null}, {"name": "variants", "type": "[96]", "default": null}]},
+{"name": "52", "meta-type": "object", "members": [{"name": "members", "type": "[97]"}]},
+{"name": "53", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}, {"name": "ret-type", "type": "str"}, {"name": "allow-oob", "type": "bool", "default": null}]},
+{"name": "54", "meta-type": "object", "members": [{"name": "arg-type", "type": "str"}]},
 {"name": "bool", "meta-type": "builtin", "json-type": "boolean"},
-{"name": "54", "meta-type": "enum", "members": [{"name": "ok"}, {"name": "failed"}, {"name": "nospace"}], "values": ["ok", "failed", "nospace"]},
-{"name": "[55]", "meta-type": "array", "element-type": "55"},
-{"name": "55", "meta-type": "object", "members": [{"name": "name", "type": "str", "default": null}, {"name": "count", "type": "int"}, {"name": "granularity", "type": "int"}, {"name": "status", "type": "96"}]},
-{"name": "56", "meta-type": "object", "members": [{"name": "rd_bytes", "type": "int"}, {"name": "wr_bytes", "type": "int"}, {"name": "rd_operations", "type": "int"}, {"name": "wr_operations", "type": "int"}, {"name": "flush_operations", "type": "int"}, {"name": "flush_total_time_ns", "type": "int"}, {"name": "wr_total_time_ns", "type": "int"}, {"name": "rd_total_time_ns", "type": "int"}, {"name": "wr_highest_offset", "type": "int"}, {"name": "rd_merged", "type": "int"}, {"name": "wr_merged", "type": "int"}, {"name": "idle_time_ns", "type": "int", "default": null}, {"name": "failed_rd_operations", "type": "int"}, {"name": "failed_wr_operations", "type": "int"}, {"name": "failed_flush_operations", "type": "int"}, {"name": "invalid_rd_operations", "type": "int"}, {"name": "invalid_wr_operations", "type": "int"}, {"name": "invalid_flush_operations", "type": "int"}, {"name": "account_invalid", "type": "bool"}, {"name": "account_failed", "type": "bool"}, {"name": "timed_stats", "type": "[97]"}, {"name": "unmap_bytes", "type": "int"}, {"name": "unmap_operations", "type": "int"}, {"name": "unmap_total_time_ns", "type": "int"}, {"name": "unmap_merged", "type": "int"}, {"name": "failed_unmap_operations", "type": "int"}, {"name": "invalid_unmap_operations", "type": "int"}, {"name": "zone_append_bytes", "type": "int"}, {"name": "zone_append_operations", "type": "int"}, {"name": "zone_append_total_time_ns", "type": "int"}, {"name": "zone_append_merged", "type": "int"}, {"name": "failed_zone_append_operations", "type": "int"}, {"name": "invalid_zone_append_operations", "type": "int"}]},
-{"name": "57", "meta-type": "object", "members": [{"name": "driver", "type": "62"}], "tag": "driver", "variants": [{"case": "file", "type": "98"}, {"case": "host_device", "type": "98"}, {"case": "archipelago", "type": "1"}, {"case": "blkdebug", "type": "1"}, {"case": "blkverify", "type": "1"}, {"case": "bochs", "type": "1"}, {"case": "cloop", "type": "1"}, {"case": "dmg", "type": "1"}, {"case": "ftp", "type": "1"}, {"case": "ftps", "type": "1"}, {"case": "gluster", "type": "1"}, {"case": "host_cdrom", "type": "1"}, {"case": "http", "type": "1"}, {"case": "https", "type": "1"}, {"case": "luks", "type": "1"}, {"case": "null-aio", "type": "1"}, {"case": "null-co", "type": "1"}, {"case": "parallels", "type": "1"}, {"case": "qcow", "type": "1"}, {"case": "qcow2", "type": "1"}, {"case": "qed", "type": "1"}, {"case": "quorum", "type": "1"}, {"case": "raw", "type": "1"}, {"case": "replication", "type": "1"}, {"case": "tftp", "type": "1"}, {"case": "throttle", "type": "1"}, {"case": "vdi", "type": "1"}, {"case": "vhdx", "type": "1"}, {"case": "vmdk", "type": "1"}, {"case": "vpc", "type": "1"}, {"case": "vvfat", "type": "1"}]},
+{"name": "55", "meta-type": "enum", "members": [{"name": "ok"}, {"name": "failed"}, {"name": "nospace"}], "values": ["ok", "failed", "nospace"]},
+{"name": "[56]", "meta-type": "array", "element-type": "56"},
+{"name": "56", "meta-type": "object", "members": [{"name": "name", "type": "str", "default": null}, {"name": "count", "type": "int"}, {"name": "granularity", "type": "int"}, {"name": "status", "type": "98"}]},
+{"name": "57", "meta-type": "object", "members": [{"name": "rd_bytes", "type": "int"}, {"name": "wr_bytes", "type": "int"}, {"name": "rd_operations", "type": "int"}, {"name": "wr_operations", "type": "int"}, {"name": "flush_operations", "type": "int"}, {"name": "flush_total_time_ns", "type": "int"}, {"name": "wr_total_time_ns", "type": "int"}, {"name": "rd_total_time_ns", "type": "int"}, {"name": "wr_highest_offset", "type": "int"}, {"name": "rd_merged", "type": "int"}, {"name": "wr_merged", "type": "int"}, {"name": "idle_time_ns", "type": "int", "default": null}, {"name": "failed_rd_operations", "type": "int"}, {"name": "failed_wr_operations", "type": "int"}, {"name": "failed_flush_operations", "type": "int"}, {"name": "invalid_rd_operations", "type": "int"}, {"name": "invalid_wr_operations", "type": "int"}, {"name": "invalid_flush_operations", "type": "int"}, {"name": "account_invalid", "type": "bool"}, {"name": "account_failed", "type": "bool"}, {"name": "timed_stats", "type": "[99]"}, {"name": "unmap_bytes", "type": "int"}, {"name": "unmap_operations", "type": "int"}, {"name": "unmap_total_time_ns", "type": "int"}, {"name": "unmap_merged", "type": "int"}, {"name": "failed_unmap_operations", "type": "int"}, {"name": "invalid_unmap_operations", "type": "int"}, {"name": "zone_append_bytes", "type": "int"}, {"name": "zone_append_operations", "type": "int"}, {"name": "zone_append_total_time_ns", "type": "int"}, {"name": "zone_append_merged", "type": "int"}, {"name": "failed_zone_append_operations", "type": "int"}, {"name": "invalid_zone_append_operations", "type": "int"}]},
+{"name": "58", "meta-type": "object", "members": [{"name": "driver", "type": "63"}], "tag": "driver", "variants": [{"case": "file", "type": "100"}, {"case": "host_device", "type": "100"}, {"case": "archipelago", "type": "1"}, {"case": "blkdebug", "type": "1"}, {"case": "blkverify", "type": "1"}, {"case": "bochs", "type": "1"}, {"case": "cloop", "type": "1"}, {"case": "dmg", "type": "1"}, {"case": "ftp", "type": "1"}, {"case": "ftps", "type": "1"}, {"case": "gluster", "type": "1"}, {"case": "host_cdrom", "type": "1"}, {"case": "http", "type": "1"}, {"case": "https", "type": "1"}, {"case": "luks", "type": "1"}, {"case": "null-aio", "type": "1"}, {"case": "null-co", "type": "1"}, {"case": "parallels", "type": "1"}, {"case": "qcow", "type": "1"}, {"case": "qcow2", "type": "1"}, {"case": "qed", "type": "1"}, {"case": "quorum", "type": "1"}, {"case": "raw", "type": "1"}, {"case": "replication", "type": "1"}, {"case": "tftp", "type": "1"}, {"case": "throttle", "type": "1"}, {"case": "vdi", "type": "1"}, {"case": "vhdx", "type": "1"}, {"case": "vmdk", "type": "1"}, {"case": "vpc", "type": "1"}, {"case": "vvfat", "type": "1"}]},
 {"name": "int", "meta-type": "builtin", "json-type": "int"},
-{"name": "58", "meta-type": "enum", "members": [{"name": "existing"}, {"name": "absolute-paths"}], "values": ["existing", "absolute-paths"]},
-{"name": "59", "meta-type": "enum", "members": [{"name": "off"}, {"name": "on"}, {"name": "unmap"}], "values": ["off", "on", "unmap"]},
-{"name": "60", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "format", "type": "str"}, {"name": "dirty-flag", "type": "bool", "default": null}, {"name": "actual-size", "type": "int", "default": null}, {"name": "virtual-size", "type": "int"}, {"name": "cluster-size", "type": "int", "default": null}, {"name": "encrypted", "type": "bool", "default": null}, {"name": "compressed", "type": "bool", "default": null}, {"name": "backing-filename", "type": "str", "default": null}, {"name": "full-backing-filename", "type": "str", "default": null}, {"name": "backing-filename-format", "type": "str", "default": null}, {"name": "snapshots", "type": "[34]", "default": null}, {"name": "backing-image", "type": "60", "default": null}, {"name": "format-specific", "type": "99", "default": null}]},
-{"name": "61", "meta-type": "object", "members": [{"name": "writeback", "type": "bool"}, {"name": "direct", "type": "bool"}, {"name": "no-flush", "type": "bool"}]},
-{"name": "62", "meta-type": "enum", "members": [{"name": "archipelago"}, {"name": "blkdebug"}, {"name": "blkverify"}, {"name": "bochs"}, {"name": "cloop"}, {"name": "dmg"}, {"name": "file"}, {"name": "ftp"}, {"name": "ftps"}, {"name": "gluster", "features": ["deprecated"]}, {"name": "host_cdrom"}, {"name": "host_device"}, {"name": "http"}, {"name": "https"}, {"name": "luks"}, {"name": "null-aio"}, {"name": "null-co"}, {"name": "parallels"}, {"name": "qcow"}, {"name": "qcow2"}, {"name": "qed"}, {"name": "quorum"}, {"name": "raw"}, {"name": "replication"}, {"name": "tftp"}, {"name": "throttle"}, {"name": "vdi"}, {"name": "vhdx"}, {"name": "vmdk"}, {"name": "vpc"}, {"name": "vvfat"}], "values": ["archipelago", "blkdebug", "blkverify", "bochs", "cloop", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "luks", "null-aio", "null-co", "parallels", "qcow", "qcow2", "qed", "quorum", "raw", "replication", "tftp", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"]},
-{"name": "63", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "unmap"}], "values": ["ignore", "unmap"]},
-{"name": "64", "meta-type": "object", "members": [{"name": "direct", "type": "bool", "default": null}, {"name": "no-flush", "type": "bool", "default": null}]},
-{"name": "65", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "mport", "type": "int", "default": null}, {"name": "vport", "type": "int", "default": null}, {"name": "segment", "type": "str", "default": null}]},
-{"name": "66", "meta-type": "object", "members": [{"name": "image", "type": "100"}, {"name": "config", "type": "str", "default": null}, {"name": "align", "type": "int", "default": null}, {"name": "inject-error", "type": "[101]", "default": null}, {"name": "set-state", "type": "[102]", "default": null}]},
-{"name": "67", "meta-type": "object", "members": [{"name": "test", "type": "100"}, {"name": "raw", "type": "100"}]},
-{"name": "68", "meta-type": "object", "members": [{"name": "file", "type": "100"}]},
-{"name": "69", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "aio", "type": "103", "default": null}, {"name": "locking", "type": "104", "default": null}]},
-{"name": "70", "meta-type": "object", "members": [{"name": "filename", "type": "str"}]},
-{"name": "71", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "path", "type": "str"}, {"name": "server", "type": "[105]"}, {"name": "debug-level", "type": "int", "default": null}, {"name": "logfile", "type": "str", "default": null}]},
-{"name": "72", "meta-type": "object", "members": [{"name": "file", "type": "100"}, {"name": "key-secret", "type": "str", "default": null}]},
-{"name": "73", "meta-type": "object", "members": [{"name": "size", "type": "int", "default": null}, {"name": "latency-ns", "type": "int", "default": null}, {"name": "read-zeroes", "type": "bool", "default": null}]},
-{"name": "74", "meta-type": "object", "members": [{"name": "file", "type": "100"}, {"name": "backing", "type": "106", "default": null}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "pass-discard-request", "type": "bool", "default": null}, {"name": "pass-discard-snapshot", "type": "bool", "default": null}, {"name": "pass-discard-other", "type": "bool", "default": null}, {"name": "overlap-check", "type": "107", "default": null}, {"name": "cache-size", "type": "int", "default": null}, {"name": "l2-cache-size", "type": "int", "default": null}, {"name": "refcount-cache-size", "type": "int", "default": null}, {"name": "cache-clean-interval", "type": "int", "default": null}]},
-{"name": "75", "meta-type": "object", "members": [{"name": "file", "type": "100"}, {"name": "backing", "type": "106", "default": null}]},
-{"name": "76", "meta-type": "object", "members": [{"name": "blkverify", "type": "bool", "default": null}, {"name": "children", "type": "[100]"}, {"name": "vote-threshold", "type": "int"}, {"name": "rewrite-corrupted", "type": "bool", "default": null}, {"name": "read-pattern", "type": "108", "default": null}]},
-{"name": "77", "meta-type": "object", "members": [{"name": "file", "type": "100"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}]},
-{"name": "78", "meta-type": "object", "members": [{"name": "file", "type": "100"}, {"name": "mode", "type": "109"}, {"name": "top-id", "type": "str", "default": null}]},
-{"name": "79", "meta-type": "object", "members": [{"name": "throttle-group", "type": "str"}, {"name": "file", "type": "100"}]},
-{"name": "80", "meta-type": "object", "members": [{"name": "dir", "type": "str"}, {"name": "fat-type", "type": "int", "default": null}, {"name": "floppy", "type": "bool", "default": null}, {"name": "label", "type": "str", "default": null}, {"name": "rw", "type": "bool", "default": null}]},
-{"name": "81", "meta-type": "enum", "members": [{"name": "vhost-user-blk"}], "values": ["vhost-user-blk"]},
-{"name": "82", "meta-type": "alternate", "members": [{"type": "str"}, {"type": "[str]"}]},
-{"name": "83", "meta-type": "object", "members": [{"name": "addr", "type": "110"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}, {"name": "account-invalid", "type": "bool", "default": null}, {"name": "account-failed", "type": "bool", "default": null}, {"name": "stats-intervals", "type": "[int]", "default": null}]},
-{"name": "84", "meta-type": "enum", "members": [{"name": "safe"}, {"name": "hard"}], "values": ["safe", "hard"]},
-{"name": "85", "meta-type": "enum", "members": [{"name": "iothread"}, {"name": "throttle-group"}], "values": ["iothread", "throttle-group"]},
-{"name": "86", "meta-type": "object", "members": [{"name": "poll-max-ns", "type": "int", "default": null}, {"name": "poll-grow", "type": "int", "default": null}, {"name": "poll-shrink", "type": "int", "default": null}, {"name": "aio-max-batch", "type": "int", "default": null}]},
-{"name": "87", "meta-type": "object", "members": [{"name": "limits", "type": "111", "default": null}, {"name": "x-iops-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-size", "type": "int", "default": null, "features": ["unstable"]}]},
-{"name": "88", "meta-type": "enum", "members": [{"name": "read"}, {"name": "write"}], "values": ["read", "write"]},
-{"name": "89", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "report"}, {"name": "stop"}], "values": ["ignore", "report", "stop"]},
-{"name": "90", "meta-type": "enum", "members": [{"name": "commit"}, {"name": "stream"}, {"name": "mirror"}, {"name": "backup"}], "values": ["commit", "stream", "mirror", "backup"]},
-{"name": "91", "meta-type": "enum", "members": [{"name": "string"}, {"name": "number"}, {"name": "int"}, {"name": "boolean"}, {"name": "null"}, {"name": "object"}, {"name": "array"}, {"name": "value"}], "values": ["string", "number", "int", "boolean", "null", "object", "array", "value"]},
-{"name": "[92]", "meta-type": "array", "element-type": "92"},
-{"name": "92", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "features", "type": "[str]", "default": null}]},
-{"name": "[93]", "meta-type": "array", "element-type": "93"},
-{"name": "93", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "type", "type": "str"}, {"name": "default", "type": "any", "default": null}, {"name": "features", "type": "[str]", "default": null}]},
+{"name": "59", "meta-type": "enum", "members": [{"name": "existing"}, {"name": "absolute-paths"}], "values": ["existing", "absolute-paths"]},
+{"name": "60", "meta-type": "enum", "members": [{"name": "off"}, {"name": "on"}, {"name": "unmap"}], "values": ["off", "on", "unmap"]},
+{"name": "61", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "format", "type": "str"}, {"name": "dirty-flag", "type": "bool", "default": null}, {"name": "actual-size", "type": "int", "default": null}, {"name": "virtual-size", "type": "int"}, {"name": "cluster-size", "type": "int", "default": null}, {"name": "encrypted", "type": "bool", "default": null}, {"name": "compressed", "type": "bool", "default": null}, {"name": "backing-filename", "type": "str", "default": null}, {"name": "full-backing-filename", "type": "str", "default": null}, {"name": "backing-filename-format", "type": "str", "default": null}, {"name": "snapshots", "type": "[34]", "default": null}, {"name": "backing-image", "type": "61", "default": null}, {"name": "format-specific", "type": "101", "default": null}]},
+{"name": "62", "meta-type": "object", "members": [{"name": "writeback", "type": "bool"}, {"name": "direct", "type": "bool"}, {"name": "no-flush", "type": "bool"}]},
+{"name": "63", "meta-type": "enum", "members": [{"name": "archipelago"}, {"name": "blkdebug"}, {"name": "blkverify"}, {"name": "bochs"}, {"name": "cloop"}, {"name": "dmg"}, {"name": "file"}, {"name": "ftp"}, {"name": "ftps"}, {"name": "gluster", "features": ["deprecated"]}, {"name": "host_cdrom"}, {"name": "host_device"}, {"name": "http"}, {"name": "https"}, {"name": "luks"}, {"name": "null-aio"}, {"name": "null-co"}, {"name": "parallels"}, {"name": "qcow"}, {"name": "qcow2"}, {"name": "qed"}, {"name": "quorum"}, {"name": "raw"}, {"name": "replication"}, {"name": "tftp"}, {"name": "throttle"}, {"name": "vdi"}, {"name": "vhdx"}, {"name": "vmdk"}, {"name": "vpc"}, {"name": "vvfat"}], "values": ["archipelago", "blkdebug", "blkverify", "bochs", "cloop", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "luks", "null-aio", "null-co", "parallels", "qcow", "qcow2", "qed", "quorum", "raw", "replication", "tftp", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"]},
+{"name": "64", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "unmap"}], "values": ["ignore", "unmap"]},
+{"name": "65", "meta-type": "object", "members": [{"name": "direct", "type": "bool", "default": null}, {"name": "no-flush", "type": "bool", "default": null}]},
+{"name": "66", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "mport", "type": "int", "default": null}, {"name": "vport", "type": "int", "default": null}, {"name": "segment", "type": "str", "default": null}]},
+{"name": "67", "meta-type": "object", "members": [{"name": "image", "type": "102"}, {"name": "config", "type": "str", "default": null}, {"name": "align", "type": "int", "default": null}, {"name": "inject-error", "type": "[103]", "default": null}, {"name": "set-state", "type": "[104]", "default": null}]},
+{"name": "68", "meta-type": "object", "members": [{"name": "test", "type": "102"}, {"name": "raw", "type": "102"}]},
+{"name": "69", "meta-type": "object", "members": [{"name": "file", "type": "102"}]},
+{"name": "70", "meta-type": "object", "members": [{"name": "filename", "type": "str"}, {"name": "aio", "type": "105", "default": null}, {"name": "locking", "type": "106", "default": null}]},
+{"name": "71", "meta-type": "object", "members": [{"name": "filename", "type": "str"}]},
+{"name": "72", "meta-type": "object", "members": [{"name": "volume", "type": "str"}, {"name": "path", "type": "str"}, {"name": "server", "type": "[107]"}, {"name": "debug-level", "type": "int", "default": null}, {"name": "logfile", "type": "str", "default": null}]},
+{"name": "73", "meta-type": "object", "members": [{"name": "file", "type": "102"}, {"name": "key-secret", "type": "str", "default": null}]},
+{"name": "74", "meta-type": "object", "members": [{"name": "size", "type": "int", "default": null}, {"name": "latency-ns", "type": "int", "default": null}, {"name": "read-zeroes", "type": "bool", "default": null}]},
+{"name": "75", "meta-type": "object", "members": [{"name": "file", "type": "102"}, {"name": "backing", "type": "108", "default": null}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "pass-discard-request", "type": "bool", "default": null}, {"name": "pass-discard-snapshot", "type": "bool", "default": null}, {"name": "pass-discard-other", "type": "bool", "default": null}, {"name": "overlap-check", "type": "109", "default": null}, {"name": "cache-size", "type": "int", "default": null}, {"name": "l2-cache-size", "type": "int", "default": null}, {"name": "refcount-cache-size", "type": "int", "default": null}, {"name": "cache-clean-interval", "type": "int", "default": null}]},
+{"name": "76", "meta-type": "object", "members": [{"name": "file", "type": "102"}, {"name": "backing", "type": "108", "default": null}]},
+{"name": "77", "meta-type": "object", "members": [{"name": "blkverify", "type": "bool", "default": null}, {"name": "children", "type": "[102]"}, {"name": "vote-threshold", "type": "int"}, {"name": "rewrite-corrupted", "type": "bool", "default": null}, {"name": "read-pattern", "type": "110", "default": null}]},
+{"name": "78", "meta-type": "object", "members": [{"name": "file", "type": "102"}, {"name": "offset", "type": "int", "default": null}, {"name": "size", "type": "int", "default": null}]},
+{"name": "79", "meta-type": "object", "members": [{"name": "file", "type": "102"}, {"name": "mode", "type": "111"}, {"name": "top-id", "type": "str", "default": null}]},
+{"name": "80", "meta-type": "object", "members": [{"name": "throttle-group", "type": "str"}, {"name": "file", "type": "102"}]},
+{"name": "81", "meta-type": "object", "members": [{"name": "dir", "type": "str"}, {"name": "fat-type", "type": "int", "default": null}, {"name": "floppy", "type": "bool", "default": null}, {"name": "label", "type": "str", "default": null}, {"name": "rw", "type": "bool", "default": null}]},
+{"name": "82", "meta-type": "enum", "members": [{"name": "vhost-user-blk"}], "values": ["vhost-user-blk"]},
+{"name": "83", "meta-type": "alternate", "members": [{"type": "str"}, {"type": "[str]"}]},
+{"name": "84", "meta-type": "object", "members": [{"name": "addr", "type": "112"}, {"name": "logical-block-size", "type": "int", "default": null}, {"name": "num-queues", "type": "int", "default": null}, {"name": "serial", "type": "str", "default": null}, {"name": "queue-size", "type": "int", "default": null}, {"name": "poll-us", "type": "int", "default": null}, {"name": "account-invalid", "type": "bool", "default": null}, {"name": "account-failed", "type": "bool", "default": null}, {"name": "stats-intervals", "type": "[int]", "default": null}, {"name": "rerror", "type": "113", "default": null}, {"name": "werror", "type": "113", "default": null}]},
+{"name": "85", "meta-type": "enum", "members": [{"name": "safe"}, {"name": "hard"}], "values": ["safe", "hard"]},
+{"name": "86", "meta-type": "enum", "members": [{"name": "iothread"}, {"name": "throttle-group"}], "values": ["iothread", "throttle-group"]},
+{"name": "87", "meta-type": "object", "members": [{"name": "poll-max-ns", "type": "int", "default": null}, {"name": "poll-grow", "type": "int", "default": null}, {"name": "poll-shrink", "type": "int", "default": null}, {"name": "aio-max-batch", "type": "int", "default": null}]},
+{"name": "88", "meta-type": "object", "members": [{"name": "limits", "type": "114", "default": null}, {"name": "x-iops-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-total-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-read-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-bps-write-max-length", "type": "int", "default": null, "features": ["unstable"]}, {"name": "x-iops-size", "type": "int", "default": null, "features": ["unstable"]}]},
+{"name": "89", "meta-type": "enum", "members": [{"name": "debug"}, {"name": "inmigrate"}, {"name": "internal-error"}, {"name": "io-error"}, {"name": "paused"}, {"name": "postmigrate"}, {"name": "prelaunch"}, {"name": "finish-migrate"}, {"name": "restore-vm"}, {"name": "running"}, {"name": "save-vm"}, {"name": "shutdown"}, {"name": "suspended"}, {"name": "watchdog"}, {"name": "guest-panicked"}, {"name": "colo"}], "values": ["debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate", "prelaunch", "finish-migrate", "restore-vm", "running", "save-vm", "shutdown", "suspended", "watchdog", "guest-panicked", "colo"]},
+{"name": "90", "meta-type": "enum", "members": [{"name": "read"}, {"name": "write"}], "values": ["read", "write"]},
+{"name": "91", "meta-type": "enum", "members": [{"name": "ignore"}, {"name": "report"}, {"name": "stop"}], "values": ["ignore", "report", "stop"]},
+{"name": "92", "meta-type": "enum", "members": [{"name": "commit"}, {"name": "stream"}, {"name": "mirror"}, {"name": "backup"}], "values": ["commit", "stream", "mirror", "backup"]},
+{"name": "93", "meta-type": "enum", "members": [{"name": "string"}, {"name": "number"}, {"name": "int"}, {"name": "boolean"}, {"name": "null"}, {"name": "object"}, {"name": "array"}, {"name": "value"}], "values": ["string", "number", "int", "boolean", "null", "object", "array", "value"]},
 {"name": "[94]", "meta-type": "array", "element-type": "94"},
-{"name": "94", "meta-type": "object", "members": [{"name": "case", "type": "str"}, {"name": "type", "type": "str"}]},
+{"name": "94", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "features", "type": "[str]", "default": null}]},
 {"name": "[95]", "meta-type": "array", "element-type": "95"},
-{"name": "95", "meta-type": "object", "members": [{"name": "type", "type": "str"}]},
-{"name": "96", "meta-type": "enum", "members": [{"name": "active"}, {"name": "disabled"}, {"name": "frozen"}], "values": ["active", "disabled", "frozen"]},
+{"name": "95", "meta-type": "object", "members": [{"name": "name", "type": "str"}, {"name": "type", "type": "str"}, {"name": "default", "type": "any", "default": null}, {"name": "features", "type": "[str]", "default": null}]},
+{"name": "[96]", "meta-type": "array", "element-type": "96"},
+{"name": "96", "meta-type": "object", "members": [{"name": "case", "type": "str"}, {"name": "type", "type": "str"}]},
 {"name": "[97]", "meta-type": "array", "element-type": "97"},
-{"name": "97", "meta-type": "object", "members": [{"name": "interval_length", "type": "int"}, {"name": "min_rd_latency_ns", "type": "int"}, {"name": "max_rd_latency_ns", "type": "int"}, {"name": "avg_rd_latency_ns", "type": "int"}, {"name": "min_wr_latency_ns", "type": "int"}, {"name": "max_wr_latency_ns", "type": "int"}, {"name": "avg_wr_latency_ns", "type": "int"}, {"name": "min_flush_latency_ns", "type": "int"}, {"name": "max_flush_latency_ns", "type": "int"}, {"name": "avg_flush_latency_ns", "type": "int"}, {"name": "avg_rd_queue_depth", "type": "number"}, {"name": "avg_wr_queue_depth", "type": "number"}]},
-{"name": "98", "meta-type": "object", "members": [{"name": "discard-nb-ok", "type": "int"}, {"name": "discard-nb-failed", "type": "int"}, {"name": "discard-bytes-ok", "type": "int"}]},
+{"name": "97", "meta-type": "object", "members": [{"name": "type", "type": "str"}]},
+{"name": "98", "meta-type": "enum", "members": [{"name": "active"}, {"name": "disabled"}, {"name": "frozen"}], "values": ["active", "disabled", "frozen"]},
+{"name": "[99]", "meta-type": "array", "element-type": "99"},
+{"name": "99", "meta-type": "object", "members": [{"name": "interval_length", "type": "int"}, {"name": "min_rd_latency_ns", "type": "int"}, {"name": "max_rd_latency_ns", "type": "int"}, {"name": "avg_rd_latency_ns", "type": "int"}, {"name": "min_wr_latency_ns", "type": "int"}, {"name": "max_wr_latency_ns", "type": "int"}, {"name": "avg_wr_latency_ns", "type": "int"}, {"name": "min_flush_latency_ns", "type": "int"}, {"name": "max_flush_latency_ns", "type": "int"}, {"name": "avg_flush_latency_ns", "type": "int"}, {"name": "avg_rd_queue_depth", "type": "number"}, {"name": "avg_wr_queue_depth", "type": "number"}]},
+{"name": "100", "meta-type": "object", "members": [{"name": "discard-nb-ok", "type": "int"}, {"name": "discard-nb-failed", "type": "int"}, {"name": "discard-bytes-ok", "type": "int"}]},
 {"name": "[34]", "meta-type": "array", "element-type": "34"},
-{"name": "99", "meta-type": "object", "members": [{"name": "type", "type": "112"}], "tag": "type", "variants": [{"case": "qcow2", "type": "113"}, {"case": "vmdk", "type": "114"}, {"case": "luks", "type": "115"}, {"case": "file", "type": "116"}]},
-{"name": "100", "meta-type": "alternate", "members": [{"type": "16"}, {"type": "str"}]},
-{"name": "[101]", "meta-type": "array", "element-type": "101"},
-{"name": "101", "meta-type": "object", "members": [{"name": "event", "type": "117"}, {"name": "state", "type": "int", "default": null}, {"name": "errno", "type": "int", "default": null}, {"name": "sector", "type": "int", "default": null}, {"name": "once", "type": "bool", "default": null}, {"name": "immediately", "type": "bool", "default": null}]},
+{"name": "101", "meta-type": "object", "members": [{"name": "type", "type": "115"}], "tag": "type", "variants": [{"case": "qcow2", "type": "116"}, {"case": "vmdk", "type": "117"}, {"case": "luks", "type": "118"}, {"case": "file", "type": "119"}]},
+{"name": "102", "meta-type": "alternate", "members": [{"type": "16"}, {"type": "str"}]},
+{"name": "[103]", "meta-type": "array", "element-type": "103"},
+{"name": "103", "meta-type": "object", "members": [{"name": "event", "type": "120"}, {"name": "state", "type": "int", "default": null}, {"name": "errno", "type": "int", "default": null}, {"name": "sector", "type": "int", "default": null}, {"name": "once", "type": "bool", "default": null}, {"name": "immediately", "type": "bool", "default": null}]},
+{"name": "[104]", "meta-type": "array", "element-type": "104"},
+{"name": "104", "meta-type": "object", "members": [{"name": "event", "type": "120"}, {"name": "state", "type": "int", "default": null}, {"name": "new_state", "type": "int"}]},
+{"name": "105", "meta-type": "enum", "members": [{"name": "threads"}, {"name": "native"}, {"name": "io_uring"}], "values": ["threads", "native", "io_uring"]},
+{"name": "106", "meta-type": "enum", "members": [{"name": "auto"}, {"name": "on"}, {"name": "off"}], "values": ["auto", "on", "off"]},
+{"name": "[107]", "meta-type": "array", "element-type": "107"},
+{"name": "107", "meta-type": "object", "members": [{"name": "type", "type": "121"}], "tag": "type", "variants": [{"case": "unix", "type": "122"}, {"case": "tcp", "type": "123"}]},
+{"name": "108", "meta-type": "alternate", "members": [{"type": "16"}, {"type": "str"}, {"type": "null"}]},
+{"name": "109", "meta-type": "alternate", "members": [{"type": "124"}, {"type": "125"}]},
 {"name": "[102]", "meta-type": "array", "element-type": "102"},
-{"name": "102", "meta-type": "object", "members": [{"name": "event", "type": "117"}, {"name": "state", "type": "int", "default": null}, {"name": "new_state", "type": "int"}]},
-{"name": "103", "meta-type": "enum", "members": [{"name": "threads"}, {"name": "native"}, {"name": "io_uring"}], "values": ["threads", "native", "io_uring"]},
-{"name": "104", "meta-type": "enum", "members": [{"name": "auto"}, {"name": "on"}, {"name": "off"}], "values": ["auto", "on", "off"]},
-{"name": "[105]", "meta-type": "array", "element-type": "105"},
-{"name": "105", "meta-type": "object", "members": [{"name": "type", "type": "118"}], "tag": "type", "variants": [{"case": "unix", "type": "119"}, {"case": "tcp", "type": "120"}]},
-{"name": "106", "meta-type": "alternate", "members": [{"type": "16"}, {"type": "str"}, {"type": "null"}]},
-{"name": "107", "meta-type": "alternate", "members": [{"type": "121"}, {"type": "122"}]},
-{"name": "[100]", "meta-type": "array", "element-type": "100"},
-{"name": "108", "meta-type": "enum", "members": [{"name": "quorum"}, {"name": "fifo"}], "values": ["quorum", "fifo"]},
-{"name": "109", "meta-type": "enum", "members": [{"name": "primary"}, {"name": "secondary"}], "values": ["primary", "secondary"]},
-{"name": "110", "meta-type": "object", "members": [{"name": "type", "type": "123"}], "tag": "type", "variants": [{"case": "inet", "type": "120"}, {"case": "unix", "type": "119"}, {"case": "vsock", "type": "124"}, {"case": "fd", "type": "125"}]},
+{"name": "110", "meta-type": "enum", "members": [{"name": "quorum"}, {"name": "fifo"}], "values": ["quorum", "fifo"]},
+{"name": "111", "meta-type": "enum", "members": [{"name": "primary"}, {"name": "secondary"}], "values": ["primary", "secondary"]},
+{"name": "112", "meta-type": "object", "members": [{"name": "type", "type": "126"}], "tag": "type", "variants": [{"case": "inet", "type": "123"}, {"case": "unix", "type": "122"}, {"case": "vsock", "type": "127"}, {"case": "fd", "type": "128"}]},
 {"name": "[int]", "meta-type": "array", "element-type": "int"},
-{"name": "111", "meta-type": "object", "members": [{"name": "iops-total", "type": "int", "default": null}, {"name": "iops-total-max", "type": "int", "default": null}, {"name": "iops-total-max-length", "type": "int", "default": null}, {"name": "iops-read", "type": "int", "default": null}, {"name": "iops-read-max", "type": "int", "default": null}, {"name": "iops-read-max-length", "type": "int", "default": null}, {"name": "iops-write", "type": "int", "default": null}, {"name": "iops-write-max", "type": "int", "default": null}, {"name": "iops-write-max-length", "type": "int", "default": null}, {"name": "bps-total", "type": "int", "default": null}, {"name": "bps-total-max", "type": "int", "default": null}, {"name": "bps-total-max-length", "type": "int", "default": null}, {"name": "bps-read", "type": "int", "default": null}, {"name": "bps-read-max", "type": "int", "default": null}, {"name": "bps-read-max-length", "type": "int", "default": null}, {"name": "bps-write", "type": "int", "default": null}, {"name": "bps-write-max", "type": "int", "default": null}, {"name": "bps-write-max-length", "type": "int", "default": null}, {"name": "iops-size", "type": "int", "default": null}]},
+{"name": "113", "meta-type": "enum", "members": [{"name": "report"}, {"name": "ignore"}, {"name": "enospc"}, {"name": "stop"}, {"name": "auto"}], "values": ["report", "ignore", "enospc", "stop", "auto"]},
+{"name": "114", "meta-type": "object", "members": [{"name": "iops-total", "type": "int", "default": null}, {"name": "iops-total-max", "type": "int", "default": null}, {"name": "iops-total-max-length", "type": "int", "default": null}, {"name": "iops-read", "type": "int", "default": null}, {"name": "iops-read-max", "type": "int", "default": null}, {"name": "iops-read-max-length", "type": "int", "default": null}, {"name": "iops-write", "type": "int", "default": null}, {"name": "iops-write-max", "type": "int", "default": null}, {"name": "iops-write-max-length", "type": "int", "default": null}, {"name": "bps-total", "type": "int", "default": null}, {"name": "bps-total-max", "type": "int", "default": null}, {"name": "bps-total-max-length", "type": "int", "default": null}, {"name": "bps-read", "type": "int", "default": null}, {"name": "bps-read-max", "type": "int", "default": null}, {"name": "bps-read-max-length", "type": "int", "default": null}, {"name": "bps-write", "type": "int", "default": null}, {"name": "bps-write-max", "type": "int", "default": null}, {"name": "bps-write-max-length", "type": "int", "default": null}, {"name": "iops-size", "type": "int", "default": null}]},
 {"name": "number", "meta-type": "builtin", "json-type": "number"},
-{"name": "112", "meta-type": "enum", "members": [{"name": "qcow2"}, {"name": "vmdk"}, {"name": "luks"}, {"name": "file"}], "values": ["qcow2", "vmdk", "luks", "file"]},
-{"name": "113", "meta-type": "object", "members": [{"name": "data", "type": "126"}]},
-{"name": "114", "meta-type": "object", "members": [{"name": "data", "type": "127"}]},
-{"name": "115", "meta-type": "object", "members": [{"name": "data", "type": "128"}]},
+{"name": "115", "meta-type": "enum", "members": [{"name": "qcow2"}, {"name": "vmdk"}, {"name": "luks"}, {"name": "file"}], "values": ["qcow2", "vmdk", "luks", "file"]},
 {"name": "116", "meta-type": "object", "members": [{"name": "data", "type": "129"}]},
-{"name": "117", "meta-type": "enum", "members": [{"name": "l1_update"}, {"name": "l1_grow_alloc_table"}, {"name": "l1_grow_write_table"}, {"name": "l1_grow_activate_table"}, {"name": "l2_load"}, {"name": "l2_update"}, {"name": "l2_update_compressed"}, {"name": "l2_alloc_cow_read"}, {"name": "l2_alloc_write"}, {"name": "read_aio"}, {"name": "read_backing_aio"}, {"name": "read_compressed"}, {"name": "write_aio"}, {"name": "write_compressed"}, {"name": "vmstate_load"}, {"name": "vmstate_save"}, {"name": "cow_read"}, {"name": "cow_write"}, {"name": "reftable_load"}, {"name": "reftable_grow"}, {"name": "reftable_update"}, {"name": "refblock_load"}, {"name": "refblock_update"}, {"name": "refblock_update_part"}, {"name": "refblock_alloc"}, {"name": "refblock_alloc_hookup"}, {"name": "refblock_alloc_write"}, {"name": "refblock_alloc_write_blocks"}, {"name": "refblock_alloc_write_table"}, {"name": "refblock_alloc_switch_table"}, {"name": "cluster_alloc"}, {"name": "cluster_alloc_bytes"}, {"name": "cluster_free"}, {"name": "flush_to_os"}, {"name": "flush_to_disk"}, {"name": "pwritev_rmw_head"}, {"name": "pwritev_rmw_after_head"}, {"name": "pwritev_rmw_tail"}, {"name": "pwritev_rmw_after_tail"}, {"name": "pwritev"}, {"name": "pwritev_zero"}, {"name": "pwritev_done"}, {"name": "empty_image_prepare"}], "values": ["l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare"]},
-{"name": "118", "meta-type": "enum", "members": [{"name": "unix"}, {"name": "tcp"}], "values": ["unix", "tcp"]},
-{"name": "119", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "tight", "type": "bool", "default": null}]},
-{"name": "120", "meta-type": "object", "members": [{"name": "host", "type": "str"}, {"name": "port", "type": "str"}, {"name": "numeric", "type": "bool", "default": null}, {"name": "to", "type": "int", "default": null}, {"name": "ipv4", "type": "bool", "default": null}, {"name": "ipv6", "type": "bool", "default": null}, {"name": "keep-alive", "type": "bool", "default": null}, {"name": "keep-alive-count", "type": "int", "default": null}, {"name": "keep-alive-idle", "type": "int", "default": null}, {"name": "keep-alive-interval", "type": "int", "default": null}, {"name": "mptcp", "type": "bool", "default": null}]},
+{"name": "117", "meta-type": "object", "members": [{"name": "data", "type": "130"}]},
+{"name": "118", "meta-type": "object", "members": [{"name": "data", "type": "131"}]},
+{"name": "119", "meta-type": "object", "members": [{"name": "data", "type": "132"}]},
+{"name": "120", "meta-type": "enum", "members": [{"name": "l1_update"}, {"name": "l1_grow_alloc_table"}, {"name": "l1_grow_write_table"}, {"name": "l1_grow_activate_table"}, {"name": "l2_load"}, {"name": "l2_update"}, {"name": "l2_update_compressed"}, {"name": "l2_alloc_cow_read"}, {"name": "l2_alloc_write"}, {"name": "read_aio"}, {"name": "read_backing_aio"}, {"name": "read_compressed"}, {"name": "write_aio"}, {"name": "write_compressed"}, {"name": "vmstate_load"}, {"name": "vmstate_save"}, {"name": "cow_read"}, {"name": "cow_write"}, {"name": "reftable_load"}, {"name": "reftable_grow"}, {"name": "reftable_update"}, {"name": "refblock_load"}, {"name": "refblock_update"}, {"name": "refblock_update_part"}, {"name": "refblock_alloc"}, {"name": "refblock_alloc_hookup"}, {"name": "refblock_alloc_write"}, {"name": "refblock_alloc_write_blocks"}, {"name": "refblock_alloc_write_table"}, {"name": "refblock_alloc_switch_table"}, {"name": "cluster_alloc"}, {"name": "cluster_alloc_bytes"}, {"name": "cluster_free"}, {"name": "flush_to_os"}, {"name": "flush_to_disk"}, {"name": "pwritev_rmw_head"}, {"name": "pwritev_rmw_after_head"}, {"name": "pwritev_rmw_tail"}, {"name": "pwritev_rmw_after_tail"}, {"name": "pwritev"}, {"name": "pwritev_zero"}, {"name": "pwritev_done"}, {"name": "empty_image_prepare"}], "values": ["l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare"]},
+{"name": "121", "meta-type": "enum", "members": [{"name": "unix"}, {"name": "tcp"}], "values": ["unix", "tcp"]},
+{"name": "122", "meta-type": "object", "members": [{"name": "path", "type": "str"}, {"name": "abstract", "type": "bool", "default": null}, {"name": "tight", "type": "bool", "default": null}]},
+{"name": "123", "meta-type": "object", "members": [{"name": "host", "type": "str"}, {"name": "port", "type": "str"}, {"name": "numeric", "type": "bool", "default": null}, {"name": "to", "type": "int", "default": null}, {"name": "ipv4", "type": "bool", "default": null}, {"name": "ipv6", "type": "bool", "default": null}, {"name": "keep-alive", "type": "bool", "default": null}, {"name": "keep-alive-count", "type": "int", "default": null}, {"name": "keep-alive-idle", "type": "int", "default": null}, {"name": "keep-alive-interval", "type": "int", "default": null}, {"name": "mptcp", "type": "bool", "default": null}]},
 {"name": "null", "meta-type": "builtin", "json-type": "null"},
-{"name": "121", "meta-type": "object", "members": [{"name": "template", "type": "122", "default": null}, {"name": "main-header", "type": "bool", "default": null}, {"name": "active-l1", "type": "bool", "default": null}, {"name": "active-l2", "type": "bool", "default": null}, {"name": "refcount-table", "type": "bool", "default": null}, {"name": "refcount-block", "type": "bool", "default": null}, {"name": "snapshot-table", "type": "bool", "default": null}, {"name": "inactive-l1", "type": "bool", "default": null}, {"name": "inactive-l2", "type": "bool", "default": null}]},
-{"name": "122", "meta-type": "enum", "members": [{"name": "none"}, {"name": "constant"}, {"name": "cached"}, {"name": "all"}], "values": ["none", "constant", "cached", "all"]},
-{"name": "123", "meta-type": "enum", "members": [{"name": "inet"}, {"name": "unix"}, {"name": "vsock"}, {"name": "fd"}], "values": ["inet", "unix", "vsock", "fd"]},
-{"name": "124", "meta-type": "object", "members": [{"name": "cid", "type": "str"}, {"name": "port", "type": "str"}]},
-{"name": "125", "meta-type": "object", "members": [{"name": "str", "type": "str"}]},
-{"name": "126", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "extended-l2", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}, {"name": "compression-type", "type": "130"}]},
-{"name": "127", "meta-type": "object", "members": [{"name": "create-type", "type": "str"}, {"name": "cid", "type": "int"}, {"name": "parent-cid", "type": "int"}, {"name": "extents", "type": "[60]"}]},
-{"name": "128", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "131"}, {"name": "cipher-mode", "type": "132"}, {"name": "ivgen-alg", "type": "133"}, {"name": "ivgen-hash-alg", "type": "134", "default": null}, {"name": "hash-alg", "type": "134"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[135]"}]},
-{"name": "129", "meta-type": "object", "members": [{"name": "extent-size-hint", "type": "int", "default": null}]},
-{"name": "130", "meta-type": "enum", "members": [{"name": "zlib"}, {"name": "zstd"}], "values": ["zlib", "zstd"]},
-{"name": "[60]", "meta-type": "array", "element-type": "60"},
-{"name": "131", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
-{"name": "132", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
-{"name": "133", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
-{"name": "134", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
-{"name": "[135]", "meta-type": "array", "element-type": "135"},
-{"name": "135", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
+{"name": "124", "meta-type": "object", "members": [{"name": "template", "type": "125", "default": null}, {"name": "main-header", "type": "bool", "default": null}, {"name": "active-l1", "type": "bool", "default": null}, {"name": "active-l2", "type": "bool", "default": null}, {"name": "refcount-table", "type": "bool", "default": null}, {"name": "refcount-block", "type": "bool", "default": null}, {"name": "snapshot-table", "type": "bool", "default": null}, {"name": "inactive-l1", "type": "bool", "default": null}, {"name": "inactive-l2", "type": "bool", "default": null}]},
+{"name": "125", "meta-type": "enum", "members": [{"name": "none"}, {"name": "constant"}, {"name": "cached"}, {"name": "all"}], "values": ["none", "constant", "cached", "all"]},
+{"name": "126", "meta-type": "enum", "members": [{"name": "inet"}, {"name": "unix"}, {"name": "vsock"}, {"name": "fd"}], "values": ["inet", "unix", "vsock", "fd"]},
+{"name": "127", "meta-type": "object", "members": [{"name": "cid", "type": "str"}, {"name": "port", "type": "str"}]},
+{"name": "128", "meta-type": "object", "members": [{"name": "str", "type": "str"}]},
+{"name": "129", "meta-type": "object", "members": [{"name": "compat", "type": "str"}, {"name": "lazy-refcounts", "type": "bool", "default": null}, {"name": "corrupt", "type": "bool", "default": null}, {"name": "extended-l2", "type": "bool", "default": null}, {"name": "refcount-bits", "type": "int"}, {"name": "compression-type", "type": "133"}]},
+{"name": "130", "meta-type": "object", "members": [{"name": "create-type", "type": "str"}, {"name": "cid", "type": "int"}, {"name": "parent-cid", "type": "int"}, {"name": "extents", "type": "[61]"}]},
+{"name": "131", "meta-type": "object", "members": [{"name": "cipher-alg", "type": "134"}, {"name": "cipher-mode", "type": "135"}, {"name": "ivgen-alg", "type": "136"}, {"name": "ivgen-hash-alg", "type": "137", "default": null}, {"name": "hash-alg", "type": "137"}, {"name": "payload-offset", "type": "int"}, {"name": "master-key-iters", "type": "int"}, {"name": "uuid", "type": "str"}, {"name": "slots", "type": "[138]"}]},
+{"name": "132", "meta-type": "object", "members": [{"name": "extent-size-hint", "type": "int", "default": null}]},
+{"name": "133", "meta-type": "enum", "members": [{"name": "zlib"}, {"name": "zstd"}], "values": ["zlib", "zstd"]},
+{"name": "[61]", "meta-type": "array", "element-type": "61"},
+{"name": "134", "meta-type": "enum", "members": [{"name": "aes-128"}, {"name": "aes-192"}, {"name": "aes-256"}, {"name": "des-rfb"}, {"name": "cast5-128"}, {"name": "serpent-128"}, {"name": "serpent-192"}, {"name": "serpent-256"}, {"name": "twofish-128"}, {"name": "twofish-192"}, {"name": "twofish-256"}], "values": ["aes-128", "aes-192", "aes-256", "des-rfb", "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]},
+{"name": "135", "meta-type": "enum", "members": [{"name": "ecb"}, {"name": "cbc"}, {"name": "xts"}, {"name": "ctr"}], "values": ["ecb", "cbc", "xts", "ctr"]},
+{"name": "136", "meta-type": "enum", "members": [{"name": "plain"}, {"name": "plain64"}, {"name": "essiv"}], "values": ["plain", "plain64", "essiv"]},
+{"name": "137", "meta-type": "enum", "members": [{"name": "md5"}, {"name": "sha1"}, {"name": "sha224"}, {"name": "sha256"}, {"name": "sha384"}, {"name": "sha512"}, {"name": "ripemd160"}], "values": ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"]},
+{"name": "[138]", "meta-type": "array", "element-type": "138"},
+{"name": "138", "meta-type": "object", "members": [{"name": "active", "type": "bool"}, {"name": "iters", "type": "int", "default": null}, {"name": "stripes", "type": "int", "default": null}, {"name": "key-offset", "type": "int"}]}
 ]
 "#;

@@ -187,10 +187,47 @@ impl qapi::Commands for Cx<'_> {
                     info
                 }),
                 tray_open: None,
-                io_status: None,
+                io_status: self
+                    .daemon
+                    .exports
+                    .iter()
+                    .find(|e| e.id == u.name)
+                    .map(|e| e.device().backend.io_status()),
                 dirty_bitmaps: None,
             })
             .collect())
+    }
+
+    fn query_status(&mut self) -> Result<qapi::StatusInfo, QmpError> {
+        let stopped = self.daemon.stopped_on_error
+            || self
+                .daemon
+                .exports
+                .iter()
+                .any(|e| e.device().backend.is_stopped());
+        Ok(qapi::StatusInfo {
+            running: !stopped,
+            status: if stopped {
+                qapi::RunState::IoError
+            } else {
+                qapi::RunState::Running
+            },
+        })
+    }
+
+    fn cont(&mut self) -> Result<(), QmpError> {
+        let mut resumed = false;
+        for e in self.daemon.exports.iter() {
+            if e.device().backend.resume() {
+                log::info!("export '{}' resumed", e.id);
+                resumed = true;
+            }
+        }
+        if resumed || self.daemon.stopped_on_error {
+            self.daemon.stopped_on_error = false;
+            self.daemon.events.emit(&qapi::Event::Resume);
+        }
+        Ok(())
     }
 
     fn block_set_write_threshold(

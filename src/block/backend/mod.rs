@@ -18,7 +18,8 @@
 //! * **I/O limits** (`block_set_io_throttle`): a membership in a throttle
 //!   group, checked per request with one relaxed load while unlimited;
 //! * the **fate of a failed request**, decided in one place
-//!   ([`ErrorAction`]); today the error is reported.
+//!   ([`ErrorAction`]) from the device's `rerror`/`werror`: reported,
+//!   ignored, or held while the device stops until `cont`.
 //!
 //! What a read past the end of a file returns is the file driver's
 //! business (it zero-fills), so a backend never sees a short read.
@@ -37,11 +38,13 @@ mod acct;
 mod bounce;
 mod policy;
 mod queue;
+mod stop;
 #[cfg(test)]
 mod tests;
 
-pub use policy::ErrorAction;
+pub use policy::{ErrorAction, ErrorPolicy};
 pub use queue::BackendQueue;
+pub use stop::Waker;
 
 use crate::block::drain::RootSlot;
 use crate::block::io::IoKind;
@@ -65,30 +68,49 @@ pub struct Backend {
     /// change when `throttle_gen` moves.
     throttle: Mutex<Option<Arc<Membership>>>,
     throttle_gen: AtomicU64,
+    /// rerror and werror.
+    policy: ErrorPolicy,
+    /// Whether an error stopped the device, and what `cont` needs.
+    stop: stop::StopState,
+}
+
+/// How a backend is set up (an export's options).
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    pub writeback: bool,
+    pub accounting: Accounting,
+    pub policy: ErrorPolicy,
 }
 
 impl Backend {
     /// A backend over the root in `slot`, for `queues` queues.
     pub fn new(name: &str, slot: Arc<RootSlot>, queues: usize, writeback: bool) -> Arc<Self> {
-        Self::with_accounting(name, slot, queues, writeback, &Accounting::default())
+        let opts = BackendOptions {
+            writeback,
+            ..BackendOptions::default()
+        };
+        Self::with_options(name, slot, queues, &opts)
     }
 
-    /// As [`Self::new`], counting as `acct` says.
-    pub fn with_accounting(
+    /// As [`Self::new`], with the export's accounting and error policy.
+    pub fn with_options(
         name: &str,
         slot: Arc<RootSlot>,
         queues: usize,
-        writeback: bool,
-        acct: &Accounting,
+        opts: &BackendOptions,
     ) -> Arc<Self> {
         Arc::new(Backend {
             name: name.to_string(),
             slot,
-            writeback: AtomicBool::new(writeback),
-            stats: (0..queues).map(|_| QueueStats::new(acct)).collect(),
+            writeback: AtomicBool::new(opts.writeback),
+            stats: (0..queues)
+                .map(|_| QueueStats::new(&opts.accounting))
+                .collect(),
             epoch: StatsEpoch::default(),
             throttle: Mutex::new(None),
             throttle_gen: AtomicU64::new(0),
+            policy: opts.policy,
+            stop: stop::StopState::default(),
         })
     }
 

@@ -26,6 +26,7 @@ struct Entry<K> {
     keep: Option<K>,
     tag: u64,
     kind: IoKind,
+    offset: u64,
     /// Bytes the node must transfer (0 once a writethrough write went on
     /// to its flush).
     len: u64,
@@ -45,6 +46,7 @@ impl<K> Entry<K> {
             keep: None,
             tag: 0,
             kind: IoKind::Flush,
+            offset: 0,
             len: 0,
             flush_pending: false,
             acct: Acct::Flush,
@@ -78,6 +80,10 @@ pub struct BackendQueue<K> {
     /// The backend's throttle membership as of `gate_gen`.
     gate: Option<Arc<Membership>>,
     gate_gen: u64,
+    /// Slots whose failed request the error policy holds, oldest first.
+    held: Vec<usize>,
+    /// The backend's resume count these were held under.
+    held_since: u64,
 }
 
 impl<K> BackendQueue<K> {
@@ -93,6 +99,8 @@ impl<K> BackendQueue<K> {
             finished: Vec::with_capacity(slots),
             gate: None,
             gate_gen: 0,
+            held: Vec::with_capacity(slots),
+            held_since: 0,
         }
     }
 
@@ -105,6 +113,10 @@ impl<K> BackendQueue<K> {
     /// the request where it is and tries again shortly.
     #[inline]
     pub fn enter(&mut self) -> bool {
+        // A device an error stopped takes nothing new until `cont`.
+        if self.backend.stop.stopped.load(Ordering::Relaxed) {
+            return false;
+        }
         if !self.root.enter() {
             return false;
         }
@@ -171,6 +183,7 @@ impl<K> BackendQueue<K> {
         };
         e.tag = req.tag;
         e.kind = req.kind;
+        e.offset = req.offset;
         e.len = req.len;
         e.flush_pending = false;
         e.acct = acct_of(req.kind);
@@ -313,9 +326,77 @@ impl<K> BackendQueue<K> {
             self.backend.name,
             std::io::Error::from_raw_os_error(errno)
         );
-        match self.backend.error_action(kind, errno) {
+        let action = self.backend.error_action(kind, errno);
+        self.backend.failed(kind, errno, action);
+        match action {
             ErrorAction::Report => Some(self.finish(si, Status::Error(errno))),
+            ErrorAction::Ignore => Some(self.finish(si, Status::Ok)),
+            ErrorAction::Stop => {
+                if self.held.is_empty() {
+                    self.held_since = self.backend.stop.resumes.load(Ordering::Acquire);
+                }
+                self.held.push(si);
+                log::warn!(
+                    "backend '{}': {kind:?} request held until cont: {}",
+                    self.backend.name,
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                None
+            }
         }
+    }
+
+    /// Whether the error policy holds requests of this queue.
+    pub fn has_held(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// After `cont`, submits the held requests again, in the order they
+    /// failed; their completions come on `ctx` under their tags as any.
+    /// The transport calls this whenever it looks at the queue.
+    pub fn retry_held(&mut self, ctx: &mut IoContext) {
+        if self.held.is_empty()
+            || self.backend.stop.stopped.load(Ordering::Acquire)
+            || self.backend.stop.resumes.load(Ordering::Acquire) == self.held_since
+        {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        for &si in &held {
+            self.resubmit(ctx, si);
+        }
+        self.held = held;
+        self.held.clear();
+    }
+
+    /// Submits slot `si`'s request again as it was (its buffers, or its
+    /// bounce buffer, are still the slot's).
+    fn resubmit(&mut self, ctx: &mut IoContext, si: usize) {
+        let Some(root) = self.root.root() else {
+            if let Some(e) = self.slab.get(si) {
+                ctx.complete_now(e.tag, -libc::ENOMEDIUM);
+            }
+            return;
+        };
+        let Some(e) = self.slab.get(si) else { return };
+        let io = match e.kind {
+            // A writethrough write that failed in its flush retries the
+            // flush (its data is written).
+            IoKind::Write if e.len == 0 => IoRequest::without_data(IoKind::Flush, 0, 0, e.tag),
+            IoKind::Read | IoKind::Write => {
+                let (iov, iovcnt) = if e.bounce.active() {
+                    (e.bounce.iov(), 1)
+                } else {
+                    (e.iov.as_ptr(), e.iov.len() as u32)
+                };
+                // SAFETY: the entry's iovecs (or its bounce buffer) still
+                // point into memory its `keep` keeps valid: the request
+                // was never answered, so the transport left them alone.
+                unsafe { IoRequest::new(e.kind, e.offset, e.len, iov, iovcnt, e.tag) }
+            }
+            kind => IoRequest::without_data(kind, e.offset, e.len, e.tag),
+        };
+        root.submit(ctx, &io);
     }
 
     /// Ends slot `si`'s request with `status`: notes its accounting and

@@ -117,7 +117,7 @@ impl BlockIo for MemNode {
                     req.len() as i32
                 }
             }
-            IoKind::Flush if self.fail_flush => -libc::ENOSPC,
+            IoKind::Flush if self.fail_flush => -libc::EIO,
             _ => 0,
         };
         ctx.complete_now(req.tag(), result);
@@ -280,7 +280,7 @@ fn a_failed_writethrough_flush_fails_the_write() {
     let done = rig.run(1);
 
     // Assert: the write's error is the flush's, counted as a failed write.
-    assert_eq!(done, vec![(1, Status::Error(libc::ENOSPC), Some(1))]);
+    assert_eq!(done, vec![(1, Status::Error(libc::EIO), Some(1))]);
     let s = rig.stats();
     assert_eq!((s.wr_operations, s.failed_wr_operations), (0, 1));
 }
@@ -407,14 +407,22 @@ fn a_node_that_answers_a_read_short_fails_it() {
 }
 
 #[test]
-fn failed_requests_are_reported() {
+fn failed_requests_are_reported_except_writes_on_a_full_disk() {
     let rig = Rig::new(None, true);
     for kind in [IoKind::Read, IoKind::Write, IoKind::Flush] {
         assert_eq!(
-            rig.backend.error_action(kind, libc::ENOSPC),
+            rig.backend.error_action(kind, libc::EIO),
             ErrorAction::Report
         );
     }
+    assert_eq!(
+        rig.backend.error_action(IoKind::Read, libc::ENOSPC),
+        ErrorAction::Report
+    );
+    assert_eq!(
+        rig.backend.error_action(IoKind::Write, libc::ENOSPC),
+        ErrorAction::Stop
+    );
 }
 
 #[test]
@@ -526,4 +534,124 @@ fn measure_backend_overhead() {
     let direct = per_read(false);
     let backend = per_read(true);
     println!("ns per read: to the node {direct:.1}, through the backend {backend:.1}");
+}
+
+/// A node whose writes fail with `errno` while `failing` is set.
+struct Flaky {
+    inner: MemNode,
+    failing: std::sync::atomic::AtomicBool,
+    errno: i32,
+}
+
+impl BlockIo for Flaky {
+    fn length(&self) -> Result<u64, BlockError> {
+        self.inner.length()
+    }
+    fn truncate(&self, s: u64) -> Result<(), BlockError> {
+        self.inner.truncate(s)
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        if req.kind() == IoKind::Write && self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return ctx.complete_now(req.tag(), -self.errno);
+        }
+        self.inner.submit(ctx, req)
+    }
+}
+
+fn flaky_rig(errno: i32, policy: ErrorPolicy) -> (Rig, Arc<Flaky>) {
+    let n = Arc::new(Flaky {
+        inner: MemNode::new(8192, 1),
+        failing: std::sync::atomic::AtomicBool::new(true),
+        errno,
+    });
+    let slot = Arc::new(RootSlot::new(Some(n.clone() as Root)));
+    let opts = BackendOptions {
+        writeback: true,
+        policy,
+        ..BackendOptions::default()
+    };
+    let backend = Backend::with_options("test0", slot, 1, &opts);
+    let q = backend.queue(0, 8);
+    let rig = Rig {
+        ctx: IoContext::new(32, false).unwrap(),
+        backend,
+        q,
+    };
+    (rig, n)
+}
+
+#[test]
+fn a_full_disk_holds_the_write_until_cont_and_nothing_is_lost() {
+    // Arrange: werror=enospc (the default) over storage that is full.
+    let (mut rig, n) = flaky_rig(libc::ENOSPC, ErrorPolicy::default());
+    let woken = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let w = woken.clone();
+    rig.backend.set_waker(
+        0,
+        Some(Arc::new(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })),
+    );
+    let mut buf = vec![5u8; 1024];
+
+    // Act: the write fails; nothing is answered, the device stops.
+    assert!(rig.start(2, IoKind::Write, 1024, &mut [&mut buf]).is_none());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = Vec::new();
+    while !rig.q.has_held() {
+        assert!(Instant::now() < deadline);
+        rig.ctx.submit().unwrap();
+        out.clear();
+        rig.ctx.reap(&mut out);
+        for c in &out {
+            assert!(rig
+                .q
+                .complete(&mut rig.ctx, (c.tag & 0xffff) as usize, c.result)
+                .is_none());
+        }
+    }
+    assert!(rig.backend.is_stopped());
+    assert_eq!(
+        rig.backend.io_status(),
+        crate::qapi::BlockDeviceIoStatus::Nospace
+    );
+    assert!(!rig.q.enter(), "a stopped device takes no new request");
+    // Retrying before cont does nothing.
+    rig.q.retry_held(&mut rig.ctx);
+    assert!(rig.q.has_held());
+
+    // Space is freed, then cont.
+    n.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(rig.backend.resume());
+    assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+    rig.q.retry_held(&mut rig.ctx);
+    let done = rig.run(1);
+
+    // Assert: the write completed as if nothing happened, its data is in.
+    assert_eq!(done, vec![(2, Status::Ok, Some(2))]);
+    assert_eq!(n.inner.data.lock().unwrap()[1024..2048], [5u8; 1024]);
+    assert_eq!(
+        rig.backend.io_status(),
+        crate::qapi::BlockDeviceIoStatus::Ok
+    );
+    assert!(rig.q.enter());
+    rig.q.leave();
+}
+
+#[test]
+fn ignore_completes_and_report_fails() {
+    let policy = ErrorPolicy::new(
+        Some(crate::qapi::BlockdevOnError::Report),
+        Some(crate::qapi::BlockdevOnError::Ignore),
+    );
+    let (mut rig, _n) = flaky_rig(libc::EIO, policy);
+    let mut buf = vec![1u8; 512];
+    assert!(rig.start(0, IoKind::Write, 0, &mut [&mut buf]).is_none());
+    assert_eq!(rig.run(1), vec![(0, Status::Ok, Some(0))]);
+    assert!(!rig.backend.is_stopped());
+    let s = rig.stats();
+    assert_eq!(s.failed_wr_operations, 0);
 }

@@ -254,12 +254,15 @@ impl Server {
     ) -> std::io::Result<Server> {
         let options = device_options(opts, vu, node)?;
         let length = node.length;
-        let backend = Backend::with_accounting(
+        let backend = Backend::with_options(
             &opts.id,
             slot,
             usize::from(options.num_queues),
-            options.writeback,
-            &accounting(vu)?,
+            &crate::block::backend::BackendOptions {
+                writeback: options.writeback,
+                accounting: accounting(vu)?,
+                policy: crate::block::backend::ErrorPolicy::new(vu.rerror, vu.werror),
+            },
         );
         let dev = Arc::new(Device {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
