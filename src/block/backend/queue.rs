@@ -346,6 +346,22 @@ impl<K> BackendQueue<K> {
         }
     }
 
+    /// The transport stops the queue while requests are held (the
+    /// frontend went away): they will not be answered here. Returns their
+    /// slots for the transport to recycle, and lets go of their memory;
+    /// the transport ends each with [`Self::leave`]. A frontend that
+    /// tracks inflight requests submits them again when it comes back.
+    pub fn abandon_held(&mut self) -> Vec<usize> {
+        let held = std::mem::take(&mut self.held);
+        for &si in &held {
+            if let Some(e) = self.slab.get_mut(si) {
+                e.keep = None;
+                e.bounce = Default::default();
+            }
+        }
+        held
+    }
+
     /// Whether the error policy holds requests of this queue.
     pub fn has_held(&self) -> bool {
         !self.held.is_empty()

@@ -124,6 +124,8 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
     }
     prefetch_next(q);
     q.backend.new_round();
+    // Requests the error policy held go again once `cont` ran.
+    q.backend.retry_held(ctx);
     // Kicks stay off until the thread is about to sleep (Worker::arm turns
     // them on and looks again).
     let _ = q.queue.disable_notification(mem);

@@ -354,6 +354,21 @@ impl Worker {
             s.index,
             s.dev.id
         );
+        // `cont` wakes the queue (as a kick would) to retry what an error
+        // stopped it on.
+        match s.kick.try_clone() {
+            Ok(kick) => s.dev.backend.set_waker(
+                usize::from(s.index),
+                Some(Arc::new(move || {
+                    let _ = kick.write(1);
+                })),
+            ),
+            Err(e) => log::warn!(
+                "queue {} of '{}': no waker for cont: {e}",
+                s.index,
+                s.dev.id
+            ),
+        }
         self.queues[i] = Some(QueueRun {
             key: (s.dev.uid, s.index),
             backend: s.dev.backend.queue(usize::from(s.index), usize::from(size)),
@@ -394,6 +409,23 @@ impl Worker {
     /// Stops the queues whose requests have all finished.
     fn finish_stops(&mut self) {
         use std::os::fd::AsRawFd;
+        for q in self.queues.iter_mut().flatten() {
+            // Requests an error holds would never finish: the stop lets
+            // them go unanswered (inflight tracking keeps them for the
+            // frontend's next connection).
+            if q.stopping.is_some() && q.backend.has_held() {
+                for si in q.backend.abandon_held() {
+                    log::warn!(
+                        "queue {} of '{}': a request held by the error policy is dropped as the queue stops",
+                        q.key.1,
+                        q.dev.id
+                    );
+                    q.free.push(si as u16);
+                    q.in_flight -= 1;
+                    q.backend.leave();
+                }
+            }
+        }
         for entry in self.queues.iter_mut() {
             let done = entry
                 .as_ref()
