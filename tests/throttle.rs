@@ -262,3 +262,26 @@ fn block_set_io_throttle_limits_a_device_and_groups_share() {
         "bps_max/iops_max cannot be lower than bps/iops",
     );
 }
+
+#[test]
+fn a_burst_runs_at_its_rate_for_its_length_then_falls_back() {
+    let dir = TempDir::new("throttle-burst");
+    let (d, mut b0, _b1) = serve_two(dir.path());
+    let mut qmp = d.qmp();
+    let mut a = io_throttle("e0", 100, 0, None);
+    a["iops_max"] = json!(1000);
+    a["iops_max_length"] = json!(1);
+    assert_return(&qmp.execute("block_set_io_throttle", a));
+    let mut q = b0.take_queues();
+    // The burst: up to 1000 operations at up to 1000 per second.
+    let burst = rate(&mut q[0], 0.5);
+    assert!(burst > 600.0, "burst rate: {burst:.0}");
+    // Once the burst is spent (about a second in), the average rules.
+    rate(&mut q[0], 0.8);
+    let after = rate(&mut q[0], 1.5);
+    assert!(
+        (80.0..=125.0).contains(&after),
+        "after the burst: {after:.0}"
+    );
+    b0.put_queues(q);
+}
