@@ -30,6 +30,7 @@ pub const BESIDE_A_CHANGE: &[&str] = &[
     "query-blockstats",
     "query-block-exports",
     "query-chardev",
+    "query-status",
     "qom-list",
     "qom-get",
     "qom-list-types",
