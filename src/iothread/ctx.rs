@@ -1,0 +1,262 @@
+//! What code running on an I/O thread reaches: the thread's I/O context,
+//! and the registries of its handlers for descriptors, its timers and the
+//! tasks other code spawned on it.
+
+use crate::io::{Completion, IoContext};
+use std::future::Future;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
+
+/// epoll tokens: the control eventfd, the engine's eventfd, the built-in
+/// client's descriptors from [`TOKEN_CLIENT`] on, and fd handlers with bit
+/// 63 set (their generation and index below).
+pub(super) const TOKEN_CONTROL: u64 = 0;
+pub(super) const TOKEN_IO: u64 = 1;
+pub(super) const TOKEN_CLIENT: u64 = 2;
+pub(super) const TOKEN_HANDLER: u64 = 1 << 63;
+
+/// Tag bit of the completions of tasks spawned through [`Ctx::spawn`];
+/// the built-in client's tags keep it clear (as they keep 62 and 63, the
+/// engine's and the executor's).
+pub const TASK_TAG: u64 = 1 << 61;
+
+/// What an fd handler or timer callback wants after it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    Keep,
+    Remove,
+}
+
+/// A registered fd handler or timer, to unregister it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandlerId {
+    index: u32,
+    gen: u32,
+}
+
+type FdHandler = Box<dyn FnMut(&mut Ctx, EventSet) -> Handled>;
+type TaskDone = Box<dyn FnOnce(&mut Ctx, i32)>;
+
+struct HandlerSlot {
+    fd: RawFd,
+    gen: u32,
+    /// Taken out while it runs.
+    handler: Option<FdHandler>,
+    live: bool,
+}
+
+/// The thread-side state every client shares.
+pub struct Ctx {
+    /// The thread's I/O engine, task executor and per-thread state
+    /// ([`IoContext::state`]).
+    pub io: IoContext,
+    epoll: Epoll,
+    handlers: Vec<HandlerSlot>,
+    free_handlers: Vec<u32>,
+    tasks: Vec<Option<TaskDone>>,
+    free_tasks: Vec<u32>,
+}
+
+impl Ctx {
+    pub(super) fn new(io: IoContext) -> std::io::Result<Self> {
+        Ok(Ctx {
+            io,
+            epoll: Epoll::new()?,
+            handlers: Vec::new(),
+            free_handlers: Vec::new(),
+            tasks: Vec::new(),
+            free_tasks: Vec::new(),
+        })
+    }
+
+    pub(super) fn epoll(&self) -> &Epoll {
+        &self.epoll
+    }
+
+    /// Watches `fd` for the built-in client, which is told of it under
+    /// `token` (below 2^32).
+    pub fn watch(&self, fd: RawFd, token: u64) -> std::io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, TOKEN_CLIENT + token),
+        )
+    }
+
+    /// Stops watching one of the built-in client's descriptors.
+    pub fn unwatch(&self, fd: RawFd) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    /// Runs `handler` on this thread whenever `fd` reports one of
+    /// `events` (level-triggered), until it returns [`Handled::Remove`] or
+    /// is unregistered. The descriptor must stay open while registered: a
+    /// handler usually owns it, and it is dropped (closing it) only after
+    /// the descriptor left the epoll set.
+    pub fn register_fd(
+        &mut self,
+        fd: RawFd,
+        events: EventSet,
+        handler: impl FnMut(&mut Ctx, EventSet) -> Handled + 'static,
+    ) -> std::io::Result<HandlerId> {
+        let index = match self.free_handlers.pop() {
+            Some(i) => i,
+            None => {
+                self.handlers.push(HandlerSlot {
+                    fd: -1,
+                    gen: 0,
+                    handler: None,
+                    live: false,
+                });
+                (self.handlers.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.handlers[index as usize];
+        let gen = slot.gen;
+        let token = TOKEN_HANDLER | (u64::from(gen) << 32) | u64::from(index);
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+        {
+            self.free_handlers.push(index);
+            return Err(e);
+        }
+        slot.fd = fd;
+        slot.handler = Some(Box::new(handler));
+        slot.live = true;
+        Ok(HandlerId { index, gen })
+    }
+
+    /// Removes an fd handler or timer; false when it was gone already.
+    pub fn unregister(&mut self, id: HandlerId) -> bool {
+        let Some(slot) = self.handlers.get_mut(id.index as usize) else {
+            return false;
+        };
+        if !slot.live || slot.gen != id.gen {
+            return false;
+        }
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, slot.fd, EpollEvent::default());
+        slot.live = false;
+        slot.gen = slot.gen.wrapping_add(1) & 0x7fff_ffff;
+        // A handler that unregisters itself is out of its slot while it
+        // runs; it is dropped by `dispatch` when it returns.
+        let handler = slot.handler.take();
+        self.free_handlers.push(id.index);
+        drop(handler);
+        true
+    }
+
+    /// Calls `cb` on this thread after `first`, then every `period` if
+    /// given, until it returns [`Handled::Remove`] or is unregistered. A
+    /// timerfd in the thread's epoll set: missed periods (the thread was
+    /// busy) make one call, not several.
+    pub fn add_timer(
+        &mut self,
+        first: Duration,
+        period: Option<Duration>,
+        mut cb: impl FnMut(&mut Ctx) -> Handled + 'static,
+    ) -> std::io::Result<HandlerId> {
+        let mut timer = TimerFd::new()?;
+        // A zero first expiry would disarm the timer instead.
+        timer.reset(first.max(Duration::from_nanos(1)), period)?;
+        let fd = timer.as_raw_fd();
+        let once = period.is_none();
+        self.register_fd(fd, EventSet::IN, move |ctx, _| {
+            // Readable means expired: the read does not block.
+            let _ = timer.wait();
+            match cb(ctx) {
+                Handled::Keep if !once => Handled::Keep,
+                _ => Handled::Remove,
+            }
+        })
+    }
+
+    /// Runs `fut` as a task of this thread's executor (see
+    /// [`crate::io::task`]: it may `task::submit` requests to nodes and
+    /// `task::sleep`); `done` gets its value on this thread.
+    pub fn spawn<F>(&mut self, fut: F, done: impl FnOnce(&mut Ctx, i32) + 'static)
+    where
+        F: Future<Output = i32> + 'static,
+    {
+        let done: TaskDone = Box::new(done);
+        let index = match self.free_tasks.pop() {
+            Some(i) => {
+                self.tasks[i as usize] = Some(done);
+                i
+            }
+            None => {
+                self.tasks.push(Some(done));
+                (self.tasks.len() - 1) as u32
+            }
+        };
+        // The task starts here, up to its first wait; if it finishes at
+        // once its completion waits in the context for the next reap.
+        self.io.spawn(TASK_TAG | u64::from(index), fut);
+    }
+
+    /// A spawned task finished.
+    pub(super) fn task_done(&mut self, c: Completion) {
+        let index = (c.tag & 0xffff_ffff) as usize;
+        match self.tasks.get_mut(index).and_then(Option::take) {
+            Some(done) => {
+                self.free_tasks.push(index as u32);
+                done(self, c.result);
+            }
+            None => log::error!("completion of an unknown task {index}"),
+        }
+    }
+
+    /// Runs the fd handler named by `token`.
+    pub(super) fn dispatch(&mut self, token: u64, events: EventSet) {
+        let index = (token & 0xffff_ffff) as usize;
+        let gen = ((token >> 32) & 0x7fff_ffff) as u32;
+        let Some(slot) = self.handlers.get_mut(index) else {
+            return;
+        };
+        // A handler removed earlier in this batch of events.
+        if !slot.live || slot.gen != gen {
+            return;
+        }
+        let Some(mut handler) = slot.handler.take() else {
+            return;
+        };
+        let verdict = handler(self, events);
+        let slot = &mut self.handlers[index];
+        if slot.live && slot.gen == gen {
+            slot.handler = Some(handler);
+            if verdict == Handled::Remove {
+                self.unregister(HandlerId {
+                    index: index as u32,
+                    gen,
+                });
+            }
+        }
+    }
+
+    /// Whether any fd handler is registered.
+    pub fn handlers(&self) -> usize {
+        self.handlers.iter().filter(|s| s.live).count()
+    }
+
+    /// Whether spawned tasks are still running.
+    pub fn tasks(&self) -> usize {
+        self.tasks.iter().filter(|t| t.is_some()).count()
+    }
+
+    /// Drops every fd handler (the thread ends).
+    pub(super) fn clear_handlers(&mut self) {
+        for i in 0..self.handlers.len() {
+            let gen = self.handlers[i].gen;
+            self.unregister(HandlerId {
+                index: i as u32,
+                gen,
+            });
+        }
+    }
+}
