@@ -239,12 +239,12 @@ impl Ctx {
         }
     }
 
-    /// Whether any fd handler is registered.
+    /// How many fd handlers and timers are registered.
     pub fn handlers(&self) -> usize {
         self.handlers.iter().filter(|s| s.live).count()
     }
 
-    /// Whether spawned tasks are still running.
+    /// How many spawned tasks are still running.
     pub fn tasks(&self) -> usize {
         self.tasks.iter().filter(|t| t.is_some()).count()
     }

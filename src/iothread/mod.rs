@@ -22,6 +22,8 @@ pub mod ctx;
 mod event_loop;
 pub mod polling;
 pub mod registry;
+#[cfg(test)]
+mod tests;
 
 pub use client::Client;
 pub use ctx::{Ctx, Handled, HandlerId};
