@@ -37,6 +37,7 @@ pub struct HandlerId {
 }
 
 type FdHandler = Box<dyn FnMut(&mut Ctx, EventSet) -> Handled>;
+type PollHook = Box<dyn FnMut(&mut Ctx) -> bool>;
 type TaskDone = Box<dyn FnOnce(&mut Ctx, i32)>;
 
 struct HandlerSlot {
@@ -57,6 +58,10 @@ pub struct Ctx {
     free_handlers: Vec<u32>,
     tasks: Vec<Option<TaskDone>>,
     free_tasks: Vec<u32>,
+    /// Polling hooks of clients other than the built-in one, with their
+    /// ids.
+    poll_hooks: Vec<(u64, PollHook)>,
+    next_hook: u64,
 }
 
 impl Ctx {
@@ -68,6 +73,8 @@ impl Ctx {
             free_handlers: Vec::new(),
             tasks: Vec::new(),
             free_tasks: Vec::new(),
+            poll_hooks: Vec::new(),
+            next_hook: 0,
         })
     }
 
@@ -198,6 +205,45 @@ impl Ctx {
         // The task starts here, up to its first wait; if it finishes at
         // once its completion waits in the context for the next reap.
         self.io.spawn(TASK_TAG | u64::from(index), fut);
+    }
+
+    /// Adds `hook` to what the thread's polling looks at: on every spin,
+    /// next to the built-in client's rings and the completion queue, until
+    /// removed. It must be cheap (a load or two, no system call) and does
+    /// the work it finds itself, returning true when it found some. Only
+    /// polling calls it: a client that needs waking from sleep also
+    /// registers a descriptor ([`Self::register_fd`]).
+    pub fn add_poll_hook(&mut self, hook: impl FnMut(&mut Ctx) -> bool + 'static) -> u64 {
+        self.next_hook += 1;
+        self.poll_hooks.push((self.next_hook, Box::new(hook)));
+        self.next_hook
+    }
+
+    /// Removes a polling hook (not from within a hook); false when it
+    /// was gone.
+    pub fn remove_poll_hook(&mut self, id: u64) -> bool {
+        let before = self.poll_hooks.len();
+        self.poll_hooks.retain(|(i, _)| *i != id);
+        before != self.poll_hooks.len()
+    }
+
+    /// Whether polling has hooks to call besides the built-in client.
+    #[inline]
+    pub(super) fn has_poll_hooks(&self) -> bool {
+        !self.poll_hooks.is_empty()
+    }
+
+    /// Calls every polling hook once; true when one found work.
+    pub(super) fn run_poll_hooks(&mut self) -> bool {
+        let mut hooks = std::mem::take(&mut self.poll_hooks);
+        let mut found = false;
+        for (_, hook) in hooks.iter_mut() {
+            found |= hook(self);
+        }
+        // Hooks added while these ran come after them.
+        hooks.append(&mut self.poll_hooks);
+        self.poll_hooks = hooks;
+        found
     }
 
     /// A spawned task finished.

@@ -267,7 +267,8 @@ impl<C: Client> Loop<C> {
     /// Busy-waits up to `window` for new requests or completions.
     ///
     /// An iteration is kept to a few loads from shared memory: the
-    /// client's peek, the completion queue's tail, and the clock only every
+    /// client's peek, the completion queue's tail, the other clients'
+    /// polling hooks if there are any, and the clock only every
     /// [`POLL_CLOCK_EVERY`] iterations.
     fn poll_for_work(&mut self, window: Duration) -> Polled {
         // The clock is first read after POLL_CLOCK_EVERY iterations: work
@@ -291,7 +292,7 @@ impl<C: Client> Loop<C> {
                 }
                 worked = true;
             }
-            if self.client.peek() {
+            if self.client.peek() || (self.ctx.has_poll_hooks() && self.ctx.run_poll_hooks()) {
                 return Polled::Work {
                     fired: Fired::REQUESTS,
                     waited,

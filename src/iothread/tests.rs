@@ -176,3 +176,30 @@ fn a_spawned_task_reads_a_node_and_sleeps_on_the_thread() {
     assert_eq!(done.recv_timeout(WAIT).unwrap(), 3 * 4096);
     assert_eq!(t.call(|ctx| ctx.tasks()), Some(0));
 }
+
+#[test]
+fn polling_calls_the_hooks_of_other_clients() {
+    let t = Thread::<()>::spawn("hooks", PollPolicy::Fixed(200_000)).unwrap();
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f = flag.clone();
+    let id = t
+        .call(move |ctx| {
+            ctx.add_poll_hook(move |_| {
+                let found = f.swap(false, Ordering::AcqRel);
+                if found {
+                    let _ = tx.send(());
+                }
+                found
+            })
+        })
+        .unwrap();
+    for _ in 0..3 {
+        // Work for the hook, and a message so that the thread, asleep by
+        // now, polls again after it.
+        flag.store(true, Ordering::Release);
+        t.run(|_| {});
+        rx.recv_timeout(WAIT).unwrap();
+    }
+    assert_eq!(t.call(move |ctx| ctx.remove_poll_hook(id)), Some(true));
+}
