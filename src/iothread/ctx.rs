@@ -2,6 +2,7 @@
 //! and the registries of its handlers for descriptors, its timers and the
 //! tasks other code spawned on it.
 
+use super::polling::PollPolicy;
 use crate::io::{Completion, IoContext};
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
@@ -51,7 +52,9 @@ struct HandlerSlot {
 /// The thread-side state every client shares.
 pub struct Ctx {
     /// The thread's I/O engine, task executor and per-thread state
-    /// ([`IoContext::state`]).
+    /// ([`IoContext::state`]). The completions of operations started on
+    /// it directly with plain tags go to the built-in client; other code
+    /// starts its work as tasks ([`Self::spawn`]).
     pub io: IoContext,
     epoll: Epoll,
     handlers: Vec<HandlerSlot>,
@@ -62,10 +65,12 @@ pub struct Ctx {
     /// ids.
     poll_hooks: Vec<(u64, PollHook)>,
     next_hook: u64,
+    /// The polling options in force (the loop keeps the state).
+    pub(super) poll_policy: PollPolicy,
 }
 
 impl Ctx {
-    pub(super) fn new(io: IoContext) -> std::io::Result<Self> {
+    pub(super) fn new(io: IoContext, poll_policy: PollPolicy) -> std::io::Result<Self> {
         Ok(Ctx {
             io,
             epoll: Epoll::new()?,
@@ -75,7 +80,14 @@ impl Ctx {
             free_tasks: Vec::new(),
             poll_hooks: Vec::new(),
             next_hook: 0,
+            poll_policy,
         })
+    }
+
+    /// The thread's polling options (as `--object iothread` or qom-set
+    /// last gave them).
+    pub fn poll_policy(&self) -> PollPolicy {
+        self.poll_policy
     }
 
     pub(super) fn epoll(&self) -> &Epoll {

@@ -206,7 +206,7 @@ pub fn run<C: Client>(rx: Receiver<Control<C::Msg>>, wake: EventFd, poll: PollPo
 impl<C: Client> Loop<C> {
     fn new(wake: &EventFd, poll: PollPolicy) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
-        let ctx = Ctx::new(IoContext::new(RING_DEPTH, false)?)?;
+        let ctx = Ctx::new(IoContext::new(RING_DEPTH, false)?, poll)?;
         ctx.epoll().ctl(
             ControlOperation::Add,
             wake.as_raw_fd(),
@@ -230,7 +230,10 @@ impl<C: Client> Loop<C> {
         match msg {
             Control::Client(m) => self.client.message(&mut self.ctx, m),
             Control::Run(f) => f(&mut self.ctx),
-            Control::SetPoll(p) => self.poll = PollTime::new(p),
+            Control::SetPoll(p) => {
+                self.poll = PollTime::new(p);
+                self.ctx.poll_policy = p;
+            }
             Control::Exit => return false,
         }
         true

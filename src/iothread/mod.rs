@@ -84,7 +84,8 @@ impl<C: Client> Thread<C> {
     }
 
     /// Runs `f` on the thread and waits for its answer; None when the
-    /// thread is gone (or ends before it runs `f`).
+    /// thread is gone (or ends before it runs `f`). Not for code running
+    /// on the thread itself, which would wait for itself.
     pub fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Ctx) -> R + Send + 'static,
@@ -100,7 +101,9 @@ impl<C: Client> Thread<C> {
 
     /// Starts a task on the thread's executor: `make` runs there and
     /// builds the future (which need not be `Send`: it never leaves the
-    /// thread). The receiver gets the task's value when it ends.
+    /// thread). The receiver gets the task's value when it ends. A thread
+    /// told to exit waits (up to 30 s) for its tasks, so whoever starts a
+    /// long-running one (a job's loop) ends it first.
     pub fn spawn_task<F, Fut>(&self, make: F) -> Receiver<i32>
     where
         F: FnOnce() -> Fut + Send + 'static,

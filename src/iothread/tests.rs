@@ -203,3 +203,20 @@ fn polling_calls_the_hooks_of_other_clients() {
     }
     assert_eq!(t.call(move |ctx| ctx.remove_poll_hook(id)), Some(true));
 }
+
+#[test]
+fn new_polling_options_reach_a_running_named_thread() {
+    let mut threads = IoThreads::default();
+    threads.add("io0", PollPolicy::DEFAULT).unwrap();
+    let t = threads.get("io0").unwrap();
+    assert_eq!(t.call(|ctx| ctx.poll_policy()), Some(PollPolicy::DEFAULT));
+    threads.set_poll("io0", PollPolicy::Fixed(5_000)).unwrap();
+    assert_eq!(
+        t.call(|ctx| ctx.poll_policy()),
+        Some(PollPolicy::Fixed(5_000))
+    );
+    // In use while a handle is held; removable once it is not.
+    assert!(threads.remove("io0").is_err());
+    drop(t);
+    threads.remove("io0").unwrap();
+}
