@@ -65,6 +65,9 @@ pub struct Ctx {
     /// ids.
     poll_hooks: Vec<(u64, PollHook)>,
     next_hook: u64,
+    /// Hooks removed while the hooks ran (out of `poll_hooks` then).
+    hooks_removed: Vec<u64>,
+    hooks_running: bool,
     /// The polling options in force (the loop keeps the state).
     pub(super) poll_policy: PollPolicy,
 }
@@ -80,6 +83,8 @@ impl Ctx {
             free_tasks: Vec::new(),
             poll_hooks: Vec::new(),
             next_hook: 0,
+            hooks_removed: Vec::new(),
+            hooks_running: false,
             poll_policy,
         })
     }
@@ -231,12 +236,23 @@ impl Ctx {
         self.next_hook
     }
 
-    /// Removes a polling hook (not from within a hook); false when it
+    /// Removes a polling hook (a hook may remove itself); false when it
     /// was gone.
     pub fn remove_poll_hook(&mut self, id: u64) -> bool {
+        if self.hooks_removed.contains(&id) {
+            return false;
+        }
         let before = self.poll_hooks.len();
         self.poll_hooks.retain(|(i, _)| *i != id);
-        before != self.poll_hooks.len()
+        if before != self.poll_hooks.len() {
+            return true;
+        }
+        // Not in the list: out of it while the hooks run, or gone.
+        if self.hooks_running && id <= self.next_hook {
+            self.hooks_removed.push(id);
+            return true;
+        }
+        false
     }
 
     /// Whether polling has hooks to call besides the built-in client.
@@ -249,11 +265,18 @@ impl Ctx {
     pub(super) fn run_poll_hooks(&mut self) -> bool {
         let mut hooks = std::mem::take(&mut self.poll_hooks);
         let mut found = false;
+        self.hooks_running = true;
         for (_, hook) in hooks.iter_mut() {
             found |= hook(self);
         }
-        // Hooks added while these ran come after them.
+        self.hooks_running = false;
+        // Hooks added while these ran come after them; those removed
+        // meanwhile go.
         hooks.append(&mut self.poll_hooks);
+        if !self.hooks_removed.is_empty() {
+            let removed = std::mem::take(&mut self.hooks_removed);
+            hooks.retain(|(i, _)| !removed.contains(i));
+        }
         self.poll_hooks = hooks;
         found
     }

@@ -202,6 +202,28 @@ fn polling_calls_the_hooks_of_other_clients() {
         rx.recv_timeout(WAIT).unwrap();
     }
     assert_eq!(t.call(move |ctx| ctx.remove_poll_hook(id)), Some(true));
+    assert_eq!(t.call(move |ctx| ctx.remove_poll_hook(id)), Some(false));
+    // A hook that removes itself the first time it runs.
+    let (tx, rx) = std::sync::mpsc::channel();
+    t.call(move |ctx| {
+        let me = Arc::new(AtomicUsize::new(0));
+        let m = me.clone();
+        let id = ctx.add_poll_hook(move |ctx| {
+            let _ = tx.send(ctx.remove_poll_hook(m.load(Ordering::Relaxed) as u64));
+            false
+        });
+        me.store(id as usize, Ordering::Relaxed);
+    })
+    .unwrap();
+    t.run(|_| {});
+    assert_eq!(rx.recv_timeout(WAIT), Ok(true));
+    // Gone: after another round of polling its closure (and sender) was
+    // dropped.
+    t.run(|_| {});
+    assert_eq!(
+        rx.recv_timeout(WAIT),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+    );
 }
 
 #[test]
