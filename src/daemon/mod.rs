@@ -15,7 +15,7 @@ use crate::block::open::add_node;
 use crate::cli::{self, CliItem, Invocation, OptionValue};
 use crate::error::QmpError;
 use crate::export::manager::Exports;
-use crate::export::vhost_user::polling::{Adaptive, PollPolicy, DEFAULT_POLL_MAX_NS};
+use crate::iothread::polling::{Adaptive, PollPolicy, DEFAULT_POLL_MAX_NS};
 use crate::iothread::IoThreads;
 use crate::qapi::{self, rt, BlockdevOptions};
 use crate::qmp::commands::version_info;

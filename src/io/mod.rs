@@ -15,6 +15,7 @@
 pub mod aligned;
 pub mod mailbox;
 mod pool;
+pub mod state;
 pub mod task;
 mod uring;
 
@@ -92,6 +93,8 @@ pub struct IoContext {
     mailbox: std::sync::Arc<mailbox::Mailbox>,
     /// Multi-step requests in flight ([`task`]).
     exec: task::Executor,
+    /// Per-thread state of drivers and clients ([`state`]).
+    state: state::StateMap,
 }
 
 impl IoContext {
@@ -118,7 +121,19 @@ impl IoContext {
             lone: None,
             no_nowait: Vec::new(),
             exec: task::Executor::default(),
+            state: state::StateMap::default(),
         })
+    }
+
+    /// This thread's value of type `T` (see [`state`]), created on first
+    /// use.
+    pub fn state<T: Default + 'static>(&mut self) -> &mut T {
+        self.state.get::<T>()
+    }
+
+    /// Takes this thread's value of type `T` out.
+    pub fn take_state<T: 'static>(&mut self) -> Option<T> {
+        self.state.remove::<T>()
     }
 
     /// Where other threads post completions of work done for this one.

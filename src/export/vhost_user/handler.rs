@@ -10,7 +10,7 @@
 use super::channel::BackendChannel;
 use super::inflight::InflightArea;
 use super::memory::GuestMem;
-use super::worker::{QueueStart, WorkerMsg};
+use super::worker::{QueueMsg, QueueStart};
 use super::Device;
 use std::fs::File;
 use std::sync::mpsc;
@@ -153,7 +153,7 @@ impl Connection {
             inflight,
         };
         let thread = dev.thread_for(index as u16);
-        if !thread.send(WorkerMsg::Start(Box::new(start))) {
+        if !thread.send(QueueMsg::Start(Box::new(start))) {
             return Err(handler_error("I/O thread is gone"));
         }
         ring.running = true;
@@ -171,7 +171,7 @@ impl Connection {
         ring.running = false;
         let (tx, rx) = mpsc::channel();
         let thread = dev.thread_for(index as u16);
-        thread.send(WorkerMsg::Stop {
+        thread.send(QueueMsg::Stop {
             key: (dev.uid, index as u16),
             reply: tx,
         });
@@ -313,7 +313,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         });
         if ring.running {
             if let Some(c) = call.as_ref().and_then(|c| c.try_clone().ok()) {
-                dev.thread_for(u16::from(index)).send(WorkerMsg::SetCall {
+                dev.thread_for(u16::from(index)).send(QueueMsg::SetCall {
                     key: (dev.uid, u16::from(index)),
                     call: c,
                 });

@@ -6,7 +6,6 @@ pub mod channel;
 pub mod handler;
 pub mod inflight;
 pub mod memory;
-pub mod polling;
 pub mod queue;
 pub mod worker;
 

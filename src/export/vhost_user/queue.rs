@@ -126,7 +126,7 @@ pub(super) fn take_requests(q: &mut QueueRun, qi: usize, ctx: &mut IoContext) ->
     q.backend.new_round();
     // Requests the error policy held go again once `cont` ran.
     q.backend.retry_held(ctx);
-    // Kicks stay off until the thread is about to sleep (Worker::arm turns
+    // Kicks stay off until the thread is about to sleep (VhostQueues::arm turns
     // them on and looks again).
     let _ = q.queue.disable_notification(mem);
     for _ in 0..MAX_BATCH {

@@ -1,7 +1,10 @@
-//! The event loop of an I/O thread: it owns the virtqueues given to it,
-//! takes every available request on a kick, submits them in one batch,
-//! completes them from the I/O engine's completions, and notifies the
-//! guest once per batch (respecting EVENT_IDX).
+//! The vhost-user queues as the built-in client of an I/O thread
+//! ([`crate::iothread::Client`]): the thread's loop calls these hooks to
+//! take every available request on a kick or when polling finds one,
+//! complete requests from the I/O engine's completions, and notify the
+//! guest once per batch (respecting EVENT_IDX). Starting, stopping and
+//! re-wiring a queue are messages ([`QueueMsg`]) from the connection's
+//! handler.
 //!
 //! Per-request state lives in slots preallocated per queue, one per ring
 //! entry: the parsed request here, its buffers and accounting in the same
@@ -12,7 +15,6 @@
 
 use super::inflight::InflightQueue;
 use super::memory::AtomicMem;
-use super::polling::{Ended, Fired, PollPolicy, PollTime};
 use super::queue::{
     complete, polled_avail_idx, remember_guess, resubmit_heads, ring_is_broken, snapshot,
     take_requests, QueueRun, Slot,
@@ -20,37 +22,11 @@ use super::queue::{
 use super::Device;
 use crate::export::virtio_blk::{Request, RequestLimits};
 use crate::io::{Completion, IoContext};
-use std::sync::mpsc::{Receiver, Sender};
+use crate::iothread::{Client, Ctx};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
-
-/// Depth of each thread's io_uring.
-const RING_DEPTH: u32 = 1024;
-/// How often a queue held back by a drain looks again.
-const DRAIN_RETRY: Duration = Duration::from_millis(1);
-/// How long a thread with I/O in flight sleeps at most before it looks at
-/// the completion queue itself. Completions wake it through the engine's
-/// eventfd; this only bounds the delay should a wake-up be lost in the
-/// window where the eventfd is re-enabled (the kernel reads that flag
-/// after publishing the completion, without a full barrier between).
-const COMPLETION_RECHECK: Duration = Duration::from_millis(10);
-/// Polling looks at the clock once per this many iterations.
-const POLL_CLOCK_EVERY: u32 = 16;
-/// A gap this long between two of polling's looks at the clock, which
-/// normally come well under a microsecond apart, means the thread was kept
-/// off its CPU in between (an interrupt, or another thread that ran).
-const POLL_INTERRUPTED: Duration = Duration::from_micros(4);
-/// A thread kept busy by polling or by work found when about to sleep
-/// still collects its events (control messages, other queues' kicks)
-/// after this many rounds.
-const EVENTS_EVERY: u32 = 64;
-
-const TOKEN_CONTROL: u64 = 0;
-const TOKEN_IO: u64 = 1;
-const TOKEN_QUEUE: u64 = 2;
 
 /// Which queue of which device.
 pub type QueueKey = (u64, u16);
@@ -67,7 +43,8 @@ pub struct QueueStart {
     pub inflight: Option<InflightQueue>,
 }
 
-pub enum WorkerMsg {
+/// What the connection's handler asks of a queue's thread.
+pub enum QueueMsg {
     Start(Box<QueueStart>),
     /// Stop a queue once its requests finished; the reply is the index of
     /// the next available entry (for GET_VRING_BASE).
@@ -80,226 +57,20 @@ pub enum WorkerMsg {
         key: QueueKey,
         call: EventFd,
     },
-    /// An iothread's polling options changed (qom-set).
-    SetPoll(PollPolicy),
-    Exit,
 }
 
-struct Worker {
-    epoll: Epoll,
-    ctx: IoContext,
+/// The queues of one thread; a queue's epoll token is its index here.
+#[derive(Default)]
+pub struct VhostQueues {
     queues: Vec<Option<QueueRun>>,
-    completions: Vec<Completion>,
-    poll: PollTime,
 }
 
-/// What polling came to; `interrupted`: the thread was kept off its CPU
-/// for a moment while it polled.
-enum Polled {
-    /// Work showed up; `waited` is how long polling had run by the last
-    /// look at the clock (`None`: found before the clock was read at all).
-    Work {
-        fired: Fired,
-        waited: Option<Duration>,
-        interrupted: bool,
-    },
-    /// Nothing within the polling time, which started at `since`.
-    Nothing { since: Instant, interrupted: bool },
-}
-
-/// Runs an I/O thread until it is told to exit.
-pub fn run(rx: Receiver<WorkerMsg>, wake: EventFd, poll: PollPolicy) {
-    let mut w = match Worker::new(&wake, poll) {
-        Ok(w) => w,
-        Err(e) => {
-            log::error!("I/O thread cannot start: {e}");
-            return;
-        }
-    };
-    let mut events = vec![EpollEvent::default(); 64];
-    // Rounds of work done since events were last collected.
-    let mut rounds = 0u32;
-    loop {
-        // A queue that stopped at the batch limit goes on at once; the
-        // events are still collected (without waiting) so that the other
-        // queues, completions and control messages are not starved. So
-        // are they every EVENTS_EVERY rounds found by polling or arming.
-        // When the thread runs out of work it is idle until something
-        // shows up; with adaptive polling, how long that took (polling
-        // included) sets the next polling time. `idle_since` is when the
-        // idle spell began, read only when the thread is about to sleep.
-        let mut idle_since = None;
-        let mut interrupted = false;
-        let timeout = if rounds >= EVENTS_EVERY
-            || w.queues
-                .iter()
-                .flatten()
-                .any(|q| q.deferred && q.stopping.is_none())
-        {
-            Duration::ZERO
-        } else {
-            let window = w.poll.ns();
-            if window > 0 {
-                match w.poll_for_work(Duration::from_nanos(window)) {
-                    Polled::Work {
-                        fired,
-                        waited,
-                        interrupted,
-                    } => {
-                        // Work found before the clock was read came within
-                        // a few iterations: a wait of about nothing.
-                        let ns = waited.map_or(0, |d| d.as_nanos() as u64);
-                        w.poll.observe(ns, fired, Ended::Polling, interrupted);
-                        w.process_all();
-                        rounds += 1;
-                        continue;
-                    }
-                    Polled::Nothing {
-                        since,
-                        interrupted: i,
-                    } => {
-                        interrupted = i;
-                        if w.poll.adapts() {
-                            idle_since = Some(since);
-                        }
-                    }
-                }
-            }
-            if w.poll.adapts() && idle_since.is_none() {
-                idle_since = Some(Instant::now());
-            }
-            let fired = w.arm();
-            if fired.any() {
-                if let Some(since) = idle_since {
-                    let ns = since.elapsed().as_nanos() as u64;
-                    w.poll.observe(ns, fired, Ended::LastLook, interrupted);
-                }
-                w.process_all();
-                rounds += 1;
-                continue;
-            }
-            if w.queues.iter().flatten().any(|q| q.held) {
-                DRAIN_RETRY
-            } else if w.ctx.busy() {
-                COMPLETION_RECHECK
-            } else {
-                Duration::MAX
-            }
-        };
-        rounds = 0;
-        let waited = w
-            .epoll
-            .wait(timeout.as_millis().try_into().unwrap_or(-1), &mut events);
-        if !timeout.is_zero() {
-            w.ctx.disarm();
-        }
-        // Read the clock before handling anything: the wait ended now.
-        let woke_after = idle_since.map(|since| since.elapsed());
-        for q in w.queues.iter_mut().flatten() {
-            if q.held {
-                q.held = false;
-                q.deferred = true;
-            }
-        }
-        let n = match waited {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::error!("I/O thread: epoll: {e}");
-                return;
-            }
-        };
-        if n == 0 && w.ctx.busy() {
-            // The safety net below COMPLETION_RECHECK.
-            w.reap();
-        }
-        let mut fired = Fired::default();
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_CONTROL => {
-                    let _ = wake.read();
-                    while let Ok(msg) = rx.try_recv() {
-                        if !w.control(msg) {
-                            w.shutdown();
-                            return;
-                        }
-                    }
-                }
-                TOKEN_IO => {
-                    w.ctx.clear_wake();
-                    w.reap();
-                    fired.completions = true;
-                }
-                t => {
-                    let i = (t - TOKEN_QUEUE) as usize;
-                    if let Some(Some(q)) = w.queues.get_mut(i) {
-                        let _ = q.kick.read();
-                        q.deferred = true;
-                        fired.requests = true;
-                    }
-                }
-            }
-        }
-        if let Some(d) = woke_after {
-            w.poll
-                .observe(d.as_nanos() as u64, fired, Ended::Wakeup, interrupted);
-        }
-        w.process_all();
-    }
-}
-
-impl Worker {
-    fn new(wake: &EventFd, poll: PollPolicy) -> std::io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        let epoll = Epoll::new()?;
-        let ctx = IoContext::new(RING_DEPTH, false)?;
-        epoll.ctl(
-            ControlOperation::Add,
-            wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_CONTROL),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            ctx.event_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_IO),
-        )?;
-        Ok(Worker {
-            epoll,
-            ctx,
-            queues: Vec::new(),
-            completions: Vec::with_capacity(256),
-            poll: PollTime::new(poll),
-        })
-    }
-
-    /// Handles a control message; false means exit.
-    fn control(&mut self, msg: WorkerMsg) -> bool {
-        match msg {
-            WorkerMsg::Start(s) => self.start(*s),
-            WorkerMsg::Stop { key, reply } => {
-                if let Some(q) = self.find(key) {
-                    q.stopping = Some(reply);
-                } else {
-                    let _ = reply.send(0);
-                }
-                self.finish_stops();
-            }
-            WorkerMsg::SetCall { key, call } => {
-                if let Some(q) = self.find(key) {
-                    q.call = call;
-                }
-            }
-            WorkerMsg::SetPoll(p) => self.poll = PollTime::new(p),
-            WorkerMsg::Exit => return false,
-        }
-        true
-    }
-
+impl VhostQueues {
     fn find(&mut self, key: QueueKey) -> Option<&mut QueueRun> {
         self.queues.iter_mut().flatten().find(|q| q.key == key)
     }
 
-    fn start(&mut self, s: QueueStart) {
+    fn start(&mut self, ctx: &mut Ctx, s: QueueStart) {
         use std::os::fd::AsRawFd;
         let i = match self.queues.iter().position(Option::is_none) {
             Some(i) => i,
@@ -316,11 +87,7 @@ impl Worker {
             })
             .collect();
         let limits = RequestLimits::new(&s.dev.options);
-        let event = EpollEvent::new(EventSet::IN, TOKEN_QUEUE + i as u64);
-        if let Err(e) = self
-            .epoll
-            .ctl(ControlOperation::Add, s.kick.as_raw_fd(), event)
-        {
+        if let Err(e) = ctx.watch(s.kick.as_raw_fd(), i as u64) {
             log::error!("queue {} of '{}' cannot be watched: {e}", s.index, s.dev.id);
             return;
         }
@@ -401,13 +168,13 @@ impl Worker {
         });
         if !resubmit.is_empty() {
             if let Some(q) = self.queues[i].as_mut() {
-                resubmit_heads(q, i, &resubmit, &mut self.ctx);
+                resubmit_heads(q, i, &resubmit, &mut ctx.io);
             }
         }
     }
 
     /// Stops the queues whose requests have all finished.
-    fn finish_stops(&mut self) {
+    fn finish_stops(&mut self, ctx: &Ctx) {
         use std::os::fd::AsRawFd;
         for q in self.queues.iter_mut().flatten() {
             // Requests an error holds would never finish: the stop lets
@@ -434,181 +201,12 @@ impl Worker {
                 continue;
             }
             if let Some(q) = entry.take() {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    q.kick.as_raw_fd(),
-                    EpollEvent::default(),
-                );
+                ctx.unwatch(q.kick.as_raw_fd());
                 if let Some(reply) = &q.stopping {
                     let _ = reply.send(q.queue.next_avail());
                 }
                 log::debug!("queue {} of '{}' stopped", q.key.1, q.dev.id);
             }
-        }
-    }
-
-    fn shutdown(&mut self) {
-        // Let requests in flight finish so no I/O outlives its buffers.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.ctx.busy() && Instant::now() < deadline {
-            self.reap();
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
-
-    /// Prepares to sleep: turns the guest's kicks and the engine's
-    /// wake-ups back on, then looks once more for work that arrived before
-    /// they were on. Returns what it found, if anything (the caller then
-    /// processes it instead of sleeping).
-    ///
-    /// Kicks stay off for as long as the thread is awake (see
-    /// `take_requests`), so a guest that adds requests while it works, or
-    /// polls, does not pay for a kick nobody waits for.
-    fn arm(&mut self) -> Fired {
-        let mut fired = Fired::default();
-        for q in self.queues.iter_mut().flatten() {
-            if !q.can_take() {
-                continue;
-            }
-            let mem = snapshot(q);
-            match q.queue.enable_notification(&**mem) {
-                Ok(true) if !ring_is_broken(q) => {
-                    q.deferred = true;
-                    fired.requests = true;
-                }
-                _ => {}
-            }
-        }
-        if !self.ctx.arm() {
-            fired.completions = true;
-        }
-        if fired.any() {
-            self.ctx.disarm();
-        }
-        fired
-    }
-
-    /// Busy-waits up to `window` for new requests or completions.
-    ///
-    /// An iteration is kept to a few loads from shared memory: the avail
-    /// index through the queue's current snapshot (a memory table change is
-    /// picked up when requests are taken), the completion queue's tail, and
-    /// the clock only every [`POLL_CLOCK_EVERY`] iterations.
-    fn poll_for_work(&mut self, window: Duration) -> Polled {
-        // The clock is first read after POLL_CLOCK_EVERY iterations: work
-        // found sooner costs no reading at all.
-        let mut start: Option<Instant> = None;
-        let mut waited: Option<Duration> = None;
-        let mut interrupted = false;
-        // Completions handled since the last look at the clock make the
-        // gap between the looks no sign of anything.
-        let mut worked = false;
-        let mut spins = 0u32;
-        loop {
-            if self.ctx.has_ready() {
-                self.reap();
-                if self.queues.iter().flatten().any(|q| q.need_notify) {
-                    return Polled::Work {
-                        fired: Fired::COMPLETIONS,
-                        waited,
-                        interrupted,
-                    };
-                }
-                worked = true;
-            }
-            let mut found = false;
-            for q in self.queues.iter_mut().flatten() {
-                if !q.can_take() {
-                    continue;
-                }
-                // A ring already found broken is looked at again before
-                // it counts as work (it would otherwise be found at every
-                // turn); taking requests checks every ring anyway.
-                if polled_avail_idx(q).is_some_and(|a| a != q.queue.next_avail())
-                    && !(q.broken && ring_is_broken(q))
-                {
-                    q.deferred = true;
-                    found = true;
-                }
-            }
-            if found {
-                return Polled::Work {
-                    fired: Fired::REQUESTS,
-                    waited,
-                    interrupted,
-                };
-            }
-            spins = spins.wrapping_add(1);
-            if spins % POLL_CLOCK_EVERY == 0 {
-                let now = Instant::now();
-                let since = *start.get_or_insert(now);
-                let d = now - since;
-                if !worked {
-                    interrupted |= d - waited.unwrap_or(Duration::ZERO) > POLL_INTERRUPTED;
-                }
-                if d >= window {
-                    return Polled::Nothing { since, interrupted };
-                }
-                worked = false;
-                waited = Some(d);
-            }
-            std::hint::spin_loop();
-        }
-    }
-
-    /// Takes new requests from every queue that has some, submits the
-    /// batch, and notifies the guest where needed.
-    ///
-    /// A queue gives at most [`super::queue::MAX_BATCH`] requests per
-    /// round; one that has more stays `deferred` for the next.
-    fn process_all(&mut self) {
-        for i in 0..self.queues.len() {
-            let Some(q) = self.queues[i].as_mut() else {
-                continue;
-            };
-            if q.deferred && q.stopping.is_none() {
-                q.deferred = take_requests(q, i, &mut self.ctx);
-            }
-        }
-        if let Err(e) = self.ctx.submit() {
-            log::error!("I/O submission failed: {e}");
-        }
-        if self.ctx.has_ready() {
-            self.reap();
-            return;
-        }
-        self.notify();
-        self.finish_stops();
-    }
-
-    fn reap(&mut self) {
-        loop {
-            self.reap_once();
-            if !self.ctx.has_ready() {
-                break;
-            }
-        }
-        self.notify();
-        self.finish_stops();
-    }
-
-    fn reap_once(&mut self) {
-        self.completions.clear();
-        self.ctx.reap(&mut self.completions);
-        let mut done = std::mem::take(&mut self.completions);
-        for c in done.iter() {
-            let qi = (c.tag >> 32) as usize;
-            let si = (c.tag & 0xffff_ffff) as usize;
-            let Some(Some(q)) = self.queues.get_mut(qi) else {
-                log::error!("completion for a queue that is gone");
-                continue;
-            };
-            complete(q, si, c.result, &mut self.ctx);
-        }
-        done.clear();
-        self.completions = done;
-        if let Err(e) = self.ctx.submit() {
-            log::error!("I/O submission failed: {e}");
         }
     }
 
@@ -628,5 +226,135 @@ impl Worker {
             q.backend.account_finished();
             remember_guess(q);
         }
+    }
+}
+
+impl Client for VhostQueues {
+    type Msg = QueueMsg;
+
+    fn message(&mut self, ctx: &mut Ctx, msg: QueueMsg) {
+        match msg {
+            QueueMsg::Start(s) => self.start(ctx, *s),
+            QueueMsg::Stop { key, reply } => {
+                if let Some(q) = self.find(key) {
+                    q.stopping = Some(reply);
+                } else {
+                    let _ = reply.send(0);
+                }
+                self.finish_stops(ctx);
+            }
+            QueueMsg::SetCall { key, call } => {
+                if let Some(q) = self.find(key) {
+                    q.call = call;
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, token: u64) -> bool {
+        match self.queues.get_mut(token as usize) {
+            Some(Some(q)) => {
+                let _ = q.kick.read();
+                q.deferred = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn has_deferred(&self) -> bool {
+        self.queues
+            .iter()
+            .flatten()
+            .any(|q| q.deferred && q.stopping.is_none())
+    }
+
+    fn held(&self) -> bool {
+        self.queues.iter().flatten().any(|q| q.held)
+    }
+
+    fn release_held(&mut self) {
+        for q in self.queues.iter_mut().flatten() {
+            if q.held {
+                q.held = false;
+                q.deferred = true;
+            }
+        }
+    }
+
+    /// The avail index through each queue's current snapshot (a memory
+    /// table change is picked up when requests are taken).
+    fn peek(&mut self) -> bool {
+        let mut found = false;
+        for q in self.queues.iter_mut().flatten() {
+            if !q.can_take() {
+                continue;
+            }
+            // A ring already found broken is looked at again before it
+            // counts as work (it would otherwise be found at every turn);
+            // taking requests checks every ring anyway.
+            if polled_avail_idx(q).is_some_and(|a| a != q.queue.next_avail())
+                && !(q.broken && ring_is_broken(q))
+            {
+                q.deferred = true;
+                found = true;
+            }
+        }
+        found
+    }
+
+    fn wants_notify(&self) -> bool {
+        self.queues.iter().flatten().any(|q| q.need_notify)
+    }
+
+    /// Kicks stay off for as long as the thread is awake (see
+    /// `take_requests`), so a guest that adds requests while it works, or
+    /// polls, does not pay for a kick nobody waits for; this turns them
+    /// back on and looks once more (the EVENT_IDX handshake).
+    fn arm(&mut self) -> bool {
+        let mut found = false;
+        for q in self.queues.iter_mut().flatten() {
+            if !q.can_take() {
+                continue;
+            }
+            let mem = snapshot(q);
+            match q.queue.enable_notification(&**mem) {
+                Ok(true) if !ring_is_broken(q) => {
+                    q.deferred = true;
+                    found = true;
+                }
+                _ => {}
+            }
+        }
+        found
+    }
+
+    /// Takes new requests from every queue that has some. A queue gives
+    /// at most [`super::queue::MAX_BATCH`] requests per round; one that
+    /// has more stays `deferred` for the next.
+    fn process(&mut self, io: &mut IoContext) {
+        for i in 0..self.queues.len() {
+            let Some(q) = self.queues[i].as_mut() else {
+                continue;
+            };
+            if q.deferred && q.stopping.is_none() {
+                q.deferred = take_requests(q, i, io);
+            }
+        }
+    }
+
+    fn complete(&mut self, io: &mut IoContext, c: Completion) {
+        let qi = (c.tag >> 32) as usize;
+        let si = (c.tag & 0xffff_ffff) as usize;
+        let Some(Some(q)) = self.queues.get_mut(qi) else {
+            log::error!("completion for a queue that is gone");
+            return;
+        };
+        complete(q, si, c.result, io);
+    }
+
+    fn round_done(&mut self, ctx: &mut Ctx) {
+        self.notify();
+        self.finish_stops(ctx);
     }
 }

@@ -358,6 +358,12 @@ pub fn sleep(ns: u64) -> Pending {
     unsafe { operate(Op::Sleep { ns, result: 0 }) }
 }
 
+/// Runs `f` on the thread's value of type `T` (see [`super::state`]) from
+/// the task being polled; None outside a task.
+pub fn with_state<T: Default + 'static, R>(f: impl FnOnce(&mut T) -> R) -> Option<R> {
+    with_current(|ctx, _| f(ctx.state::<T>()))
+}
+
 /// What another thread needs to wake the task being polled: the tag to
 /// post to the context's mailbox. None outside a task.
 pub fn current_waker() -> Option<RemoteWake> {

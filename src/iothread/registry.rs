@@ -1,68 +1,15 @@
-//! I/O threads: the threads that own virtqueues and run their requests.
-//!
-//! Named ones come from `--object iothread,id=X` (or object-add) and may
-//! serve queues of several exports; an export given no iothread gets one
-//! private thread per queue. Each thread runs the event loop of
-//! [`crate::export::vhost_user::worker`].
+//! The daemon's I/O threads: named ones from `--object iothread` and the
+//! private ones of exports given none.
 
+use super::polling::PollPolicy;
+use super::Thread;
 use crate::error::QmpError;
-use crate::export::vhost_user::polling::PollPolicy;
-use crate::export::vhost_user::worker::{self, WorkerMsg};
+use crate::export::vhost_user::worker::VhostQueues;
 use crate::qapi::{BlockExportIothreads, BlockExportOptions, BlockExportOptionsBranch};
-use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
-use vmm_sys_util::eventfd::EventFd;
+use std::sync::Arc;
 
-/// One I/O thread; dropping the last handle stops it.
-pub struct IoThread {
-    pub name: String,
-    tx: Mutex<Sender<WorkerMsg>>,
-    wake: EventFd,
-    join: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl IoThread {
-    pub fn spawn(name: &str, poll: PollPolicy) -> std::io::Result<Arc<Self>> {
-        let (tx, rx) = mpsc::channel();
-        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-        let thread_wake = wake.try_clone()?;
-        let join = std::thread::Builder::new()
-            .name(format!("iothread-{name}"))
-            .spawn(move || worker::run(rx, thread_wake, poll))?;
-        Ok(Arc::new(IoThread {
-            name: name.to_string(),
-            tx: Mutex::new(tx),
-            wake,
-            join: Mutex::new(Some(join)),
-        }))
-    }
-
-    /// Hands the thread a message and wakes it.
-    pub fn send(&self, msg: WorkerMsg) -> bool {
-        let sent = self
-            .tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .send(msg)
-            .is_ok();
-        let _ = self.wake.write(1);
-        sent
-    }
-}
-
-impl Drop for IoThread {
-    fn drop(&mut self) {
-        self.send(WorkerMsg::Exit);
-        if let Some(j) = self
-            .join
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            let _ = j.join();
-        }
-    }
-}
+/// vubd's I/O threads: their built-in client is the vhost-user queues.
+pub type IoThread = Thread<VhostQueues>;
 
 /// The daemon's named I/O threads.
 #[derive(Default)]
@@ -98,11 +45,12 @@ impl IoThreads {
 
     /// Gives a running iothread new polling options.
     pub fn set_poll(&self, id: &str, poll: PollPolicy) -> Result<(), QmpError> {
-        self.get(id)?.send(WorkerMsg::SetPoll(poll));
+        self.get(id)?.set_poll(poll);
         Ok(())
     }
 
-    fn get(&self, id: &str) -> Result<Arc<IoThread>, QmpError> {
+    /// A named thread, to run work on it.
+    pub fn get(&self, id: &str) -> Result<Arc<IoThread>, QmpError> {
         self.named
             .iter()
             .find(|t| t.name == id)
