@@ -7,7 +7,12 @@
 //! the batch is handed out, so no table can ever point at a cluster whose
 //! refcount on disk is 0 (the one kind of damage `qemu-img check` calls
 //! corruption). A crash leaves at most the unused rest of a batch counted
-//! but unreferenced: a leak, which is harmless. A refcount block that
+//! but unreferenced: a leak, which is harmless. A batch is 1 MiB of
+//! clusters at first; while batches run out quickly (a fresh image taking
+//! writes all over) each one doubles, up to 256 MiB, so the flush a batch
+//! costs stays rare (16 clusters of 64 KiB per flush made random 4 KiB
+//! writes to a fresh image ten times slower than qemu-storage-daemon's).
+//! A clean close gives the unused rest back. A refcount block that
 //! does not exist yet is placed in the first cluster it must count, counts
 //! itself, and is written and flushed before the refcount table points at
 //! it.
@@ -28,8 +33,12 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// The range of `meta_locks` that the one reserving thread holds.
 const RESERVING: u64 = u64::MAX - 1;
-/// Bytes of clusters reserved at a time (at least one cluster).
+/// Bytes of clusters reserved at a time at first (at least one cluster).
 const BATCH_BYTES: u64 = 1 << 20;
+/// The most bytes of clusters a batch grows to.
+const BATCH_MAX_BYTES: u64 = 256 << 20;
+/// A batch used up within this long makes the next one twice as large.
+const BATCH_QUICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub struct Allocator {
     state: Mutex<State>,
@@ -46,6 +55,9 @@ pub struct Allocator {
 struct State {
     free: VecDeque<u64>,
     next_host: u64,
+    /// Clusters the next batch reserves, and when the last one was.
+    batch: usize,
+    last_batch: Option<std::time::Instant>,
     reftable: Vec<u64>,
     reftable_offset: u64,
     blocks: HashMap<u64, Vec<u8>>,
@@ -77,6 +89,8 @@ impl Allocator {
             state: Mutex::new(State {
                 free: VecDeque::new(),
                 next_host: file_len.div_ceil(cluster_size) * cluster_size,
+                batch: 0,
+                last_batch: None,
                 reftable,
                 reftable_offset,
                 blocks: HashMap::new(),
@@ -313,7 +327,22 @@ pub(super) async fn take_run(io: &Qcow2Io, a: &Allocator, n: u64) -> Result<u64,
 /// Reserves the next batch of clusters at the end of the file.
 async fn reserve(io: &Qcow2Io, a: &Allocator) -> Result<(), i32> {
     let cs = io.geo.cluster_size();
-    let want = (BATCH_BYTES / cs).clamp(1, 64) as usize;
+    let want = {
+        let base = (BATCH_BYTES / cs).clamp(1, 64) as usize;
+        let most = (BATCH_MAX_BYTES / cs).clamp(1, 16384) as usize;
+        let mut st = a.state();
+        let now = std::time::Instant::now();
+        let quick = st
+            .last_batch
+            .is_some_and(|t| now.duration_since(t) < BATCH_QUICK);
+        st.batch = if quick {
+            (st.batch * 2).clamp(base, most)
+        } else {
+            base
+        };
+        st.last_batch = Some(now);
+        st.batch
+    };
     let (clusters, blocks, table_entries) = loop {
         match plan(io, a, want) {
             Pass::Done {
