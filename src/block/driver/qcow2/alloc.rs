@@ -168,7 +168,26 @@ pub(super) async fn flush_file(io: &Qcow2Io) -> Result<(), i32> {
 /// A new cluster, its refcount already 1 on disk.
 pub(super) async fn take_cluster(io: &Qcow2Io, a: &Allocator) -> Result<u64, i32> {
     loop {
-        if let Some(c) = a.state().free.pop_front() {
+        let (got, low) = {
+            let mut st = a.state();
+            let got = st.free.pop_front();
+            (got, st.free.len() < st.batch / 2)
+        };
+        if let Some(c) = got {
+            // Half the batch gone: this request reserves the next one
+            // (and waits for its flush) while the others go on taking
+            // what is left, so no allocation waits for a flush.
+            if low {
+                if let Some(_reserving) = a.meta_locks.try_lock(RESERVING, RESERVING + 1) {
+                    if let Err(e) = reserve(io, a).await {
+                        log::warn!(
+                            "qcow2 node '{}': reserving clusters ahead: {}",
+                            io.name,
+                            std::io::Error::from_raw_os_error(-e)
+                        );
+                    }
+                }
+            }
             return Ok(c);
         }
         let _reserving = a.meta_locks.lock(RESERVING, RESERVING + 1).await?;
