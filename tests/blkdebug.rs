@@ -19,29 +19,7 @@ fn path(p: &Path) -> &str {
 /// Serves raw-over-blkdebug-over-file, with the blkdebug options given as
 /// JSON members, writable.
 fn serve(dir: &Path, blkdebug: Value) -> (Daemon, Blk) {
-    let img = dir.join("d.img");
-    qemu_img_create(&img, "raw", 1 << 20);
-    let sock = dir.join("b.sock");
-    let mut node = json!({
-        "driver": "blkdebug", "node-name": "dbg",
-        "image": {"driver": "file", "filename": path(&img)},
-    });
-    for (k, v) in blkdebug.as_object().unwrap() {
-        node[k] = v.clone();
-    }
-    let d = Daemon::vubd(&[])
-        .arg("--blockdev")
-        .arg(&node.to_string())
-        .arg("--blockdev")
-        .arg("driver=raw,node-name=top,file=dbg")
-        .arg("--export")
-        .arg(&format!(
-            "type=vhost-user-blk,id=e0,node-name=top,writable=on,addr.type=unix,addr.path={}",
-            path(&sock)
-        ))
-        .monitor()
-        .start();
-    let blk = Blk::connect(&sock);
+    let (d, blk, _) = serve_over_blkdebug(dir, blkdebug, "");
     (d, blk)
 }
 
@@ -104,7 +82,7 @@ fn queries_and_option_errors_match_qemu() {
         .find(|n| n["node-name"] == "dbg")
         .unwrap();
     assert_eq!(dbg["drv"], "blkdebug");
-    let img = dir.path().join("d.img");
+    let img = dir.path().join("dbg.img");
     assert_eq!(
         dbg["file"],
         format!(

@@ -11,47 +11,13 @@ mod common;
 use blkio::ReqFlags;
 use common::blk::Blk;
 use common::*;
-use serde_json::{json, Value};
-use std::path::Path;
+use serde_json::json;
 use std::time::Duration;
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-/// raw over blkdebug (rules as given) over a 4 MiB file; the export gets
-/// `extra` options.
-fn serve(dir: &Path, rules: Value, extra: &str) -> (Daemon, Blk, std::path::PathBuf) {
-    let img = dir.join("p.img");
-    qemu_img_create(&img, "raw", 4 << 20);
-    let sock = dir.join("p.sock");
-    let mut node = json!({
-        "driver": "blkdebug", "node-name": "dbg",
-        "image": {"driver": "file", "filename": path(&img)},
-    });
-    for (k, v) in rules.as_object().unwrap() {
-        node[k] = v.clone();
-    }
-    let d = Daemon::vubd(&[])
-        .arg("--blockdev")
-        .arg(&node.to_string())
-        .arg("--blockdev")
-        .arg("driver=raw,node-name=top,file=dbg")
-        .arg("--export")
-        .arg(&format!(
-            "type=vhost-user-blk,id=e0,node-name=top,writable=on,addr.type=unix,addr.path={}{extra}",
-            path(&sock)
-        ))
-        .monitor()
-        .start();
-    let blk = Blk::connect(&sock);
-    (d, blk, img)
-}
 
 #[test]
 fn a_full_disk_stops_the_export_until_cont_and_the_write_lands() {
     let dir = TempDir::new("werror-enospc");
-    let (d, mut blk, img) = serve(
+    let (d, mut blk, img) = serve_over_blkdebug(
         dir.path(),
         json!({"inject-error": [{"event": "write_aio", "errno": 28, "once": true}]}),
         "",
@@ -99,7 +65,7 @@ fn report_fails_the_request_and_ignore_completes_it() {
         (",werror=ignore", true, "ignore"),
     ] {
         let dir = TempDir::new("werror-report");
-        let (d, mut blk, _img) = serve(
+        let (d, mut blk, _img) = serve_over_blkdebug(
             dir.path(),
             json!({"inject-error": [{"event": "write_aio", "errno": 5, "once": true}]}),
             extra,
@@ -122,7 +88,7 @@ fn report_fails_the_request_and_ignore_completes_it() {
 #[test]
 fn read_errors_are_reported_by_default() {
     let dir = TempDir::new("rerror");
-    let (d, mut blk, _img) = serve(
+    let (d, mut blk, _img) = serve_over_blkdebug(
         dir.path(),
         json!({"inject-error": [{"event": "read_aio", "errno": 28, "once": true}]}),
         "",
@@ -140,7 +106,7 @@ fn read_errors_are_reported_by_default() {
 #[test]
 fn a_client_leaving_while_stopped_does_not_hang_the_export() {
     let dir = TempDir::new("werror-leave");
-    let (d, mut blk, _img) = serve(
+    let (d, mut blk, _img) = serve_over_blkdebug(
         dir.path(),
         json!({"inject-error": [{"event": "write_aio", "errno": 28, "once": true}]}),
         "",
@@ -156,7 +122,7 @@ fn a_client_leaving_while_stopped_does_not_hang_the_export() {
     drop(blk);
     assert_return(&qmp.execute("cont", json!({})));
     // A new client is served.
-    let mut again = Blk::connect(&dir.path().join("p.sock"));
+    let mut again = Blk::connect(&dir.path().join("dbg.sock"));
     assert_eq!(again.write(0, &[4u8; 4096]), 0);
     assert_eq!(again.read(0, 4096), vec![4u8; 4096]);
     assert_return(&qmp.execute("query-version", json!({})));

@@ -259,13 +259,8 @@ fn open_node(
                     &child_node.driver.filename()
                 ))
             );
-            let driver = ThrottleDriver::open(
-                child_node.io.clone(),
-                filename,
-                &t.throttle_group,
-                group,
-                flags.read_only,
-            );
+            let driver =
+                ThrottleDriver::open(child_node.io.clone(), filename, group, flags.read_only);
             children.push(Edge {
                 role: ChildRole::File,
                 child,

@@ -173,3 +173,34 @@ pub fn qemu_img_info(path: &Path) -> Value {
     );
     serde_json::from_slice(&out.stdout).expect("qemu-img info printed invalid JSON")
 }
+
+/// Serves `raw` over `blkdebug` (with the members of `rules` added to its
+/// options) over a raw file of 4 MiB, as the writable export `e0` with a
+/// monitor; the export gets `extra` options (`,name=value...`). Returns
+/// the daemon, a connected client and the image's path.
+pub fn serve_over_blkdebug(dir: &Path, rules: Value, extra: &str) -> (Daemon, blk::Blk, PathBuf) {
+    let img = dir.join("dbg.img");
+    qemu_img_create(&img, "raw", 4 << 20);
+    let sock = dir.join("dbg.sock");
+    let mut node = serde_json::json!({
+        "driver": "blkdebug", "node-name": "dbg",
+        "image": {"driver": "file", "filename": img.to_str().expect("UTF-8 path")},
+    });
+    for (k, v) in rules.as_object().expect("blkdebug rules as an object") {
+        node[k] = v.clone();
+    }
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&node.to_string())
+        .arg("--blockdev")
+        .arg("driver=raw,node-name=top,file=dbg")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=top,writable=on,addr.type=unix,addr.path={}{extra}",
+            sock.display()
+        ))
+        .monitor()
+        .start();
+    let blk = blk::Blk::connect(&sock);
+    (d, blk, img)
+}

@@ -101,30 +101,17 @@ impl BlockIo for ThrottleIo {
 
 pub struct ThrottleDriver {
     io: Arc<ThrottleIo>,
-    group_id: String,
     filename: String,
     read_only: bool,
 }
 
 impl ThrottleDriver {
-    pub fn open(
-        child: Root,
-        filename: String,
-        group_id: &str,
-        group: Arc<SharedGroup>,
-        read_only: bool,
-    ) -> Self {
+    pub fn open(child: Root, filename: String, group: Arc<SharedGroup>, read_only: bool) -> Self {
         ThrottleDriver {
             io: ThrottleIo::new(child, group),
-            group_id: group_id.to_string(),
             filename,
             read_only,
         }
-    }
-
-    /// The id of the group the node is in.
-    pub fn group_id(&self) -> &str {
-        &self.group_id
     }
 }
 

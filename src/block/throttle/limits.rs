@@ -38,6 +38,13 @@ fn members(l: &ThrottleLimits) -> [(Bucket, Members); 6] {
 
 /// `cfg` with the members `l` gives changed (absent ones kept), checked.
 pub fn apply(cfg: &Config, l: &ThrottleLimits) -> Result<Config, String> {
+    let out = merge(cfg, l)?;
+    out.validate().map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// `cfg` with the members `l` gives changed, not yet checked as a whole.
+fn merge(cfg: &Config, l: &ThrottleLimits) -> Result<Config, String> {
     let mut out = *cfg;
     let unsigned = |v: i64| u64::try_from(v).map_err(|_| ConfigError::OutOfRange.to_string());
     for (b, (avg, max, len)) in members(l) {
@@ -55,7 +62,6 @@ pub fn apply(cfg: &Config, l: &ThrottleLimits) -> Result<Config, String> {
     if let Some(v) = l.iops_size {
         out.iops_size = unsigned(v)?;
     }
-    out.validate().map_err(|e| e.to_string())?;
     Ok(out)
 }
 
@@ -123,21 +129,11 @@ pub fn from_properties(p: &ThrottleGroupProperties) -> Result<Config, String> {
         return Err("Property values cannot be negative".to_string());
     }
     // The aliases are checked together with `limits`, once both applied.
-    let mut cfg = Config::default();
-    for (b, (avg, max, len)) in members(&x) {
-        let lim = cfg.limit_mut(b);
-        lim.avg = avg.map_or(lim.avg, |v| v as u64);
-        lim.max = max.map_or(lim.max, |v| v as u64);
-        lim.burst_length = len.map_or(lim.burst_length, |v| v as u64);
-    }
-    cfg.iops_size = x.iops_size.map_or(0, |v| v as u64);
-    match &p.limits {
-        Some(l) => apply(&cfg, l),
-        None => {
-            cfg.validate().map_err(|e| e.to_string())?;
-            Ok(cfg)
-        }
-    }
+    let cfg = merge(&Config::default(), &x)?;
+    apply(
+        &cfg,
+        p.limits.as_ref().unwrap_or(&ThrottleLimits::default()),
+    )
 }
 
 /// The limits `block_set_io_throttle` gives (absent burst members: no
