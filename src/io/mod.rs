@@ -287,6 +287,19 @@ impl IoContext {
         }
     }
 
+    /// How long the owner may sleep at most before it reaps by itself (see
+    /// the ring's `recheck_in`); `None`: until woken. Only the ring's
+    /// wake-up can be lost; the pool and the mailbox always signal.
+    pub fn recheck_in(&self, margin: std::time::Duration) -> Option<std::time::Duration> {
+        if self.lone.is_some() {
+            return Some(margin);
+        }
+        match &self.engine {
+            Engine::Uring(u) => u.recheck_in(margin),
+            Engine::Threads(p) => (p.in_flight() > 0).then_some(margin),
+        }
+    }
+
     /// Whether operations are queued or running.
     pub fn busy(&self) -> bool {
         !self.exec.is_idle()

@@ -3,6 +3,7 @@
 use super::{Completion, Op};
 use io_uring::{opcode, types, IoUring};
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 /// Tag bit marking a sleep, whose completion (-ETIME) means success.
 const SLEEP_BIT: u64 = 1 << 63;
@@ -17,8 +18,9 @@ pub struct Uring {
     /// address is stable (the vector itself may move when it grows).
     #[allow(clippy::vec_box)]
     sleeps: Vec<Box<types::Timespec>>,
-    /// The results sleeps in flight complete with, by tag.
-    sleep_results: Vec<(u64, i32)>,
+    /// The results sleeps in flight complete with, and when they end, by
+    /// tag.
+    sleep_results: Vec<(u64, i32, Instant)>,
 }
 
 impl Uring {
@@ -44,6 +46,22 @@ impl Uring {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// How long the owner may sleep before it looks at the completion
+    /// queue itself, should a wake-up be lost: `margin` while file
+    /// operations run, `margin` past the end of the first sleep while only
+    /// sleeps do (a throttled request waiting costs no wake-ups but its
+    /// own), `None` with nothing in flight.
+    pub fn recheck_in(&self, margin: Duration) -> Option<Duration> {
+        if self.in_flight > self.sleep_results.len() {
+            return Some(margin);
+        }
+        let now = Instant::now();
+        self.sleep_results
+            .iter()
+            .map(|&(_, _, end)| end.saturating_duration_since(now) + margin)
+            .min()
     }
 
     /// Whether completions wait in the completion queue (no system call:
@@ -120,7 +138,8 @@ impl Uring {
                 .build()
                 .user_data(tag),
             Op::Sleep { ns, result } => {
-                self.sleep_results.push((tag, result));
+                self.sleep_results
+                    .push((tag, result, Instant::now() + Duration::from_nanos(ns)));
                 let ts = Box::new(
                     types::Timespec::new()
                         .sec(ns / 1_000_000_000)
@@ -177,8 +196,8 @@ impl Uring {
             let mut result = cqe.result();
             if tag & SLEEP_BIT != 0 {
                 tag &= !SLEEP_BIT;
-                if let Some(i) = self.sleep_results.iter().position(|(t, _)| *t == tag) {
-                    let (_, wanted) = self.sleep_results.swap_remove(i);
+                if let Some(i) = self.sleep_results.iter().position(|(t, _, _)| *t == tag) {
+                    let (_, wanted, _) = self.sleep_results.swap_remove(i);
                     if result == -libc::ETIME {
                         result = wanted;
                     }

@@ -28,6 +28,9 @@ const DRAIN_RETRY: Duration = Duration::from_millis(1);
 /// eventfd; this only bounds the delay should a wake-up be lost in the
 /// window where the eventfd is re-enabled (the kernel reads that flag
 /// after publishing the completion, without a full barrier between).
+/// While only sleeps are in flight (throttled requests waiting) the bound
+/// is this long after the first sleep ends, so that waiting costs no
+/// wake-ups of its own.
 const COMPLETION_RECHECK: Duration = Duration::from_millis(10);
 /// Polling looks at the clock once per this many iterations.
 const POLL_CLOCK_EVERY: u32 = 16;
@@ -143,10 +146,11 @@ pub fn run<C: Client>(rx: Receiver<Control<C::Msg>>, wake: EventFd, poll: PollPo
             }
             if w.client.held() {
                 DRAIN_RETRY
-            } else if w.ctx.io.busy() {
-                COMPLETION_RECHECK
             } else {
-                Duration::MAX
+                w.ctx
+                    .io
+                    .recheck_in(COMPLETION_RECHECK)
+                    .unwrap_or(Duration::MAX)
             }
         };
         rounds = 0;
