@@ -1,6 +1,7 @@
 //! query-blockstats against the I/O a libblkio client did: operations
 //! and bytes per kind, failed requests (injected with blkdebug), the
-//! accounting options, and timed statistics over an interval; the write
+//! accounting options, invalid requests (past the end, from a hand-made
+//! virtqueue), and timed statistics over an interval; the write
 //! threshold and its event.
 
 mod common;
@@ -202,4 +203,38 @@ fn discard_reaches_the_file_only_through_nodes_that_allow_it() {
         assert_eq!(after < before, punched, "raw{raw_opt}: {before} -> {after}");
         drop(d);
     }
+}
+
+#[test]
+fn invalid_requests_are_counted_as_invalid_only() {
+    use common::frontend::{Options, TestFrontend, S_IOERR, S_OK};
+    let dir = TempDir::new("blockstats-invalid");
+    let (d, blk) = serve(dir.path(), "");
+    drop(blk);
+    let sock = dir.path().join("s.sock");
+    let mut fe = TestFrontend::connect(&sock, Options::default());
+    let end = fe.capacity_sectors();
+    // Past the end, and running over it: invalid reads and writes.
+    assert_eq!(fe.read_sectors(end, 4096).0, S_IOERR);
+    assert_eq!(fe.read_sectors(end - 4, 4096).0, S_IOERR);
+    assert_eq!(fe.write_sectors(end + 8, &[1u8; 4096]), S_IOERR);
+    // And valid ones beside them.
+    assert_eq!(fe.write_sectors(0, &[1u8; 4096]), S_OK);
+    assert_eq!(fe.read_sectors(0, 512).0, S_OK);
+    let s = stats(&d);
+    assert_eq!(s["invalid_rd_operations"], 2, "{s}");
+    assert_eq!(s["invalid_wr_operations"], 1, "{s}");
+    assert_eq!(s["invalid_flush_operations"], 0, "{s}");
+    assert_eq!(
+        (&s["rd_operations"], &s["rd_bytes"]),
+        (&json!(1), &json!(512)),
+        "{s}"
+    );
+    assert_eq!(
+        (&s["wr_operations"], &s["wr_bytes"]),
+        (&json!(1), &json!(4096)),
+        "{s}"
+    );
+    assert_eq!(s["failed_rd_operations"], 0, "{s}");
+    assert_eq!(s["failed_wr_operations"], 0, "{s}");
 }

@@ -434,6 +434,15 @@ impl<K> BackendQueue<K> {
         }
     }
 
+    /// Counts a request the transport refused before it reached the
+    /// backend because its range was invalid (past the end, misaligned),
+    /// as the `invalid_*` figures of query-blockstats.
+    pub fn invalid(&mut self, kind: IoKind) {
+        if let Some(stats) = self.backend.stats.get(self.index) {
+            stats.invalid(acct_of(kind), self.backend.epoch.now_ns());
+        }
+    }
+
     /// Counts the requests finished since the last call into the queue's
     /// statistics. The transport calls this once the guest has been told
     /// about them.

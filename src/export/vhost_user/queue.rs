@@ -329,6 +329,18 @@ fn handle_chain<M>(
         }
         Err(e) => {
             e.log();
+            if e.is_invalid_range() {
+                let kind = match slot.req.request_type() {
+                    RequestType::In => Some(IoKind::Read),
+                    RequestType::Out => Some(IoKind::Write),
+                    RequestType::Discard => Some(IoKind::Discard),
+                    RequestType::WriteZeroes => Some(IoKind::WriteZeroes { unmap: false }),
+                    RequestType::Flush | RequestType::GetId => None,
+                };
+                if let Some(kind) = kind {
+                    q.backend.invalid(kind);
+                }
+            }
             let m: &Mem = mem;
             let used = match slot.req.status_addr() {
                 Some(a) if write_status(m, a, e.status()).is_ok() => e.used_len(),

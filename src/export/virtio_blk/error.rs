@@ -124,6 +124,22 @@ impl RequestError {
         }
     }
 
+    /// Whether the refusal is about where the request points (past the
+    /// capacity, not aligned to the block size, an empty or oversized
+    /// range): such requests count as invalid in the device's statistics,
+    /// as QEMU's virtio-blk counts them.
+    pub fn is_invalid_range(&self) -> bool {
+        matches!(
+            self,
+            RequestError::OutOfRange { .. }
+                | RequestError::UnalignedLength { .. }
+                | RequestError::UnalignedSector { .. }
+                | RequestError::RangeTooLarge { .. }
+                | RequestError::RangeUnaligned { .. }
+                | RequestError::EmptyRange(_)
+        )
+    }
+
     /// Used length to report for the chain: the status byte, if any.
     pub fn used_len(&self) -> u32 {
         u32::from(self.has_status())
