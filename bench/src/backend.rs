@@ -40,12 +40,19 @@ impl Kind {
 
 /// The iothreads' polling time, QEMU's default.
 const POLL_MAX_NS: u64 = 32768;
+/// The `null-throttle` group's operations per second: far above what any
+/// workload reaches, so that requests are counted but never held.
+const THROTTLE_UNREACHED: u64 = 1_000_000_000;
 
 /// What the exported node sits on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Config {
     /// `null-co`, no data, no zeroing: the cost of the daemon alone.
     Null,
+    /// The same `null-co` node under a `throttle` filter whose group's
+    /// limit (10^9 operations per second) is never reached: what the
+    /// throttle's bookkeeping costs a request that is never held.
+    NullThrottle,
     /// A raw image on a `file` node with `aio=io_uring`, page cache on.
     Raw,
     /// A fully allocated qcow2 image (the raw image converted) on the same
@@ -61,8 +68,9 @@ pub enum Config {
 }
 
 impl Config {
-    pub const ALL: [Config; 5] = [
+    pub const ALL: [Config; 6] = [
         Config::Null,
+        Config::NullThrottle,
         Config::Raw,
         Config::Qcow2,
         Config::Qcow2Meta,
@@ -76,6 +84,7 @@ impl Config {
     pub fn name(self) -> &'static str {
         match self {
             Config::Null => "null",
+            Config::NullThrottle => "null-throttle",
             Config::Raw => "raw",
             Config::Qcow2 => "qcow2",
             Config::Qcow2Meta => "qcow2-meta",
@@ -86,6 +95,7 @@ impl Config {
     pub fn parse(s: &str) -> Option<Config> {
         match s {
             "null" | "null-co" => Some(Config::Null),
+            "null-throttle" => Some(Config::NullThrottle),
             "raw" | "file" => Some(Config::Raw),
             "qcow2" => Some(Config::Qcow2),
             "qcow2-meta" => Some(Config::Qcow2Meta),
@@ -106,13 +116,13 @@ impl Config {
 
     /// Whether the configuration reads and writes an image file.
     pub fn uses_image(self) -> bool {
-        !matches!(self, Config::Null)
+        !matches!(self, Config::Null | Config::NullThrottle)
     }
 
     /// The image's file name in the benchmark's directory.
     pub fn image_file(self) -> Option<&'static str> {
         match self {
-            Config::Null => None,
+            Config::Null | Config::NullThrottle => None,
             Config::Raw => Some("bench.img"),
             Config::Qcow2 => Some("bench.qcow2"),
             Config::Qcow2Meta => Some("bench-meta.qcow2"),
@@ -137,7 +147,7 @@ impl Config {
     /// The format driver of the exported node, for image configurations.
     fn format(self) -> Option<&'static str> {
         match self {
-            Config::Null => None,
+            Config::Null | Config::NullThrottle => None,
             Config::Raw => Some("raw"),
             Config::Qcow2 | Config::Qcow2Meta | Config::Qcow2Fresh => Some("qcow2"),
         }
@@ -198,6 +208,18 @@ pub fn daemon_args(
             args.push(format!(
                 "driver=null-co,node-name=n0,size={null_size},read-zeroes=off"
             ));
+        }
+        Config::NullThrottle => {
+            args.push("--object".to_string());
+            args.push(format!(
+                "throttle-group,id=tg0,limits.iops-total={THROTTLE_UNREACHED}"
+            ));
+            args.push("--blockdev".to_string());
+            args.push(format!(
+                "driver=null-co,node-name=nul0,size={null_size},read-zeroes=off"
+            ));
+            args.push("--blockdev".to_string());
+            args.push("driver=throttle,node-name=n0,throttle-group=tg0,file=nul0".to_string());
         }
         Config::Raw | Config::Qcow2 | Config::Qcow2Meta | Config::Qcow2Fresh => {
             let format = config.format().unwrap_or("raw");
@@ -471,6 +493,25 @@ mod tests {
         let s = "Name:\tqsd\nVmPeak:\t  9000 kB\nVmHWM:\t   12345 kB\nVmRSS:\t 1000 kB\n";
         assert_eq!(parse_status_kib(s, "VmHWM:"), Some(12345));
         assert_eq!(parse_status_kib(s, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn null_throttle_exports_a_throttle_node_over_null() {
+        let sock = Path::new("/tmp/t.sock");
+        let a = daemon_args(
+            Config::NullThrottle,
+            None,
+            1 << 30,
+            sock,
+            1,
+            Threads::Defaults,
+        )
+        .unwrap();
+        let line = a.join(" ");
+        assert!(line.contains("--object throttle-group,id=tg0,limits.iops-total=1000000000"));
+        assert!(line.contains("driver=throttle,node-name=n0,throttle-group=tg0,file=nul0"));
+        assert!(line.contains("node-name=n0,addr.type=unix"));
+        assert_eq!(Config::parse("null-throttle"), Some(Config::NullThrottle));
     }
 
     #[test]

@@ -17,13 +17,15 @@ alternating the backends, and reports medians and vubd/qsd ratios.
   --duration SECS       measured time per run (default 5)
   --warmup SECS         warm-up before each run (default 1)
   --reps N              runs per workload and backend (default 3)
-  --configs LIST        null, raw, qcow2 (the raw image converted: every
+  --configs LIST        null, null-throttle (null-co under a throttle filter
+                        whose group allows 10^9 IOPS: the throttle's cost
+                        when it holds nothing), raw, qcow2 (the raw image converted: every
                         cluster allocated and filled), qcow2-meta (qemu-img
                         create -o preallocation=metadata: clusters mapped,
                         file sparse, reads return zeroes), qcow2-fresh
                         (qemu-img create: writes allocate clusters; no read
                         workloads); 'default' = null,raw,qcow2, 'qcow2-all'
-                        = the three qcow2 ones, 'all' = all five
+                        = the three qcow2 ones, 'all' = all six
                         (default: default; qcow2-meta and qcow2-fresh are
                         opt-in, as each write workload on them gets a
                         session and an image of its own, made anew).
