@@ -112,15 +112,33 @@ impl Group {
         !self.members.iter().any(|m| m.live)
     }
 
+    /// Whether a new request of member `m` must queue behind others: the
+    /// member's own waiting ones, a timer armed, or a release under way.
+    fn queue_first(&self, m: MemberId, dir: Direction) -> bool {
+        let i = d(dir);
+        self.members.get(m).is_some_and(|mb| mb.waiting[i] > 0)
+            || self.timer_armed[i]
+            || self.releasing[i]
+    }
+
+    /// A request of `bytes` from member `m` starts without the clock being
+    /// read, if nothing waits before it and its buckets are within their
+    /// sizes even undrained (see [`State::admits_undrained`]); true when it
+    /// did (and is counted). Otherwise [`Self::arrive`] decides.
+    pub fn admit_undrained(&mut self, m: MemberId, dir: Direction, bytes: u64) -> bool {
+        if self.queue_first(m, dir) || !self.state.admits_undrained(dir) {
+            return false;
+        }
+        self.state.account(dir, bytes);
+        true
+    }
+
     /// A request of `bytes` from member `m` wants to start at `now`.
     /// `None`: it starts now (and is counted). `Some(step)`: it waits in
     /// the member's queue; the step says what to do meanwhile.
     pub fn arrive(&mut self, m: MemberId, dir: Direction, bytes: u64, now: u64) -> Option<Step> {
         let i = d(dir);
-        let queue_first = self.members.get(m).is_some_and(|mb| mb.waiting[i] > 0)
-            || self.timer_armed[i]
-            || self.releasing[i];
-        if !queue_first && self.state.wait(dir, now).is_none() {
+        if !self.queue_first(m, dir) && self.state.wait(dir, now).is_none() {
             self.state.account(dir, bytes);
             return None;
         }
@@ -213,7 +231,7 @@ mod tests {
         // Each member sends requests until one has to wait.
         for &m in &ids {
             loop {
-                match g.arrive(m, Direction::Write, 4096, now) {
+                match enter(&mut g, m, now) {
                     None => started[m] += 1,
                     Some(step) => {
                         apply(step, &mut timer, &mut release);
@@ -226,7 +244,7 @@ mod tests {
             if let Some(m) = release.take() {
                 started[m] += 1;
                 // The member refills its queue right away: always busy.
-                if let Some(step) = g.arrive(m, Direction::Write, 4096, now) {
+                if let Some(step) = enter(&mut g, m, now) {
                     apply(step, &mut timer, &mut release);
                 }
                 let step = g.start_waiting(m, Direction::Write, 4096, now);
@@ -241,6 +259,15 @@ mod tests {
             apply(step, &mut timer, &mut release);
         }
         started
+    }
+
+    /// A write arriving as SharedGroup sends it: without the clock when
+    /// it may, else with it.
+    fn enter(g: &mut Group, m: MemberId, now: u64) -> Option<Step> {
+        if g.admit_undrained(m, Direction::Write, 4096) {
+            return None;
+        }
+        g.arrive(m, Direction::Write, 4096, now)
     }
 
     fn apply(step: Step, timer: &mut Option<u64>, release: &mut Option<MemberId>) {

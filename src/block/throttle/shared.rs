@@ -194,8 +194,11 @@ impl SharedGroup {
     /// A request of `bytes` from member `m` wants to start: `None` when
     /// it may (and is counted), else the waiter to await.
     pub fn arrive(&self, m: MemberId, dir: Direction, bytes: u64) -> Option<Arc<Waiter>> {
-        let now = self.now();
         let mut inner = self.lock();
+        if inner.group.admit_undrained(m, dir, bytes) {
+            return None;
+        }
+        let now = self.now();
         let step = inner.group.arrive(m, dir, bytes, now)?;
         let w = Arc::new(Waiter::default());
         if let Some(q) = inner.waiting.get_mut(m) {

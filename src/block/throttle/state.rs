@@ -7,6 +7,14 @@
 //!
 //! Time is passed in (nanoseconds on any monotonic clock), so the
 //! arithmetic is tested without sleeping.
+//!
+//! Draining only lowers a level, so a request whose buckets are within
+//! their sizes before draining may start without the clock being read
+//! ([`State::admits_undrained`]); the drain is then done in one step the
+//! next time the clock is read. Its only effect is on a level that would
+//! have reached zero in between: the requests counted meanwhile drain with
+//! it, which lets through at most one bucket's worth more after a quiet
+//! spell. A throttle whose limits are not reached reads no clock at all.
 
 use super::config::{Bucket, Config, Direction, BUCKETS};
 
@@ -91,6 +99,13 @@ impl State {
 
     /// How long a request of `dir` must wait from `now` before it may
     /// start: `None` when it may start at once.
+    /// Whether a request of `dir` may start by the levels as they are,
+    /// before draining (which can only lower them): then it starts without
+    /// the clock being read.
+    pub fn admits_undrained(&self, dir: Direction) -> bool {
+        dir.buckets().iter().all(|b| self.bucket_wait(*b) == 0)
+    }
+
     pub fn wait(&mut self, dir: Direction, now: u64) -> Option<u64> {
         self.leak(now);
         let wait = dir
@@ -160,6 +175,34 @@ mod tests {
             st.account(dir, bytes);
             started += 1;
         }
+    }
+
+    #[test]
+    fn undrained_admission_gives_at_most_one_bucket_more_after_a_pause() {
+        // 100 IOPS (a bucket of 10): busy for a second, quiet for ten,
+        // then busy for ten, admitting without the clock where it may.
+        let mut st = State::new(config(Bucket::OpsTotal, 100, 0, 1), 0);
+        let mut started = 0u64;
+        for (from, to) in [(0, SEC), (11 * SEC, 21 * SEC)] {
+            let mut now = from;
+            while now < to {
+                if st.admits_undrained(Direction::Read) {
+                    st.account(Direction::Read, 4096);
+                    started += 1;
+                    continue;
+                }
+                match st.wait(Direction::Read, now) {
+                    Some(w) => now += w.max(1),
+                    None => {
+                        st.account(Direction::Read, 4096);
+                        started += 1;
+                    }
+                }
+            }
+        }
+        // Exact: 100 a second plus a bucket at each start; undrained
+        // admission may add one more bucket after the pause.
+        assert!((1100..=1100 + 3 * 11).contains(&started), "{started}");
     }
 
     #[test]
