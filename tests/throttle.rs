@@ -324,3 +324,66 @@ fn a_throttled_export_waiting_uses_almost_no_cpu() {
     );
     blk.put_queues(queues);
 }
+
+#[test]
+fn a_graph_change_lets_throttled_requests_go_instead_of_waiting_for_them() {
+    let dir = TempDir::new("throttle-drain");
+    let img = dir.path().join("base.img");
+    qemu_img_create(&img, "raw", 16 << 20);
+    let sock = dir.path().join("t.sock");
+    let d = Daemon::vubd(&[])
+        .arg("--object")
+        .arg("throttle-group,id=g0,limits.iops-total=4")
+        .arg("--blockdev")
+        .arg(&format!("driver=file,node-name=f0,filename={}", path(&img)))
+        .arg("--blockdev")
+        .arg("driver=throttle,node-name=t0,throttle-group=g0,file=f0")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=t0,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let mut qmp = d.qmp();
+    let mut blk = Blk::connect(&sock);
+    let mut queues = blk.take_queues();
+    let q = &mut queues[0];
+    // At 4 IOPS, 16 reads take about 4 s: one goes at once, the others
+    // are held.
+    for i in 0..16usize {
+        q.submit_read((i as u64) * 4096, i * 4096, 4096, i);
+    }
+    q.kick();
+    let mut done = q.wait(1).len();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let start = Instant::now();
+    let overlay = dir.path().join("overlay.qcow2");
+    assert_return(&qmp.execute(
+        "blockdev-snapshot-sync",
+        json!({"device": "e0", "snapshot-file": path(&overlay), "format": "qcow2"}),
+    ));
+    let took = start.elapsed();
+    // What was held went while the change drained (the one sleeping on
+    // the group's timer when it began goes when the timer fires).
+    while done < 16 {
+        match q.try_wait(1, std::time::Duration::from_millis(400)) {
+            Ok(v) => done += v.len(),
+            Err(_) => break,
+        }
+    }
+    let all = start.elapsed();
+    eprintln!("snapshot with 15 reads held at 4 IOPS: {took:?}; all done after {all:?}");
+    assert_eq!(done, 16, "reads still held after the change");
+    assert!(
+        took < std::time::Duration::from_millis(900),
+        "the snapshot waited {took:?} for throttled requests"
+    );
+    blk.put_queues(queues);
+    // The limits hold again afterwards: 6 more reads take over a second.
+    let start = Instant::now();
+    for i in 0..6u64 {
+        blk.read(i * 4096, 4096);
+    }
+    assert!(start.elapsed() > std::time::Duration::from_millis(700));
+}

@@ -32,6 +32,13 @@ pub fn add_node(graph: &mut Graph, opts: &BlockdevOptions) -> Result<String, Blo
     open_node(graph, opts, None, true, 0)
 }
 
+/// Opens a top-level node the daemon makes itself (an overlay without
+/// a name given): its name is generated, and it is not the monitor's to
+/// delete, as with QEMU.
+pub fn add_implicit_node(graph: &mut Graph, opts: &BlockdevOptions) -> Result<String, BlockError> {
+    open_node(graph, opts, None, opts.node_name.is_some(), 0)
+}
+
 /// The node-level options, with what an inline child inherits from its
 /// parent where it does not say otherwise.
 fn node_flags(opts: &BlockdevOptions, parent: Option<&NodeFlags>) -> Result<NodeFlags, BlockError> {

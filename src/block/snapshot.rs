@@ -7,7 +7,7 @@ use super::driver::qcow2::create;
 use super::driver::ChildRole;
 use super::error::BlockError;
 use super::graph::Graph;
-use super::open::add_node;
+use super::open::add_implicit_node;
 use crate::qapi::{BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotSync, NewImageMode};
 
 /// The node a `device` (an export's id, or a node name) or `node-name`
@@ -103,15 +103,15 @@ pub fn snapshot_sync(
         "file": {"driver": "file", "filename": arg.snapshot_file},
         "backing": "",
     });
-    let overlay = match &arg.snapshot_node_name {
-        Some(n) => n.clone(),
-        None => g.generate_node_name(),
-    };
-    opts["node-name"] = overlay.clone().into();
+    // Without snapshot-node-name the overlay gets a generated name (one a
+    // user could not give, so it is not checked as theirs).
+    if let Some(n) = &arg.snapshot_node_name {
+        opts["node-name"] = n.clone().into();
+    }
     let opts: BlockdevOptions = crate::qapi::rt::read(&opts, crate::qapi::rt::Syntax::Json)
         .map_err(|e| BlockError::invalid(e.to_string()))?;
     Ok(Box::new(move |draft: &mut Graph| {
-        add_node(draft, &opts)?;
+        let overlay = add_implicit_node(draft, &opts)?;
         attach(draft, &node, &overlay)
     }))
 }

@@ -31,6 +31,9 @@ pub struct PendingChange {
     slots: Vec<(String, Quiesced)>,
     /// The live graph's commit count when the change began.
     base: u64,
+    /// Throttle limits off while the change drains, so that requests a
+    /// throttle holds back do not keep it waiting (None: nothing drains).
+    _limits_off: Option<crate::block::throttle::shared::LimitsOff>,
     started: Instant,
     timeout: Duration,
 }
@@ -139,15 +142,21 @@ impl Graph {
         draft.relinks.clear();
         let out = f(&mut draft)?;
         let plan = draft.check()?;
-        let slots = self
+        let slots: Vec<(String, Quiesced)> = self
             .slots_to_drain(&draft)
             .into_iter()
             .map(|(name, slot)| (name, slot.quiesce()))
             .collect();
+        let limits_off = (!slots.is_empty()).then(|| {
+            crate::block::throttle::shared::LimitsOff::new(
+                self.throttle_groups.values().cloned().collect(),
+            )
+        });
         let pending = PendingChange {
             draft,
             plan,
             slots,
+            _limits_off: limits_off,
             base: self.commits,
             started: Instant::now(),
             timeout: DRAIN_TIMEOUT,

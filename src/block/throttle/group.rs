@@ -48,6 +48,10 @@ pub struct Group {
     /// Per direction, a member was told to release a request that has
     /// not started yet; nothing else goes before it.
     releasing: [bool; 2],
+    /// Drains under way: while any is, the limits hold nothing back and
+    /// what waits is released, one after the other, as QEMU lets throttled
+    /// requests go when a drain begins.
+    drains: u32,
 }
 
 fn d(dir: Direction) -> usize {
@@ -64,6 +68,7 @@ impl Group {
             members: Vec::new(),
             turn: [0; 2],
             timer_armed: [false; 2],
+            drains: 0,
             releasing: [false; 2],
         }
     }
@@ -138,7 +143,7 @@ impl Group {
     /// the member's queue; the step says what to do meanwhile.
     pub fn arrive(&mut self, m: MemberId, dir: Direction, bytes: u64, now: u64) -> Option<Step> {
         let i = d(dir);
-        if !self.queue_first(m, dir) && self.state.wait(dir, now).is_none() {
+        if !self.queue_first(m, dir) && self.wait(dir, now).is_none() {
             self.state.account(dir, bytes);
             return None;
         }
@@ -159,6 +164,32 @@ impl Group {
         self.state.account(dir, bytes);
         self.turn[i] = m;
         self.schedule(dir, now)
+    }
+
+    /// How long a request of `dir` must wait at `now` (None: not at all,
+    /// as while a drain is under way).
+    fn wait(&mut self, dir: Direction, now: u64) -> Option<u64> {
+        if self.drains > 0 {
+            return None;
+        }
+        self.state.wait(dir, now)
+    }
+
+    /// A drain begins: the limits are off until it ends, and the steps say
+    /// which waiting request of each direction goes first (the others
+    /// follow as each one starts). A request already sleeping on the
+    /// timer goes when the timer fires.
+    pub fn drain_begin(&mut self, now: u64) -> [Step; 2] {
+        self.drains += 1;
+        [
+            self.schedule(Direction::Read, now),
+            self.schedule(Direction::Write, now),
+        ]
+    }
+
+    /// A drain ended; the limits hold again once none is under way.
+    pub fn drain_end(&mut self) {
+        self.drains = self.drains.saturating_sub(1);
     }
 
     /// The timer armed for `dir` fired at `now`.
@@ -187,7 +218,7 @@ impl Group {
         let Some(next) = self.next_waiting(dir, self.turn[i]) else {
             return Step::Idle;
         };
-        match self.state.wait(dir, now) {
+        match self.wait(dir, now) {
             None => {
                 self.releasing[i] = true;
                 Step::Release(next)
@@ -276,6 +307,28 @@ mod tests {
             Step::Release(m) => *release = Some(m),
             Step::Arm { at, .. } => *timer = Some(at),
         }
+    }
+
+    #[test]
+    fn a_drain_lets_waiting_requests_go_one_after_the_other() {
+        let mut g = Group::new(iops(1), 0);
+        let a = g.join();
+        assert_eq!(g.arrive(a, Direction::Read, 1, 0), None);
+        assert!(matches!(
+            g.arrive(a, Direction::Read, 1, 0),
+            Some(Step::Arm { .. })
+        ));
+        assert_eq!(g.arrive(a, Direction::Read, 1, 0), Some(Step::Idle));
+        // The timer is armed: the first goes when it fires, the next at
+        // once after it.
+        assert_eq!(g.drain_begin(0), [Step::Idle, Step::Idle]);
+        assert_eq!(g.timer_fired(Direction::Read, 1), Step::Release(a));
+        assert_eq!(g.start_waiting(a, Direction::Read, 1, 1), Step::Release(a));
+        assert_eq!(g.start_waiting(a, Direction::Read, 1, 1), Step::Idle);
+        // Nothing waits while the drain lasts; the limit holds after it.
+        assert_eq!(g.arrive(a, Direction::Read, 1, 1), None);
+        g.drain_end();
+        assert!(g.arrive(a, Direction::Read, 1, 1).is_some());
     }
 
     #[test]

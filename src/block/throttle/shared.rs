@@ -208,6 +208,20 @@ impl SharedGroup {
         Some(w)
     }
 
+    /// A drain begins (see [`Group::drain_begin`]): what waits is let go.
+    pub fn drain_begin(&self) {
+        let now = self.now();
+        let mut inner = self.lock();
+        let steps = inner.group.drain_begin(now);
+        apply(&mut inner, Direction::Read, steps[0]);
+        apply(&mut inner, Direction::Write, steps[1]);
+    }
+
+    /// A drain ended: the limits hold again.
+    pub fn drain_end(&self) {
+        self.lock().group.drain_end();
+    }
+
     /// A waiter's timer duty is done.
     pub fn timer_fired(&self, dir: Direction) {
         let now = self.now();
@@ -265,6 +279,28 @@ pub async fn wait_turn(
                 group.start_waiting(m, dir, bytes);
                 return;
             }
+        }
+    }
+}
+
+/// The limits of some groups switched off for as long as this lives: a
+/// graph change holds one while it drains.
+pub struct LimitsOff(Vec<Arc<SharedGroup>>);
+
+impl LimitsOff {
+    /// Lets go of what `groups` hold back, and keeps their limits off.
+    pub fn new(groups: Vec<Arc<SharedGroup>>) -> Self {
+        for g in &groups {
+            g.drain_begin();
+        }
+        LimitsOff(groups)
+    }
+}
+
+impl Drop for LimitsOff {
+    fn drop(&mut self) {
+        for g in &self.0 {
+            g.drain_end();
         }
     }
 }
