@@ -54,6 +54,11 @@ pub struct Group {
     drains: u32,
 }
 
+/// Operations a lease counts ahead at most.
+const LEASE_OPS: f64 = 64.0;
+/// Bytes a lease counts ahead at most.
+const LEASE_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
+
 fn d(dir: Direction) -> usize {
     match dir {
         Direction::Read => 0,
@@ -136,6 +141,22 @@ impl Group {
         }
         self.state.account(dir, bytes);
         true
+    }
+
+    /// A lease for member `m` in `dir`: operations and bytes counted now
+    /// for requests that then start without asking (see `shared`). Only
+    /// while nothing of the direction waits and no drain is under way, and
+    /// only where it is small beside the buckets (State::reserve).
+    pub fn lease(&mut self, m: MemberId, dir: Direction) -> Option<(f64, f64)> {
+        if self.drains > 0 || self.queue_first(m, dir) {
+            return None;
+        }
+        self.state.reserve(dir, LEASE_OPS, LEASE_BYTES)
+    }
+
+    /// What a lease did not use is taken back.
+    pub fn refund(&mut self, dir: Direction, ops: f64, bytes: f64) {
+        self.state.refund(dir, ops, bytes);
     }
 
     /// A request of `bytes` from member `m` wants to start at `now`.

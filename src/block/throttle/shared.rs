@@ -8,14 +8,24 @@
 //! Signals cross threads through the tasks' mailboxes, so a request never
 //! leaves the thread that owns its completion, and a waiting request costs
 //! no CPU. Members whose group limits nothing take no lock at all.
+//!
+//! Far from its limits a group hands a thread a *lease*: a few dozen
+//! operations (and some MiB) counted in its buckets ahead of time, which
+//! that thread's requests of that member then use without the lock. A
+//! lease is granted only while nothing of its direction waits, is at
+//! most 1/16 of a bucket, and is dropped when the limits change or a drain
+//! begins; what a thread leaves unused is taken back when it next asks. So
+//! a throttle whose limits are not reached takes the lock once per lease,
+//! and one near its limits behaves as before (too small for a lease).
 
 use super::config::{Config, Direction};
 use super::group::{Group, MemberId, Step};
 use crate::io::task::{current_waker, RemoteWake};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -107,7 +117,43 @@ pub struct SharedGroup {
     inner: Mutex<Inner>,
     enabled: AtomicBool,
     epoch: Instant,
+    /// Unique among the daemon's groups, for the threads' leases.
+    id: u64,
+    /// Moves when leases must be dropped (new limits, a drain).
+    lease_gen: AtomicU64,
+    /// The limits' `iops-size`, for requests taken from a lease.
+    iops_size: AtomicU64,
 }
+
+/// What one thread may still start of one member's requests in one
+/// direction without asking the group.
+struct Lease {
+    group: u64,
+    member: MemberId,
+    dir: usize,
+    gen: u64,
+    ops: f64,
+    bytes: f64,
+}
+
+/// Leases a thread holds are kept this many at most (entries of groups
+/// gone are dropped then).
+const LEASES_PER_THREAD: usize = 16;
+
+thread_local! {
+    static LEASES: RefCell<Vec<Lease>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where a request stands with the thread's lease.
+enum FromLease {
+    /// Started on the lease.
+    Taken,
+    /// Not enough left (or none): what is left goes back to the group.
+    Return(f64, f64),
+    None,
+}
+
+static NEXT_GROUP_ID: AtomicU64 = AtomicU64::new(1);
 
 fn d(dir: Direction) -> usize {
     match dir {
@@ -125,7 +171,54 @@ impl SharedGroup {
                 waiting: Vec::new(),
             }),
             epoch: Instant::now(),
+            id: NEXT_GROUP_ID.fetch_add(1, Ordering::Relaxed),
+            lease_gen: AtomicU64::new(0),
+            iops_size: AtomicU64::new(cfg.iops_size),
         })
+    }
+
+    /// Takes a request of `ops` and `bytes` from this thread's lease.
+    fn take_from_lease(&self, m: MemberId, dir: usize, ops: f64, bytes: f64) -> FromLease {
+        let gen = self.lease_gen.load(Ordering::Relaxed);
+        LEASES.with(|l| {
+            let mut leases = l.borrow_mut();
+            let Some(i) = leases
+                .iter()
+                .position(|x| x.group == self.id && x.member == m && x.dir == dir)
+            else {
+                return FromLease::None;
+            };
+            let lease = &mut leases[i];
+            if lease.gen == gen && lease.ops >= ops && lease.bytes >= bytes {
+                lease.ops -= ops;
+                lease.bytes -= bytes;
+                return FromLease::Taken;
+            }
+            let left = leases.swap_remove(i);
+            if left.gen == gen {
+                FromLease::Return(left.ops, left.bytes)
+            } else {
+                FromLease::None
+            }
+        })
+    }
+
+    fn keep_lease(&self, m: MemberId, dir: usize, (ops, bytes): (f64, f64)) {
+        let gen = self.lease_gen.load(Ordering::Relaxed);
+        LEASES.with(|l| {
+            let mut leases = l.borrow_mut();
+            if leases.len() >= LEASES_PER_THREAD {
+                leases.clear();
+            }
+            leases.push(Lease {
+                group: self.id,
+                member: m,
+                dir,
+                gen,
+                ops,
+                bytes,
+            });
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -152,6 +245,8 @@ impl SharedGroup {
     pub fn set_config(&self, cfg: Config) {
         let now = self.now();
         let mut inner = self.lock();
+        self.iops_size.store(cfg.iops_size, Ordering::Relaxed);
+        self.lease_gen.fetch_add(1, Ordering::Relaxed);
         self.enabled.store(cfg.enabled(), Ordering::Relaxed);
         let steps = inner.group.reconfigure(cfg, now);
         apply(&mut inner, Direction::Read, steps[0]);
@@ -194,8 +289,27 @@ impl SharedGroup {
     /// A request of `bytes` from member `m` wants to start: `None` when
     /// it may (and is counted), else the waiter to await.
     pub fn arrive(&self, m: MemberId, dir: Direction, bytes: u64) -> Option<Arc<Waiter>> {
+        let i = d(dir);
+        let len = bytes as f64;
+        let size = self.iops_size.load(Ordering::Relaxed);
+        let ops = if size > 0 && bytes > size {
+            len / size as f64
+        } else {
+            1.0
+        };
+        let back = match self.take_from_lease(m, i, ops, len) {
+            FromLease::Taken => return None,
+            FromLease::Return(o, b) => Some((o, b)),
+            FromLease::None => None,
+        };
         let mut inner = self.lock();
+        if let Some((o, b)) = back {
+            inner.group.refund(dir, o, b);
+        }
         if inner.group.admit_undrained(m, dir, bytes) {
+            if let Some(lease) = inner.group.lease(m, dir) {
+                self.keep_lease(m, i, lease);
+            }
             return None;
         }
         let now = self.now();
@@ -212,6 +326,7 @@ impl SharedGroup {
     pub fn drain_begin(&self) {
         let now = self.now();
         let mut inner = self.lock();
+        self.lease_gen.fetch_add(1, Ordering::Relaxed);
         let steps = inner.group.drain_begin(now);
         apply(&mut inner, Direction::Read, steps[0]);
         apply(&mut inner, Direction::Write, steps[1]);

@@ -19,6 +19,8 @@
 use super::config::{Bucket, Config, Direction, BUCKETS};
 
 const NS_PER_SEC: f64 = 1e9;
+/// A lease is at most this fraction of a bucket's size.
+pub const LEASE_SHARE: f64 = 16.0;
 
 /// Levels of the six buckets under one configuration.
 #[derive(Debug, Clone)]
@@ -106,6 +108,75 @@ impl State {
         dir.buckets().iter().all(|b| self.bucket_wait(*b) == 0)
     }
 
+    /// Counts `ops` operations and `bytes` bytes of `dir` ahead of the
+    /// requests that will use them (a lease, see `shared`), if every
+    /// limited bucket of the direction has room for them undrained and
+    /// they are at most 1/[`LEASE_SHARE`] of its size. Returns how much was
+    /// counted (each kind capped that way; infinite for a kind no bucket
+    /// limits), or None when a lease is not worth it.
+    pub fn reserve(&mut self, dir: Direction, ops: f64, bytes: f64) -> Option<(f64, f64)> {
+        let (mut ops, mut bytes) = (ops, bytes);
+        let (mut ops_limited, mut bytes_limited) = (false, false);
+        for b in dir.buckets() {
+            let l = self.cfg.limit(b);
+            if l.avg == 0 {
+                continue;
+            }
+            let i = b as usize;
+            let (size, burst_size) = if l.max == 0 {
+                (l.avg as f64 / 10.0, f64::INFINITY)
+            } else {
+                (l.max as f64 * l.burst_length as f64, l.max as f64 / 10.0)
+            };
+            let mut room = (size / LEASE_SHARE).min(size - self.level[i]);
+            if l.burst_length > 1 {
+                room = room
+                    .min(burst_size / LEASE_SHARE)
+                    .min(burst_size - self.burst_level[i]);
+            }
+            if b.counts_bytes() {
+                bytes = bytes.min(room);
+                bytes_limited = true;
+            } else {
+                ops = ops.min(room);
+                ops_limited = true;
+            }
+        }
+        if (ops_limited && ops < 1.0) || (bytes_limited && bytes < 512.0) {
+            return None;
+        }
+        self.add(dir, ops, bytes);
+        Some((
+            if ops_limited { ops } else { f64::INFINITY },
+            if bytes_limited { bytes } else { f64::INFINITY },
+        ))
+    }
+
+    /// Takes back what a lease did not use.
+    pub fn refund(&mut self, dir: Direction, ops: f64, bytes: f64) {
+        for b in dir.buckets() {
+            let i = b as usize;
+            let units = if b.counts_bytes() { bytes } else { ops };
+            if !units.is_finite() {
+                continue;
+            }
+            self.level[i] = (self.level[i] - units).max(0.0);
+            if self.cfg.limits[i].burst_length > 1 {
+                self.burst_level[i] = (self.burst_level[i] - units).max(0.0);
+            }
+        }
+    }
+
+    /// The operations a request of `bytes` counts for.
+    pub fn ops_of(&self, bytes: u64) -> f64 {
+        let iops_size = self.cfg.iops_size;
+        if iops_size > 0 && bytes > iops_size {
+            bytes as f64 / iops_size as f64
+        } else {
+            1.0
+        }
+    }
+
     pub fn wait(&mut self, dir: Direction, now: u64) -> Option<u64> {
         self.leak(now);
         let wait = dir
@@ -119,15 +190,13 @@ impl State {
 
     /// Counts a request of `bytes` that starts now.
     pub fn account(&mut self, dir: Direction, bytes: u64) {
-        let iops_size = self.cfg.iops_size;
-        let ops = if iops_size > 0 && bytes > iops_size {
-            bytes as f64 / iops_size as f64
-        } else {
-            1.0
-        };
+        self.add(dir, self.ops_of(bytes), bytes as f64);
+    }
+
+    fn add(&mut self, dir: Direction, ops: f64, bytes: f64) {
         for b in dir.buckets() {
             let i = b as usize;
-            let units = if b.counts_bytes() { bytes as f64 } else { ops };
+            let units = if b.counts_bytes() { bytes } else { ops };
             self.level[i] += units;
             if self.cfg.limits[i].burst_length > 1 {
                 self.burst_level[i] += units;
@@ -203,6 +272,46 @@ mod tests {
         // Exact: 100 a second plus a bucket at each start; undrained
         // admission may add one more bucket after the pause.
         assert!((1100..=1100 + 3 * 11).contains(&started), "{started}");
+    }
+
+    #[test]
+    fn leases_keep_the_rate_and_stay_small() {
+        // 10000 IOPS: a bucket of 1000, leases of at most 62.5 operations.
+        let mut st = State::new(config(Bucket::OpsTotal, 10_000, 0, 1), 0);
+        let (mut ops, mut bytes) = (0.0, 0.0);
+        let (mut started, mut leases) = (0u64, 0u64);
+        let mut now = 0;
+        while now < SEC {
+            if ops >= 1.0 {
+                ops -= 1.0;
+                started += 1;
+                continue;
+            }
+            st.refund(Direction::Write, ops, bytes);
+            (ops, bytes) = (0.0, 0.0);
+            if st.admits_undrained(Direction::Write) {
+                st.account(Direction::Write, 4096);
+                started += 1;
+                if let Some((o, b)) = st.reserve(Direction::Write, 64.0, 8e6) {
+                    assert!(o <= 62.5 && b.is_infinite(), "{o} {b}");
+                    (ops, bytes) = (o, b);
+                    leases += 1;
+                }
+                continue;
+            }
+            match st.wait(Direction::Write, now) {
+                Some(w) => now += w.max(1),
+                None => {
+                    st.account(Direction::Write, 4096);
+                    started += 1;
+                }
+            }
+        }
+        assert!(leases > 0);
+        assert!((10_000..=11_070).contains(&started), "{started}");
+        // Near the limit no lease is granted: 10 IOPS, a bucket of 1.
+        let mut st = State::new(config(Bucket::OpsTotal, 10, 0, 1), 0);
+        assert_eq!(st.reserve(Direction::Read, 64.0, 8e6), None);
     }
 
     #[test]
