@@ -253,6 +253,43 @@ mod tests {
         assert_eq!(g.waiting(), 0);
     }
 
+    /// Nanoseconds per request through a throttle whose group allows
+    /// 10^9 IOPS, against straight to the node, on one thread and on two
+    /// sharing the node; run with `cargo test --release --lib
+    /// measure_throttle -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn measure_throttle_overhead() {
+        fn per_request(node: &Arc<dyn BlockIo>, n: u64) -> f64 {
+            let mut ctx = IoContext::new(64, false).unwrap();
+            let mut out = Vec::new();
+            let start = Instant::now();
+            for tag in 0..n {
+                let req = IoRequest::without_data(IoKind::Discard, 0, 4096, tag);
+                node.submit(&mut ctx, &req);
+                if tag % 32 == 31 {
+                    out.clear();
+                    ctx.reap(&mut out);
+                }
+            }
+            start.elapsed().as_nanos() as f64 / n as f64
+        }
+        let n = 4_000_000;
+        let direct: Arc<dyn BlockIo> = Arc::new(Instant0);
+        let throttled: Arc<dyn BlockIo> =
+            ThrottleIo::new(Arc::new(Instant0), SharedGroup::new(iops(1_000_000_000)));
+        for _ in 0..3 {
+            let d = per_request(&direct, n);
+            let one = per_request(&throttled, n);
+            let two = std::thread::scope(|s| {
+                let a = s.spawn(|| per_request(&throttled, n));
+                let b = s.spawn(|| per_request(&throttled, n));
+                (a.join().unwrap() + b.join().unwrap()) / 2.0
+            });
+            println!("ns per request: node {d:.1}, throttled {one:.1}, throttled on two threads {two:.1}");
+        }
+    }
+
     #[test]
     fn an_unlimited_group_takes_no_lock_path() {
         let g = SharedGroup::new(Config::default());
