@@ -178,6 +178,12 @@ impl Graph {
             .iter()
             .map(|(name, slot)| (name.clone(), slot.quiesce()))
             .collect();
+        // Throttled requests go rather than keep the drain waiting.
+        let _limits_off = (!guards.is_empty()).then(|| {
+            super::throttle::shared::LimitsOff::new(
+                self.throttle_groups.values().cloned().collect(),
+            )
+        });
         let start = std::time::Instant::now();
         let mut pause = std::time::Duration::from_micros(20);
         while let Some((name, q)) = guards.iter().find(|(_, q)| q.in_flight() > 0) {
