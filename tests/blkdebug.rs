@@ -2,8 +2,10 @@
 //! injected by rules (options and a rules file) reach a libblkio client as
 //! I/O errors, only for the requests the rules name, and the node shows in
 //! queries as QEMU shows it; option errors answer as qemu-storage-daemon
-//! does. blkverify: reads compared with a raw copy catch a corrupted one,
-//! writes reach both.
+//! does. qcow2 raises its metadata events on its file (an L2 table read,
+//! an L2 update), so rules on them fail those steps and the error policy
+//! acts on what reaches the export. blkverify: reads compared with a raw
+//! copy catch a corrupted one, writes reach both.
 
 mod common;
 
@@ -165,4 +167,94 @@ fn blkverify_catches_a_corrupted_copy_and_writes_both() {
         v["file"],
         format!("blkverify:{}:{}", path(&raw), path(&test))
     );
+}
+
+/// Serves qcow2 over blkdebug (with `rules`) over the qcow2 image `img`,
+/// writable, with a monitor.
+fn serve_qcow2(dir: &Path, img: &Path, rules: Value) -> (Daemon, Blk) {
+    let sock = dir.join("q.sock");
+    let mut node = json!({
+        "driver": "blkdebug", "node-name": "dbg",
+        "image": {"driver": "file", "filename": path(img)},
+    });
+    for (k, v) in rules.as_object().unwrap() {
+        node[k] = v.clone();
+    }
+    let d = Daemon::vubd(&[])
+        .arg("--blockdev")
+        .arg(&node.to_string())
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=top,file=dbg")
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=top,writable=on,addr.type=unix,addr.path={}",
+            path(&sock)
+        ))
+        .monitor()
+        .start();
+    let blk = Blk::connect(&sock);
+    (d, blk)
+}
+
+fn qemu_img_check(img: &Path) -> Value {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "--output=json"])
+        .arg(img)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("qemu-img check: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn qcow2_raises_its_metadata_events_on_its_file() {
+    // A failed L2 table read reaches the client as an error (rerror
+    // report); the table is read again next time.
+    let dir = TempDir::new("blkdebug-qcow2-l2");
+    let img = dir.path().join("d.qcow2");
+    qemu_img_create(&img, "qcow2", 16 << 20);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    {
+        let (_d, mut blk) = serve_qcow2(
+            dir.path(),
+            &img,
+            json!({"inject-error": [{"event": "l2_load", "errno": 5, "once": true}]}),
+        );
+        assert!(blk.try_read(0, 4096).is_err());
+        assert_eq!(blk.read(0, 4096), vec![0x5au8; 4096]);
+    }
+
+    // ENOSPC on the L2 update of an allocating write stops the export
+    // (werror=enospc); cont retries the write, which lands; the image
+    // checks without corruption.
+    let (d, mut blk) = serve_qcow2(
+        dir.path(),
+        &img,
+        json!({"inject-error": [{"event": "l2_update", "errno": 28, "once": true}]}),
+    );
+    let mut qmp = d.qmp();
+    let mut queues = blk.take_queues();
+    let q = &mut queues[0];
+    q.fill_buffer(0, &[0x77u8; 4096]);
+    q.submit_write(1 << 20, 0, 4096, 3, blkio::ReqFlags::empty());
+    q.kick();
+    let ev = qmp
+        .wait_event("BLOCK_IO_ERROR", std::time::Duration::from_secs(5))
+        .expect("BLOCK_IO_ERROR");
+    assert_eq!(ev["data"]["nospace"], true);
+    assert_eq!(ev["data"]["action"], "stop");
+    assert_return(&qmp.execute("cont", json!({})));
+    assert_eq!(q.wait(1), vec![(3, 0)]);
+    blk.put_queues(queues);
+    assert_eq!(blk.read(1 << 20, 4096), vec![0x77u8; 4096]);
+    assert_eq!(blk.flush(), 0);
+    drop(blk);
+    drop(d);
+    let check = qemu_img_check(&img);
+    assert_eq!(check["corruptions"].as_u64().unwrap_or(0), 0, "{check}");
 }

@@ -167,6 +167,9 @@ pub(super) async fn flush_file(io: &Qcow2Io) -> Result<(), i32> {
 
 /// A new cluster, its refcount already 1 on disk.
 pub(super) async fn take_cluster(io: &Qcow2Io, a: &Allocator) -> Result<u64, i32> {
+    io.file
+        .get()
+        .debug_event(crate::qapi::BlkdebugEvent::ClusterAlloc);
     loop {
         let (got, low) = {
             let mut st = a.state();

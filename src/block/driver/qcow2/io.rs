@@ -259,6 +259,9 @@ pub(super) async fn load_table(io: &Qcow2Io, offset: u64) -> Result<(), i32> {
     }
     // Aligned as the file needs (an O_DIRECT file takes nothing else).
     let mut buf = super::alloc::meta_buf(io, size)?;
+    io.file
+        .get()
+        .debug_event(crate::qapi::BlkdebugEvent::L2Load);
     super::alloc::read_file(io, offset, &mut buf).await?;
     let words: super::cache::Words = super::words::be_words(buf.as_slice())
         .map(AtomicU64::new)
@@ -410,10 +413,29 @@ impl BlockIo for Qcow2Io {
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        self.file.get().flush()
+        let file = self.file.get();
+        file.debug_event(crate::qapi::BlkdebugEvent::FlushToDisk);
+        file.flush()
     }
 
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
+        // The events QEMU's qcow2 raises on its file for guest requests
+        // (a blkdebug file node acts on them).
+        match req.kind() {
+            IoKind::Read => self
+                .file
+                .get()
+                .debug_event(crate::qapi::BlkdebugEvent::ReadAio),
+            IoKind::Write => self
+                .file
+                .get()
+                .debug_event(crate::qapi::BlkdebugEvent::WriteAio),
+            IoKind::Flush => self
+                .file
+                .get()
+                .debug_event(crate::qapi::BlkdebugEvent::FlushToDisk),
+            _ => {}
+        }
         let size = self.size.load(Ordering::Relaxed);
         if req
             .offset()

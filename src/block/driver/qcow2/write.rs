@@ -341,11 +341,14 @@ async fn ensure_l2(io: &Qcow2Io, a: &Allocator, off: u64) -> Result<u64, i32> {
     let table = take_cluster(io, a).await?;
     io.guard.register(table, cs, super::guard::ACTIVE_L2);
     let mut content = meta_buf(io, cs as usize)?;
+    let file = io.file.get();
     if shared == 0 {
         content.as_mut_slice().fill(0);
     } else {
+        file.debug_event(crate::qapi::BlkdebugEvent::L2AllocCowRead);
         read_file(io, shared, &mut content).await?;
     }
+    file.debug_event(crate::qapi::BlkdebugEvent::L2AllocWrite);
     write_file(io, table, &mut content).await?;
     flush_file(io).await?;
     let raw = L1Entry {
@@ -370,6 +373,9 @@ async fn ensure_l2(io: &Qcow2Io, a: &Allocator, off: u64) -> Result<u64, i32> {
         let keep = (a.l1_table_offset - unit) as usize;
         buf.as_mut_slice()[..keep].copy_from_slice(&old.as_slice()[..keep]);
     }
+    io.file
+        .get()
+        .debug_event(crate::qapi::BlkdebugEvent::L1Update);
     write_file(io, unit, &mut buf).await?;
     let words: super::cache::Words = super::words::be_words(content.as_slice())
         .map(AtomicU64::new)
@@ -407,6 +413,9 @@ async fn set_l2_entry(io: &Qcow2Io, a: &Allocator, l2: u64, off: u64, raw: u64) 
             table.get(i).map_or(0, |w| w.load(Ordering::Acquire))
         }
     });
+    io.file
+        .get()
+        .debug_event(crate::qapi::BlkdebugEvent::L2Update);
     write_file(io, unit, &mut buf).await?;
     if let Some(w) = table.get(idx) {
         w.store(raw, Ordering::Release);
