@@ -249,7 +249,13 @@ fn qcow2_raises_its_metadata_events_on_its_file() {
     assert_eq!(ev["data"]["nospace"], true);
     assert_eq!(ev["data"]["action"], "stop");
     assert_return(&qmp.execute("cont", json!({})));
-    assert_eq!(q.wait(1), vec![(3, 0)]);
+    match q.try_wait(1, std::time::Duration::from_secs(5)) {
+        Ok(v) => assert_eq!(v, vec![(3, 0)]),
+        Err(e) => panic!(
+            "the held write did not complete after cont ({e}): {}",
+            d.describe()
+        ),
+    }
     blk.put_queues(queues);
     assert_eq!(blk.read(1 << 20, 4096), vec![0x77u8; 4096]);
     assert_eq!(blk.flush(), 0);

@@ -327,13 +327,17 @@ impl<K> BackendQueue<K> {
             std::io::Error::from_raw_os_error(errno)
         );
         let action = self.backend.error_action(kind, errno);
+        // Read before the notice goes up: a `cont` that answers the
+        // notice before this request is held still moves the count past
+        // this reading, so the request is retried.
+        let resumes = self.backend.stop.resumes.load(Ordering::Acquire);
         self.backend.failed(kind, errno, action);
         match action {
             ErrorAction::Report => Some(self.finish(si, Status::Error(errno))),
             ErrorAction::Ignore => Some(self.finish(si, Status::Ok)),
             ErrorAction::Stop => {
                 if self.held.is_empty() {
-                    self.held_since = self.backend.stop.resumes.load(Ordering::Acquire);
+                    self.held_since = resumes;
                 }
                 self.held.push(si);
                 log::warn!(

@@ -642,6 +642,46 @@ fn a_full_disk_holds_the_write_until_cont_and_nothing_is_lost() {
 }
 
 #[test]
+fn a_cont_that_answers_the_event_before_the_request_is_held_still_retries_it() {
+    // The monitor may see BLOCK_IO_ERROR and send `cont` before the queue
+    // has put the failed request on its held list: here the notice sink
+    // itself frees space and resumes, as early as `cont` can come.
+    let (mut rig, n) = flaky_rig(libc::ENOSPC, ErrorPolicy::default());
+    let backend = Arc::downgrade(&rig.backend);
+    let node = n.clone();
+    rig.backend.set_notices(Some(Arc::new(move |notice| {
+        if let crate::block::notice::Notice::IoError(_) = notice {
+            node.failing
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            if let Some(b) = backend.upgrade() {
+                b.resume();
+            }
+        }
+    })));
+    let mut buf = vec![6u8; 1024];
+    assert!(rig.start(1, IoKind::Write, 0, &mut [&mut buf]).is_none());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = Vec::new();
+    while !rig.q.has_held() {
+        assert!(Instant::now() < deadline);
+        rig.ctx.submit().unwrap();
+        out.clear();
+        rig.ctx.reap(&mut out);
+        for c in &out {
+            assert!(rig
+                .q
+                .complete(&mut rig.ctx, (c.tag & 0xffff) as usize, c.result)
+                .is_none());
+        }
+    }
+    // The resume came after the failure: the held request goes again.
+    rig.q.retry_held(&mut rig.ctx);
+    let done = rig.run(1);
+    assert_eq!(done, vec![(1, Status::Ok, Some(1))]);
+    assert_eq!(n.inner.data.lock().unwrap()[..1024], [6u8; 1024]);
+}
+
+#[test]
 fn ignore_completes_and_report_fails() {
     let policy = ErrorPolicy::new(
         Some(crate::qapi::BlockdevOnError::Report),
