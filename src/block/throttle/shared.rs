@@ -121,8 +121,19 @@ pub struct SharedGroup {
     id: u64,
     /// Moves when leases must be dropped (new limits, a drain).
     lease_gen: AtomicU64,
-    /// The limits' `iops-size`, for requests taken from a lease.
+    /// The limits' `iops-size`, for requests taken from a lease, and its
+    /// inverse (as f64 bits).
     iops_size: AtomicU64,
+    per_iops_size: AtomicU64,
+}
+
+/// 1/n, or 0 for 0.
+fn inverse(n: u64) -> f64 {
+    if n == 0 {
+        0.0
+    } else {
+        1.0 / n as f64
+    }
 }
 
 /// What one thread may still start of one member's requests in one
@@ -174,6 +185,7 @@ impl SharedGroup {
             id: NEXT_GROUP_ID.fetch_add(1, Ordering::Relaxed),
             lease_gen: AtomicU64::new(0),
             iops_size: AtomicU64::new(cfg.iops_size),
+            per_iops_size: AtomicU64::new(inverse(cfg.iops_size).to_bits()),
         })
     }
 
@@ -246,6 +258,8 @@ impl SharedGroup {
         let now = self.now();
         let mut inner = self.lock();
         self.iops_size.store(cfg.iops_size, Ordering::Relaxed);
+        self.per_iops_size
+            .store(inverse(cfg.iops_size).to_bits(), Ordering::Relaxed);
         self.lease_gen.fetch_add(1, Ordering::Relaxed);
         self.enabled.store(cfg.enabled(), Ordering::Relaxed);
         let steps = inner.group.reconfigure(cfg, now);
@@ -291,9 +305,12 @@ impl SharedGroup {
     pub fn arrive(&self, m: MemberId, dir: Direction, bytes: u64) -> Option<Arc<Waiter>> {
         let i = d(dir);
         let len = bytes as f64;
+        // A multiplication by 1/iops-size rather than a division: the
+        // compiler computes it whether or not it is used, and a division
+        // was most of this function's time.
         let size = self.iops_size.load(Ordering::Relaxed);
         let ops = if size > 0 && bytes > size {
-            len / size as f64
+            len * f64::from_bits(self.per_iops_size.load(Ordering::Relaxed))
         } else {
             1.0
         };
