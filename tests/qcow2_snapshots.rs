@@ -49,7 +49,9 @@ fn serve_rw(dir: &Path, img: &Path, queues: usize) -> Daemon {
         .arg("--blockdev")
         .arg(&format!("driver=file,node-name=f0,filename={}", path(img)))
         .arg("--blockdev")
-        .arg("driver=qcow2,node-name=q0,file=f0,discard=unmap")
+        // The strictest overlap checks: snapshots taken and deleted while
+        // the guest writes must never trip them.
+        .arg("driver=qcow2,node-name=q0,file=f0,discard=unmap,overlap-check=all")
         .arg("--export")
         .arg(&format!(
             "type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path={},\

@@ -31,6 +31,7 @@ use super::alloc::{
     adjust_refcounts, flush_file, meta_buf, read_file, stage_refcounts, take_run, write_file,
     write_refcount_blocks,
 };
+use super::guard;
 use super::io::Qcow2Io;
 use crate::block::qcow2::format::{
     encode_snapshot_table, L1Entry, L2Entry, Snapshot, COPIED, MAX_TABLE_LEN,
@@ -302,13 +303,26 @@ pub async fn create(io: &Qcow2Io, mut sn: Snapshot) -> Result<(), i32> {
             len,
         };
     }
+    // The overlap checks learn the new structures: the table, the
+    // snapshot's L1, and its L2 tables (the active ones, now shared).
+    io.guard.register(at, len, guard::SNAPSHOT_TABLE);
+    io.guard
+        .register(l1_at, copy.len() as u64 * 8, guard::INACTIVE_L1);
+    for &raw in &copy {
+        if let Ok(e) = L1Entry::decode(raw, &io.geo) {
+            if e.l2_offset != 0 {
+                io.guard.register(e.l2_offset, cs, guard::INACTIVE_L2);
+            }
+        }
+    }
     let old: Vec<(u64, i64)> = clusters_of(io, old_at, old_len)
         .into_iter()
         .map(|c| (c, -1))
         .collect();
     if !old.is_empty() {
-        adjust_refcounts(io, a, &old).await?;
+        let counts = adjust_refcounts(io, a, &old).await?;
         flush_file(io).await?;
+        forget_freed(io, zeroes(&counts));
     }
     Ok(())
 }
@@ -375,6 +389,8 @@ pub async fn delete(io: &Qcow2Io, index: usize, pass_discard: bool) -> Result<Sn
     );
     freed.extend(zeroes(&adjust_refcounts(io, a, &less).await?));
     flush_file(io).await?;
+    io.guard.register(at, len, guard::SNAPSHOT_TABLE);
+    forget_freed(io, freed.iter().copied());
     if pass_discard {
         freed.sort_unstable();
         freed.dedup();
@@ -384,6 +400,15 @@ pub async fn delete(io: &Qcow2Io, index: usize, pass_discard: bool) -> Result<Sn
     }
     restore_copied(io).await?;
     Ok(sn)
+}
+
+/// Clusters nothing counts any more hold no structure the overlap checks
+/// should keep guarding (they may hold data next).
+fn forget_freed(io: &Qcow2Io, freed: impl Iterator<Item = u64>) {
+    let cs = io.geo.cluster_size();
+    for host in freed {
+        io.guard.forget(host, cs, u16::MAX);
+    }
 }
 
 /// The clusters among `counts` that nothing counts any more.
