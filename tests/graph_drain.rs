@@ -213,3 +213,71 @@ fn quit_from_another_monitor_gives_a_waiting_snapshot_up() {
     let status = status.unwrap_or_else(|| panic!("vubd did not exit\n{}", d.describe()));
     assert!(status.success(), "{status:?}\n{}", d.describe());
 }
+
+#[test]
+fn monitors_answer_while_an_internal_snapshot_waits_for_a_request_in_flight() {
+    // Arrange: a qcow2 image exported over a slow backing node, and a
+    // guest read of a cluster the image does not hold (so it reaches the
+    // slow node) in flight.
+    let dir = TempDir::new("vubd-graph-drain-internal");
+    let sock = dir.path().join("vhost.sock");
+    let img = dir.path().join("top.qcow2");
+    qemu_img_create(&img, "qcow2", DISK_BYTES);
+    let d = Daemon::with_flavor(Flavor::Vubd, &[])
+        .monitor()
+        .arg("--blockdev")
+        .arg(&format!(
+            "null-co,node-name=slow,size={DISK_BYTES},read-zeroes=on,latency-ns={}",
+            LATENCY.as_nanos()
+        ))
+        .arg("--blockdev")
+        .arg(
+            &json!({"driver": "qcow2", "node-name": "top", "backing": "slow",
+                    "file": {"driver": "file", "filename": img.to_str().unwrap()}})
+            .to_string(),
+        )
+        .arg("--export")
+        .arg(&format!(
+            "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .start();
+    let mut first = oob_monitor(&d);
+    let mut second = oob_monitor(&d);
+    let mut blk = Blk::connect(&sock);
+    let q = blk.queue(0);
+    q.submit_read(0, 0, 4096, 9);
+    q.kick();
+    std::thread::sleep(Duration::from_millis(400));
+
+    // Act: the snapshot waits for the read; the other monitor queries.
+    let start = Instant::now();
+    send(
+        &mut first,
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "e0", "name": "s1"}),
+        1,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let version = second.execute_with_id("query-version", json!({}), json!(2));
+    let queried = start.elapsed();
+    let snapshot = first.read_reply(LATENCY * 3);
+    let snapshot_at = start.elapsed();
+    let done = blk.queue(0).wait(1);
+
+    // Assert: the query was answered during the drain; the snapshot after
+    // the read, and it is in the image.
+    assert_eq!(version["id"], 2, "{version}");
+    assert!(
+        queried < PROMPT,
+        "a query took {queried:?} while the snapshot drained"
+    );
+    assert_eq!(snapshot, json!({"return": {}, "id": 1}));
+    assert!(
+        snapshot_at >= LATENCY - Duration::from_millis(700),
+        "the snapshot did not wait for the read ({snapshot_at:?})"
+    );
+    assert_eq!(done, vec![(9, 0)]);
+    let info = qemu_img_info(&img);
+    assert_eq!(info["snapshots"][0]["name"], "s1", "{info}");
+}

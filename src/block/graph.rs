@@ -156,13 +156,9 @@ impl Graph {
         self.perms.get(name).copied()
     }
 
-    /// Runs `f` while every data-plane user whose requests can reach
-    /// `node` is drained (held back, nothing in flight); they resume after.
-    pub fn with_users_drained<T>(
-        &self,
-        node: &str,
-        f: impl FnOnce() -> Result<T, BlockError>,
-    ) -> Result<T, BlockError> {
+    /// The data-plane users (by name, with their slots) whose requests
+    /// reach `node`.
+    pub(crate) fn users_reaching(&self, node: &str) -> Vec<(String, Arc<RootSlot>)> {
         let mut slots: Vec<(String, Arc<RootSlot>)> = Vec::new();
         for u in &self.uses {
             let Some(slot) = &u.slot else { continue };
@@ -172,34 +168,7 @@ impl Graph {
                 slots.push((u.name.clone(), slot.clone()));
             }
         }
-        // Control-plane work that needs the node to itself (an internal
-        // snapshot): it waits asleep, as the synchronous Graph::change does.
-        let guards: Vec<(String, super::drain::Quiesced)> = slots
-            .iter()
-            .map(|(name, slot)| (name.clone(), slot.quiesce()))
-            .collect();
-        // Throttled requests go rather than keep the drain waiting.
-        let _limits_off = (!guards.is_empty()).then(|| {
-            super::throttle::shared::LimitsOff::new(
-                self.throttle_groups.values().cloned().collect(),
-            )
-        });
-        let start = std::time::Instant::now();
-        let mut pause = std::time::Duration::from_micros(20);
-        while let Some((name, q)) = guards.iter().find(|(_, q)| q.in_flight() > 0) {
-            if start.elapsed() >= DRAIN_TIMEOUT {
-                return Err(BlockError::invalid(format!(
-                    "Cannot drain '{name}': {} requests still in flight after {} ms",
-                    q.in_flight(),
-                    start.elapsed().as_millis()
-                )));
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(std::time::Duration::from_millis(5));
-        }
-        let out = f();
-        drop(guards);
-        out
+        slots
     }
 
     /// `name` and every node below it.

@@ -1,10 +1,15 @@
 //! blockdev-snapshot-internal-sync and blockdev-snapshot-delete-internal-sync:
 //! internal snapshots of a node's image (qcow2), taken and deleted while
-//! its users are drained. The checks and their messages are QEMU's.
+//! its users are drained. The checks and their messages are QEMU's. Both
+//! return a pending change: the control loop answers other monitors
+//! while the users drain, and the snapshot is taken (or deleted) when
+//! the change finishes.
 
+use super::driver::Driver;
 use super::error::BlockError;
-use super::graph::Graph;
+use super::graph::{Graph, PendingChange};
 use crate::qapi::SnapshotInfo;
+use std::sync::Arc;
 
 /// The node a `device` argument names: an export's id, or a node name.
 fn node_of(g: &Graph, device: &str) -> Result<String, BlockError> {
@@ -17,8 +22,19 @@ fn node_of(g: &Graph, device: &str) -> Result<String, BlockError> {
         })
 }
 
-/// Takes the internal snapshot `name` of `device`'s image.
-pub fn create(g: &Graph, device: &str, name: &str) -> Result<(), BlockError> {
+/// The snapshots of `driver` (checked before, so this only fails if the
+/// node changed its mind).
+fn snapshots_of(
+    driver: &Arc<dyn Driver>,
+) -> Result<&dyn super::driver::InternalSnapshots, BlockError> {
+    driver
+        .internal_snapshots()
+        .ok_or_else(|| BlockError::invalid("The node no longer supports internal snapshots"))
+}
+
+/// Takes the internal snapshot `name` of `device`'s image once its users
+/// are drained.
+pub fn create(g: &Graph, device: &str, name: &str) -> Result<PendingChange, BlockError> {
     let node = node_of(g, device)?;
     let n = g
         .node(&node)
@@ -42,16 +58,22 @@ pub fn create(g: &Graph, device: &str, name: &str) -> Result<(), BlockError> {
             "Snapshot with name '{name}' already exists on device '{device}'"
         )));
     }
-    g.with_users_drained(&node, || snaps.create(name))
+    let driver = n.driver.clone();
+    let name = name.to_string();
+    g.begin_drained(
+        &node,
+        Box::new(move || snapshots_of(&driver)?.create(&name)),
+    )
 }
 
-/// Deletes the internal snapshot of `device` with this id and/or name.
+/// Deletes the internal snapshot of `device` with this id and/or name
+/// once its users are drained; what it is.
 pub fn delete(
     g: &Graph,
     device: &str,
     id: Option<&str>,
     name: Option<&str>,
-) -> Result<SnapshotInfo, BlockError> {
+) -> Result<(SnapshotInfo, PendingChange), BlockError> {
     let node = node_of(g, device)?;
     let n = g
         .node(&node)
@@ -64,17 +86,27 @@ pub fn delete(
             "Failed to get a snapshot list: Operation not supported",
         ));
     };
-    if snaps.find(id, name).is_none() {
+    let Some(info) = snaps.find(id, name) else {
         return Err(BlockError::invalid(format!(
             "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
             id.unwrap_or("null"),
             name.unwrap_or("null")
         )));
-    }
+    };
     if n.driver.is_read_only() {
         return Err(BlockError::invalid(format!(
             "Device '{device}' is read only"
         )));
     }
-    g.with_users_drained(&node, || snaps.delete(id, name))
+    let driver = n.driver.clone();
+    let (id, name) = (id.map(str::to_string), name.map(str::to_string));
+    let pending = g.begin_drained(
+        &node,
+        Box::new(move || {
+            snapshots_of(&driver)?
+                .delete(id.as_deref(), name.as_deref())
+                .map(|_| ())
+        }),
+    )?;
+    Ok((info, pending))
 }

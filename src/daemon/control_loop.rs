@@ -51,18 +51,26 @@ impl Daemon {
         &mut self,
         f: impl FnOnce(&mut Graph) -> Result<T, BlockError>,
     ) -> Result<T, BlockError> {
+        let (out, pending) = self.graph.begin_change(f)?;
+        self.finish_when_drained(pending)?;
+        Ok(out)
+    }
+
+    /// Finishes `pending` now if nothing is in flight, else leaves it
+    /// waiting like a graph change (see [`Self::change_graph`]): the
+    /// command is answered once it finishes, or with its error.
+    pub fn finish_when_drained(&mut self, pending: PendingChange) -> Result<(), BlockError> {
         if self.deferred.is_some() {
             return Err(BlockError::invalid(
                 "A graph change of this command already waits for its drain",
             ));
         }
-        let (out, pending) = self.graph.begin_change(f)?;
         if pending.poll() == Progress::Ready {
-            self.graph.finish_change(pending)?;
+            self.graph.finish_change(pending)
         } else {
             self.deferred = Some(pending.with_timeout(self.drain_timeout));
+            Ok(())
         }
-        Ok(out)
     }
 
     /// Runs commands until asked to quit. While a command's change waits

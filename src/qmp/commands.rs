@@ -331,7 +331,9 @@ impl qapi::Commands for Cx<'_> {
         &mut self,
         arg: BlockdevSnapshotInternal,
     ) -> Result<(), QmpError> {
-        crate::block::internal_snapshot::create(&self.daemon.graph, &arg.device, &arg.name)?;
+        let pending =
+            crate::block::internal_snapshot::create(&self.daemon.graph, &arg.device, &arg.name)?;
+        self.daemon.finish_when_drained(pending)?;
         Ok(())
     }
 
@@ -339,12 +341,14 @@ impl qapi::Commands for Cx<'_> {
         &mut self,
         arg: BlockdevSnapshotDeleteInternalSyncArg,
     ) -> Result<SnapshotInfo, QmpError> {
-        Ok(crate::block::internal_snapshot::delete(
+        let (info, pending) = crate::block::internal_snapshot::delete(
             &self.daemon.graph,
             &arg.device,
             arg.id.as_deref(),
             arg.name.as_deref(),
-        )?)
+        )?;
+        self.daemon.finish_when_drained(pending)?;
+        Ok(info)
     }
 
     fn block_export_add(&mut self, arg: BlockExportOptions) -> Result<(), QmpError> {

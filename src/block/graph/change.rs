@@ -24,8 +24,14 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A checked change whose users are quiesced, waiting until their requests
 /// in flight are done.
+/// Work on a node that must run while the users reaching it are drained
+/// (an internal snapshot); the graph itself does not change.
+pub type DrainedAction = Box<dyn FnOnce() -> Result<(), BlockError>>;
+
 pub struct PendingChange {
     draft: Graph,
+    /// Instead of a new graph: work to run once drained.
+    action: Option<DrainedAction>,
     plan: HashMap<String, NodePerm>,
     /// The users drained, by name (for messages), with their guards.
     slots: Vec<(String, Quiesced)>,
@@ -154,6 +160,7 @@ impl Graph {
         });
         let pending = PendingChange {
             draft,
+            action: None,
             plan,
             slots,
             _limits_off: limits_off,
@@ -169,7 +176,7 @@ impl Graph {
     /// and the users resume. A drain still incomplete (timed out), a lock
     /// refused, or a graph changed since the change began fails it and
     /// leaves the live graph, its locks and its data plane as they were.
-    pub fn finish_change(&mut self, pending: PendingChange) -> Result<(), BlockError> {
+    pub fn finish_change(&mut self, mut pending: PendingChange) -> Result<(), BlockError> {
         if pending.base != self.commits {
             return Err(BlockError::invalid(
                 "The block graph changed while the change waited for its drain",
@@ -177,6 +184,10 @@ impl Graph {
         }
         if pending.in_flight() > 0 {
             return Err(pending.drain_error());
+        }
+        if let Some(action) = pending.action.take() {
+            // The users resume when `pending` goes, after the work.
+            return action();
         }
         let PendingChange {
             mut draft,
@@ -238,6 +249,36 @@ impl Graph {
             }
         }
         Ok(())
+    }
+
+    /// Quiesces the data-plane users whose requests reach `node` and
+    /// returns without waiting; `action` runs in [`Graph::finish_change`]
+    /// once they are drained, as a graph change would be committed then.
+    pub fn begin_drained(
+        &self,
+        node: &str,
+        action: DrainedAction,
+    ) -> Result<PendingChange, BlockError> {
+        let slots: Vec<(String, Quiesced)> = self
+            .users_reaching(node)
+            .into_iter()
+            .map(|(name, slot)| (name, slot.quiesce()))
+            .collect();
+        let limits_off = (!slots.is_empty()).then(|| {
+            crate::block::throttle::shared::LimitsOff::new(
+                self.throttle_groups.values().cloned().collect(),
+            )
+        });
+        Ok(PendingChange {
+            draft: self.clone(),
+            action: Some(action),
+            plan: HashMap::new(),
+            slots,
+            _limits_off: limits_off,
+            base: self.commits,
+            started: Instant::now(),
+            timeout: DRAIN_TIMEOUT,
+        })
     }
 
     /// The data-plane users a change from `self` to `draft` must drain:
