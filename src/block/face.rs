@@ -16,7 +16,6 @@
 
 use super::detect_zeroes::all_zero;
 use super::drain::Root;
-use super::error::BlockError;
 use super::io::{BlockIo, IoKind, IoRequest};
 use super::notice::{Notice, Sink, ThresholdCrossed};
 use crate::io::IoContext;
@@ -99,38 +98,14 @@ impl NodeFace {
     }
 }
 
+impl NodeFace {
+    fn below(&self) -> &dyn BlockIo {
+        &*self.inner
+    }
+}
+
 impl BlockIo for NodeFace {
-    fn length(&self) -> Result<u64, BlockError> {
-        self.inner.length()
-    }
-
-    fn allocated_size(&self) -> Option<u64> {
-        self.inner.allocated_size()
-    }
-
-    fn mem_alignment(&self) -> usize {
-        self.inner.mem_alignment()
-    }
-
-    fn preferred_alignment(&self) -> u32 {
-        self.inner.preferred_alignment()
-    }
-
-    fn refresh_length(&self) {
-        self.inner.refresh_length()
-    }
-
-    fn truncate(&self, size: u64) -> Result<(), BlockError> {
-        self.inner.truncate(size)
-    }
-
-    fn flush(&self) -> Result<(), BlockError> {
-        self.inner.flush()
-    }
-
-    fn debug_event(&self, event: crate::qapi::BlkdebugEvent) {
-        self.inner.debug_event(event);
-    }
+    crate::block::io::pass_through_block_io!();
 
     #[inline]
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {

@@ -187,3 +187,43 @@ pub trait BlockIo: Send + Sync + 'static {
     /// write-zeroes reports 0).
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest);
 }
+
+/// Writes the [`BlockIo`] members that a wrapper passes unchanged to the
+/// node it wraps, which the implementing type returns from its own
+/// `fn below(&self) -> &dyn BlockIo`: every member but `submit`.
+macro_rules! pass_through_block_io {
+    () => {
+        fn length(&self) -> Result<u64, $crate::block::error::BlockError> {
+            self.below().length()
+        }
+
+        fn allocated_size(&self) -> Option<u64> {
+            self.below().allocated_size()
+        }
+
+        fn truncate(&self, size: u64) -> Result<(), $crate::block::error::BlockError> {
+            self.below().truncate(size)
+        }
+
+        fn mem_alignment(&self) -> usize {
+            self.below().mem_alignment()
+        }
+
+        fn preferred_alignment(&self) -> u32 {
+            self.below().preferred_alignment()
+        }
+
+        fn refresh_length(&self) {
+            self.below().refresh_length()
+        }
+
+        fn flush(&self) -> Result<(), $crate::block::error::BlockError> {
+            self.below().flush()
+        }
+
+        fn debug_event(&self, event: $crate::qapi::BlkdebugEvent) {
+            self.below().debug_event(event)
+        }
+    };
+}
+pub(crate) use pass_through_block_io;

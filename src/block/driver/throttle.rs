@@ -8,7 +8,6 @@
 use super::{ChildRole, Driver, DriverKind};
 use crate::block::drain::Root;
 use crate::block::edge::Child;
-use crate::block::error::BlockError;
 use crate::block::io::{BlockIo, IoKind, IoRequest};
 use crate::block::throttle::shared::{wait_turn, SharedGroup, Waiter};
 use crate::block::throttle::{Direction, MemberId};
@@ -46,38 +45,14 @@ async fn held(io: Arc<ThrottleIo>, waiter: Arc<Waiter>, req: IoRequest, dir: Dir
     task::submit(io.child.get(), &req).await
 }
 
+impl ThrottleIo {
+    fn below(&self) -> &dyn BlockIo {
+        self.child.get()
+    }
+}
+
 impl BlockIo for ThrottleIo {
-    fn length(&self) -> Result<u64, BlockError> {
-        self.child.get().length()
-    }
-
-    fn allocated_size(&self) -> Option<u64> {
-        self.child.get().allocated_size()
-    }
-
-    fn truncate(&self, size: u64) -> Result<(), BlockError> {
-        self.child.get().truncate(size)
-    }
-
-    fn mem_alignment(&self) -> usize {
-        self.child.get().mem_alignment()
-    }
-
-    fn preferred_alignment(&self) -> u32 {
-        self.child.get().preferred_alignment()
-    }
-
-    fn refresh_length(&self) {
-        self.child.get().refresh_length();
-    }
-
-    fn flush(&self) -> Result<(), BlockError> {
-        self.child.get().flush()
-    }
-
-    fn debug_event(&self, event: crate::qapi::BlkdebugEvent) {
-        self.child.get().debug_event(event);
-    }
+    crate::block::io::pass_through_block_io!();
 
     fn submit(&self, ctx: &mut IoContext, req: &IoRequest) {
         let dir = match req.kind() {
@@ -144,6 +119,7 @@ impl Driver for ThrottleDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::error::BlockError;
     use crate::block::throttle::{Bucket, Config, Limit};
     use crate::io::Completion;
     use std::time::{Duration, Instant};
