@@ -169,33 +169,6 @@ fn blkverify_catches_a_corrupted_copy_and_writes_both() {
     );
 }
 
-/// Serves qcow2 over blkdebug (with `rules`) over the qcow2 image `img`,
-/// writable, with a monitor.
-fn serve_qcow2(dir: &Path, img: &Path, rules: Value) -> (Daemon, Blk) {
-    let sock = dir.join("q.sock");
-    let mut node = json!({
-        "driver": "blkdebug", "node-name": "dbg",
-        "image": {"driver": "file", "filename": path(img)},
-    });
-    for (k, v) in rules.as_object().unwrap() {
-        node[k] = v.clone();
-    }
-    let d = Daemon::vubd(&[])
-        .arg("--blockdev")
-        .arg(&node.to_string())
-        .arg("--blockdev")
-        .arg("driver=qcow2,node-name=top,file=dbg")
-        .arg("--export")
-        .arg(&format!(
-            "type=vhost-user-blk,id=e0,node-name=top,writable=on,addr.type=unix,addr.path={}",
-            path(&sock)
-        ))
-        .monitor()
-        .start();
-    let blk = Blk::connect(&sock);
-    (d, blk)
-}
-
 fn qemu_img_check(img: &Path) -> Value {
     let out = std::process::Command::new("qemu-img")
         .args(["check", "--output=json"])
@@ -220,10 +193,12 @@ fn qcow2_raises_its_metadata_events_on_its_file() {
         .unwrap();
     assert!(out.status.success());
     {
-        let (_d, mut blk) = serve_qcow2(
+        let (_d, mut blk) = serve_image_over_blkdebug(
             dir.path(),
             &img,
+            "qcow2",
             json!({"inject-error": [{"event": "l2_load", "errno": 5, "once": true}]}),
+            "",
         );
         assert!(blk.try_read(0, 4096).is_err());
         assert_eq!(blk.read(0, 4096), vec![0x5au8; 4096]);
@@ -232,10 +207,12 @@ fn qcow2_raises_its_metadata_events_on_its_file() {
     // ENOSPC on the L2 update of an allocating write stops the export
     // (werror=enospc); cont retries the write, which lands; the image
     // checks without corruption.
-    let (d, mut blk) = serve_qcow2(
+    let (d, mut blk) = serve_image_over_blkdebug(
         dir.path(),
         &img,
+        "qcow2",
         json!({"inject-error": [{"event": "l2_update", "errno": 28, "once": true}]}),
+        "",
     );
     let mut qmp = d.qmp();
     let mut queues = blk.take_queues();

@@ -286,19 +286,6 @@ fn a_burst_runs_at_its_rate_for_its_length_then_falls_back() {
     b0.put_queues(q);
 }
 
-/// User plus system CPU time of process `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) start at ')'.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / hz
-}
-
 #[test]
 fn a_throttled_export_waiting_uses_almost_no_cpu() {
     let dir = TempDir::new("throttle-cpu");
@@ -307,10 +294,10 @@ fn a_throttled_export_waiting_uses_almost_no_cpu() {
     let q = &mut queues[0];
     // Warm up (the first second's burst, the poll time adapting down).
     rate(q, 0.5);
-    let before = cpu_seconds(d.pid());
+    let before = d.cpu_time();
     let start = Instant::now();
     let r = rate(q, 3.0);
-    let used = cpu_seconds(d.pid()) - before;
+    let used = (d.cpu_time() - before).as_secs_f64();
     let share = used / start.elapsed().as_secs_f64();
     eprintln!(
         "20 iops with 8 requests waiting: {r:.1} iops, daemon CPU {used:.3} s ({:.2} %)",

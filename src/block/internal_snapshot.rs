@@ -60,10 +60,10 @@ pub fn create(g: &Graph, device: &str, name: &str) -> Result<PendingChange, Bloc
     }
     let driver = n.driver.clone();
     let name = name.to_string();
-    g.begin_drained(
+    Ok(g.begin_drained(
         &node,
         Box::new(move || snapshots_of(&driver)?.create(&name)),
-    )
+    ))
 }
 
 /// Deletes the internal snapshot of `device` with this id and/or name
@@ -107,6 +107,6 @@ pub fn delete(
                 .delete(id.as_deref(), name.as_deref())
                 .map(|_| ())
         }),
-    )?;
+    );
     Ok((info, pending))
 }

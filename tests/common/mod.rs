@@ -181,6 +181,20 @@ pub fn qemu_img_info(path: &Path) -> Value {
 pub fn serve_over_blkdebug(dir: &Path, rules: Value, extra: &str) -> (Daemon, blk::Blk, PathBuf) {
     let img = dir.join("dbg.img");
     qemu_img_create(&img, "raw", 4 << 20);
+    let (d, blk) = serve_image_over_blkdebug(dir, &img, "raw", rules, extra);
+    (d, blk, img)
+}
+
+/// Serves the image `img` through the format driver `format` over
+/// `blkdebug` (with the members of `rules`), as the writable export `e0`
+/// with a monitor; the export gets `extra` options.
+pub fn serve_image_over_blkdebug(
+    dir: &Path,
+    img: &Path,
+    format: &str,
+    rules: Value,
+    extra: &str,
+) -> (Daemon, blk::Blk) {
     let sock = dir.join("dbg.sock");
     let mut node = serde_json::json!({
         "driver": "blkdebug", "node-name": "dbg",
@@ -193,7 +207,7 @@ pub fn serve_over_blkdebug(dir: &Path, rules: Value, extra: &str) -> (Daemon, bl
         .arg("--blockdev")
         .arg(&node.to_string())
         .arg("--blockdev")
-        .arg("driver=raw,node-name=top,file=dbg")
+        .arg(&format!("driver={format},node-name=top,file=dbg"))
         .arg("--export")
         .arg(&format!(
             "type=vhost-user-blk,id=e0,node-name=top,writable=on,addr.type=unix,addr.path={}{extra}",
@@ -202,5 +216,5 @@ pub fn serve_over_blkdebug(dir: &Path, rules: Value, extra: &str) -> (Daemon, bl
         .monitor()
         .start();
     let blk = blk::Blk::connect(&sock);
-    (d, blk, img)
+    (d, blk)
 }

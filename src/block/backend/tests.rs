@@ -190,6 +190,24 @@ impl Rig {
     /// Reaps until `want` requests are done, as a transport would: each
     /// completion goes to the backend, which finishes the request or
     /// sends it on.
+    /// Reaps until the error policy holds a request (none may finish).
+    fn run_until_held(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut out = Vec::new();
+        while !self.q.has_held() {
+            assert!(Instant::now() < deadline);
+            self.ctx.submit().unwrap();
+            out.clear();
+            self.ctx.reap(&mut out);
+            for c in &out {
+                assert!(self
+                    .q
+                    .complete(&mut self.ctx, (c.tag & 0xffff) as usize, c.result)
+                    .is_none());
+            }
+        }
+    }
+
     fn run(&mut self, want: usize) -> Vec<(usize, Status, Option<Keep>)> {
         let mut done = Vec::new();
         let mut out = Vec::new();
@@ -599,20 +617,7 @@ fn a_full_disk_holds_the_write_until_cont_and_nothing_is_lost() {
 
     // Act: the write fails; nothing is answered, the device stops.
     assert!(rig.start(2, IoKind::Write, 1024, &mut [&mut buf]).is_none());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut out = Vec::new();
-    while !rig.q.has_held() {
-        assert!(Instant::now() < deadline);
-        rig.ctx.submit().unwrap();
-        out.clear();
-        rig.ctx.reap(&mut out);
-        for c in &out {
-            assert!(rig
-                .q
-                .complete(&mut rig.ctx, (c.tag & 0xffff) as usize, c.result)
-                .is_none());
-        }
-    }
+    rig.run_until_held();
     assert!(rig.backend.is_stopped());
     assert_eq!(
         rig.backend.io_status(),
@@ -660,20 +665,7 @@ fn a_cont_that_answers_the_event_before_the_request_is_held_still_retries_it() {
     })));
     let mut buf = vec![6u8; 1024];
     assert!(rig.start(1, IoKind::Write, 0, &mut [&mut buf]).is_none());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut out = Vec::new();
-    while !rig.q.has_held() {
-        assert!(Instant::now() < deadline);
-        rig.ctx.submit().unwrap();
-        out.clear();
-        rig.ctx.reap(&mut out);
-        for c in &out {
-            assert!(rig
-                .q
-                .complete(&mut rig.ctx, (c.tag & 0xffff) as usize, c.result)
-                .is_none());
-        }
-    }
+    rig.run_until_held();
     // The resume came after the failure: the held request goes again.
     rig.q.retry_held(&mut rig.ctx);
     let done = rig.run(1);

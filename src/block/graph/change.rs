@@ -148,8 +148,21 @@ impl Graph {
         draft.relinks.clear();
         let out = f(&mut draft)?;
         let plan = draft.check()?;
-        let slots: Vec<(String, Quiesced)> = self
-            .slots_to_drain(&draft)
+        let users = self.slots_to_drain(&draft);
+        Ok((out, self.quiesce(users, draft, plan, None)))
+    }
+
+    /// Quiesces `users` (with the throttle limits off while they drain, so
+    /// that held requests do not keep the drain waiting) into a pending
+    /// change that commits `draft` and `plan`, or runs `action`.
+    fn quiesce(
+        &self,
+        users: Vec<(String, Arc<RootSlot>)>,
+        draft: Graph,
+        plan: HashMap<String, NodePerm>,
+        action: Option<DrainedAction>,
+    ) -> PendingChange {
+        let slots: Vec<(String, Quiesced)> = users
             .into_iter()
             .map(|(name, slot)| (name, slot.quiesce()))
             .collect();
@@ -158,17 +171,16 @@ impl Graph {
                 self.throttle_groups.values().cloned().collect(),
             )
         });
-        let pending = PendingChange {
+        PendingChange {
             draft,
-            action: None,
+            action,
             plan,
             slots,
             _limits_off: limits_off,
             base: self.commits,
             started: Instant::now(),
             timeout: DRAIN_TIMEOUT,
-        };
-        Ok((out, pending))
+        }
     }
 
     /// Commits a change whose drain is complete: the image locks are taken
@@ -254,31 +266,9 @@ impl Graph {
     /// Quiesces the data-plane users whose requests reach `node` and
     /// returns without waiting; `action` runs in [`Graph::finish_change`]
     /// once they are drained, as a graph change would be committed then.
-    pub fn begin_drained(
-        &self,
-        node: &str,
-        action: DrainedAction,
-    ) -> Result<PendingChange, BlockError> {
-        let slots: Vec<(String, Quiesced)> = self
-            .users_reaching(node)
-            .into_iter()
-            .map(|(name, slot)| (name, slot.quiesce()))
-            .collect();
-        let limits_off = (!slots.is_empty()).then(|| {
-            crate::block::throttle::shared::LimitsOff::new(
-                self.throttle_groups.values().cloned().collect(),
-            )
-        });
-        Ok(PendingChange {
-            draft: self.clone(),
-            action: Some(action),
-            plan: HashMap::new(),
-            slots,
-            _limits_off: limits_off,
-            base: self.commits,
-            started: Instant::now(),
-            timeout: DRAIN_TIMEOUT,
-        })
+    pub fn begin_drained(&self, node: &str, action: DrainedAction) -> PendingChange {
+        let users = self.users_reaching(node);
+        self.quiesce(users, self.clone(), HashMap::new(), Some(action))
     }
 
     /// The data-plane users a change from `self` to `draft` must drain:

@@ -330,8 +330,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_drain_lets_waiting_requests_go_one_after_the_other() {
+    /// A group of 1 IOPS whose one member started a read and has two
+    /// more waiting, the first with the timer armed for it.
+    fn one_started_two_waiting() -> (Group, MemberId) {
         let mut g = Group::new(iops(1), 0);
         let a = g.join();
         assert_eq!(g.arrive(a, Direction::Read, 1, 0), None);
@@ -340,6 +341,12 @@ mod tests {
             Some(Step::Arm { .. })
         ));
         assert_eq!(g.arrive(a, Direction::Read, 1, 0), Some(Step::Idle));
+        (g, a)
+    }
+
+    #[test]
+    fn a_drain_lets_waiting_requests_go_one_after_the_other() {
+        let (mut g, a) = one_started_two_waiting();
         // The timer is armed: the first goes when it fires, the next at
         // once after it.
         assert_eq!(g.drain_begin(0), [Step::Idle, Step::Idle]);
@@ -417,14 +424,7 @@ mod tests {
 
     #[test]
     fn new_limits_release_waiting_requests() {
-        let mut g = Group::new(iops(1), 0);
-        let a = g.join();
-        assert_eq!(g.arrive(a, Direction::Read, 1, 0), None);
-        assert!(matches!(
-            g.arrive(a, Direction::Read, 1, 0),
-            Some(Step::Arm { .. })
-        ));
-        assert_eq!(g.arrive(a, Direction::Read, 1, 0), Some(Step::Idle));
+        let (mut g, a) = one_started_two_waiting();
         let steps = g.reconfigure(Config::default(), 0);
         assert_eq!(steps, [Step::Release(a), Step::Idle]);
     }
