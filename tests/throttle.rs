@@ -16,12 +16,18 @@ fn path(p: &Path) -> &str {
 }
 
 fn serve(dir: &Path, group: &str) -> (Daemon, Blk) {
+    serve_over(dir, group, "driver=null-co,node-name=n0,size=1073741824")
+}
+
+/// Serves a throttle node in group `g0` (made by the `group` object) over
+/// the node `below` (named `n0`), as the writable export `e0`.
+fn serve_over(dir: &Path, group: &str, below: &str) -> (Daemon, Blk) {
     let sock = dir.join("t.sock");
     let d = Daemon::vubd(&[])
         .arg("--object")
         .arg(group)
         .arg("--blockdev")
-        .arg("driver=null-co,node-name=n0,size=1073741824")
+        .arg(below)
         .arg("--blockdev")
         .arg("driver=throttle,node-name=t0,throttle-group=g0,file=n0")
         .arg("--export")
@@ -317,23 +323,12 @@ fn a_graph_change_lets_throttled_requests_go_instead_of_waiting_for_them() {
     let dir = TempDir::new("throttle-drain");
     let img = dir.path().join("base.img");
     qemu_img_create(&img, "raw", 16 << 20);
-    let sock = dir.path().join("t.sock");
-    let d = Daemon::vubd(&[])
-        .arg("--object")
-        .arg("throttle-group,id=g0,limits.iops-total=4")
-        .arg("--blockdev")
-        .arg(&format!("driver=file,node-name=f0,filename={}", path(&img)))
-        .arg("--blockdev")
-        .arg("driver=throttle,node-name=t0,throttle-group=g0,file=f0")
-        .arg("--export")
-        .arg(&format!(
-            "type=vhost-user-blk,id=e0,node-name=t0,writable=on,addr.type=unix,addr.path={}",
-            path(&sock)
-        ))
-        .monitor()
-        .start();
+    let (d, mut blk) = serve_over(
+        dir.path(),
+        "throttle-group,id=g0,limits.iops-total=4",
+        &format!("driver=file,node-name=n0,filename={}", path(&img)),
+    );
     let mut qmp = d.qmp();
-    let mut blk = Blk::connect(&sock);
     let mut queues = blk.take_queues();
     let q = &mut queues[0];
     // At 4 IOPS, 16 reads take about 4 s: one goes at once, the others
